@@ -1,0 +1,307 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * capture.c: sidecar capture without iptables.
+ *
+ *  - cgroup/connect4, cgroup/connect6: a meshed pod's outbound TCP connect
+ *    is sent to its sidecar's outbound listener (127.0.0.1:15001 or
+ *    [::1]:15001), the original destination kept in socket storage;
+ *  - cgroup/getsockopt: answers SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST on the
+ *    sidecar's accepted sockets, so an unmodified Envoy finds that
+ *    destination;
+ *  - sk_lookup (one link per pod netns): inbound connections to the pod's IPs
+ *    are handed to the sidecar's inbound listener (15006).
+ *
+ * Why sk_lookup for inbound, not tc or cgroup hooks: sk_lookup picks the
+ * listening socket without rewriting a single header, so the accepted socket's
+ * local address IS the original destination (getsockname and SO_ORIGINAL_DST
+ * agree, nothing to remember per connection), no per-packet NAT state exists
+ * to go stale, and it runs only on SYN (connection lookup), not per packet. A
+ * tc program would have to DNAT every packet both ways and keep a table; the
+ * cgroup hooks only see the sidecar's side. sk_lookup needs kernel >= 5.9.
+ */
+#include "common.h"
+
+/* capture_connect is the shared body of connect4 and connect6. dst is the
+ * normalized (v4-mapped) destination; it returns 1 when the caller must
+ * rewrite the destination to the sidecar. */
+static __always_inline int capture_connect(struct bpf_sock_addr *ctx,
+					   const __u32 *dst, __u16 port,
+					   __u16 *sidecar_port)
+{
+	__u64 netns = bpf_get_netns_cookie(ctx);
+	struct ms_pod *pod;
+	struct ms_sk *st;
+	__u64 ugid;
+	__u32 verdict;
+
+	pod = bpf_map_lookup_elem(&ms_pods, &netns);
+	if (!pod)
+		return 0; /* not a registered pod: never touched */
+	count(MS_C_CONNECT_MESHED, 1);
+
+	ugid = bpf_get_current_uid_gid();
+	if ((__u32)ugid == pod->proxy_uid || (__u32)(ugid >> 32) == pod->proxy_gid) {
+		/* The proxy's own connection. Mark the socket so sockops knows
+		 * whose it is: a cross-pod pair splices only proxy sockets. */
+		st = bpf_sk_storage_get(&ms_sk_state, ctx->sk, 0,
+					BPF_SK_STORAGE_GET_F_CREATE);
+		if (st)
+			st->flags |= MS_SK_PROXY;
+		count(MS_C_SKIP_PROXY, 1);
+		return 0;
+	}
+
+	verdict = outbound_verdict(netns, pod, dst, port);
+	if (verdict != MS_C_CONNECT_CAPTURED) {
+		count(verdict, 1);
+		return 0;
+	}
+
+	st = bpf_sk_storage_get(&ms_sk_state, ctx->sk, 0,
+				BPF_SK_STORAGE_GET_F_CREATE);
+	if (!st) {
+		/* Without the original destination the sidecar cannot
+		 * forward: leave this connect alone rather than break it. */
+		count(MS_C_CONNECT_NO_STORAGE, 1);
+		return 0;
+	}
+	__builtin_memcpy(st->orig.ip, dst, 16);
+	st->orig.port = port;
+	st->flags |= MS_SK_HAS_ORIG;
+	*sidecar_port = pod->outbound_port;
+	count(MS_C_CONNECT_CAPTURED, 1);
+	return 1;
+}
+
+SEC("cgroup/connect4")
+int ms_connect4(struct bpf_sock_addr *ctx)
+{
+	struct ms_addr dst;
+	__u16 sidecar_port;
+
+	if (ctx->type != SOCK_STREAM)
+		return 1;
+	addr_from_ip4(&dst, ctx->user_ip4);
+	if (capture_connect(ctx, dst.ip, bpf_ntohs((__u16)ctx->user_port),
+			    &sidecar_port)) {
+		ctx->user_ip4 = bpf_htonl(0x7f000001);
+		ctx->user_port = bpf_htons(sidecar_port);
+	}
+	return 1;
+}
+
+SEC("cgroup/connect6")
+int ms_connect6(struct bpf_sock_addr *ctx)
+{
+	struct ms_addr dst;
+	__u16 sidecar_port;
+	__u32 w2, w3;
+	int v4;
+
+	if (ctx->type != SOCK_STREAM)
+		return 1;
+	/* A dual-stack socket connecting to ::ffff:a.b.c.d runs only this
+	 * program, never connect4: the mapped form is our normal form. */
+	dst.ip[0] = ctx->user_ip6[0];
+	dst.ip[1] = ctx->user_ip6[1];
+	dst.ip[2] = ctx->user_ip6[2];
+	dst.ip[3] = ctx->user_ip6[3];
+	if (!capture_connect(ctx, dst.ip, bpf_ntohs((__u16)ctx->user_port),
+			     &sidecar_port))
+		return 1;
+	/* One store per word, outside any branch: the verifier rejects the
+	 * pointer arithmetic clang makes of branch-dependent ctx stores. */
+	v4 = addr_is_v4(dst.ip);
+	w2 = v4 ? bpf_htonl(0x0000ffff) : 0;
+	w3 = v4 ? bpf_htonl(0x7f000001) : bpf_htonl(1);
+	ctx->user_ip6[0] = 0;
+	ctx->user_ip6[1] = 0;
+	ctx->user_ip6[2] = w2;
+	ctx->user_ip6[3] = w3;
+	ctx->user_port = bpf_htons(sidecar_port);
+	return 1;
+}
+
+/* sock_key_from_bpf_sock builds the key of a socket as it sees itself.
+ * struct bpf_sock: src_port host order, dst_port big-endian 16 bit. */
+static __always_inline void sock_key_from_bpf_sock(struct ms_sock_key *k,
+						   struct bpf_sock *sk,
+						   __u64 netns)
+{
+#define SK(f) LOAD_U32(sk, struct bpf_sock, f)
+	k->netns = netns;
+	if (SK(family) == AF_INET) {
+		addr_from_ip4((struct ms_addr *)k->local_ip, SK(src_ip4));
+		addr_from_ip4((struct ms_addr *)k->remote_ip, SK(dst_ip4));
+	} else {
+		k->local_ip[0] = SK(src_ip6[0]);
+		k->local_ip[1] = SK(src_ip6[1]);
+		k->local_ip[2] = SK(src_ip6[2]);
+		k->local_ip[3] = SK(src_ip6[3]);
+		k->remote_ip[0] = SK(dst_ip6[0]);
+		k->remote_ip[1] = SK(dst_ip6[1]);
+		k->remote_ip[2] = SK(dst_ip6[2]);
+		k->remote_ip[3] = SK(dst_ip6[3]);
+	}
+	k->local_port = (__u16)SK(src_port);
+	k->remote_port = bpf_ntohs((__u16)SK(dst_port));
+	k->role = 0;
+#undef SK
+}
+
+SEC("cgroup/getsockopt")
+int ms_getsockopt(struct bpf_sockopt *ctx)
+{
+	struct ms_sock_key key = {};
+	struct ms_orig local, *orig;
+	struct bpf_sock *sk;
+	__u64 netns;
+	void *optval, *end;
+	int level = ctx->level;
+
+	if (ctx->optname != SO_ORIGINAL_DST ||
+	    (level != SOL_IP && level != SOL_IPV6))
+		return 1;
+	sk = ctx->sk;
+	if (!sk)
+		return 1;
+	netns = bpf_get_netns_cookie(ctx);
+	if (!bpf_map_lookup_elem(&ms_pods, &netns))
+		return 1;
+	if (ctx->retval == 0) {
+		/* conntrack answered: the pod is still under iptables. */
+		count(MS_C_ORIG_DST_KERNEL, 1);
+		return 1;
+	}
+
+	sock_key_from_bpf_sock(&key, sk, netns);
+	orig = bpf_map_lookup_elem(&ms_orig_dst, &key);
+	if (orig) {
+		count(MS_C_ORIG_DST_OUTBOUND, 1);
+	} else {
+		/* Not a captured connect: an inbound connection that
+		 * sk_lookup handed to the sidecar keeps its destination as
+		 * the local address, which is also what conntrack reports
+		 * for a connection nobody NATed. */
+		__builtin_memcpy(local.ip, key.local_ip, 16);
+		local.port = key.local_port;
+		orig = &local;
+		count(MS_C_ORIG_DST_INBOUND, 1);
+	}
+
+	optval = ctx->optval;
+	end = ctx->optval_end;
+	if (level == SOL_IP) {
+		struct sockaddr_in *sa = optval;
+
+		if (!addr_is_v4(orig->ip))
+			return 1; /* an IPv6 destination has no v4 answer */
+		if ((void *)(sa + 1) > end) {
+			count(MS_C_ORIG_DST_SHORT_BUF, 1);
+			return 1;
+		}
+		sa->sin_family = AF_INET;
+		sa->sin_port = bpf_htons(orig->port);
+		sa->sin_addr.s_addr = orig->ip[3];
+		__builtin_memset(sa->__pad, 0, sizeof(sa->__pad));
+		ctx->optlen = sizeof(*sa);
+	} else {
+		struct sockaddr_in6 *sa6 = optval;
+
+		if ((void *)(sa6 + 1) > end) {
+			count(MS_C_ORIG_DST_SHORT_BUF, 1);
+			return 1;
+		}
+		sa6->sin6_family = AF_INET6;
+		sa6->sin6_port = bpf_htons(orig->port);
+		sa6->sin6_flowinfo = 0;
+		sa6->sin6_addr.in6_u.u6_addr32[0] = orig->ip[0];
+		sa6->sin6_addr.in6_u.u6_addr32[1] = orig->ip[1];
+		sa6->sin6_addr.in6_u.u6_addr32[2] = orig->ip[2];
+		sa6->sin6_addr.in6_u.u6_addr32[3] = orig->ip[3];
+		sa6->sin6_scope_id = 0;
+		ctx->optlen = sizeof(*sa6);
+	}
+	ctx->retval = 0;
+	return 1;
+}
+
+static __always_inline int assign_listener(struct bpf_sk_lookup *ctx,
+					   __u64 netns, __u32 family,
+					   __u16 port)
+{
+	struct ms_listener_key lk = { .netns = netns, .family = family,
+				      .port = port };
+	struct bpf_sock *sk;
+	long err;
+
+	sk = bpf_map_lookup_elem(&ms_listeners, &lk);
+	if (!sk)
+		return -1;
+	err = bpf_sk_assign(ctx, sk, 0);
+	bpf_sk_release(sk);
+	return err ? -2 : 0;
+}
+
+SEC("sk_lookup")
+int ms_sk_lookup(struct bpf_sk_lookup *ctx)
+{
+	struct ms_addr dst, src;
+	struct ms_pod *pod;
+	__u64 *netns;
+	__u32 verdict;
+	__u16 port;
+	int err;
+
+	if (ctx->protocol != IPPROTO_TCP)
+		return SK_PASS;
+#define LK(f) LOAD_U32(ctx, struct bpf_sk_lookup, f)
+	if (LK(family) == AF_INET) {
+		addr_from_ip4(&dst, LK(local_ip4));
+		addr_from_ip4(&src, LK(remote_ip4));
+	} else {
+		dst.ip[0] = LK(local_ip6[0]);
+		dst.ip[1] = LK(local_ip6[1]);
+		dst.ip[2] = LK(local_ip6[2]);
+		dst.ip[3] = LK(local_ip6[3]);
+		src.ip[0] = LK(remote_ip6[0]);
+		src.ip[1] = LK(remote_ip6[1]);
+		src.ip[2] = LK(remote_ip6[2]);
+		src.ip[3] = LK(remote_ip6[3]);
+	}
+#undef LK
+	/* Only the pod's own addresses are captured; loopback never is, as
+	 * with Istio's ISTIO_INBOUND (PREROUTING does not see loopback). */
+	netns = bpf_map_lookup_elem(&ms_pod_ips, &dst);
+	if (!netns)
+		return SK_PASS;
+	pod = bpf_map_lookup_elem(&ms_pods, netns);
+	if (!pod)
+		return SK_PASS;
+	count(MS_C_INBOUND_MESHED, 1);
+
+	port = (__u16)ctx->local_port;
+	verdict = inbound_verdict(*netns, pod, port, src.ip);
+	if (verdict != MS_C_INBOUND_CAPTURED) {
+		count(verdict, 1);
+		return SK_PASS;
+	}
+
+	err = assign_listener(ctx, *netns, ctx->family, pod->inbound_port);
+	if (err && ctx->family == AF_INET)
+		/* A dual-stack [::] listener takes IPv4 too. */
+		err = assign_listener(ctx, *netns, AF_INET6, pod->inbound_port);
+	if (err == -1) {
+		/* The sidecar is not listening (yet, or it crashed). Refuse,
+		 * as Istio's iptables REDIRECT to a closed 15006 does: letting
+		 * the connection reach the app would bypass the sidecar. */
+		count(MS_C_INBOUND_NO_LISTENER, 1);
+		return SK_DROP;
+	}
+	if (err) {
+		count(MS_C_INBOUND_ASSIGN_FAILED, 1);
+		return SK_DROP;
+	}
+	count(MS_C_INBOUND_CAPTURED, 1);
+	return SK_PASS;
+}

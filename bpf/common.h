@@ -1,0 +1,458 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * common.h: maps, types and helpers shared by every meshsplice program.
+ *
+ * Every map is pinned by name (LIBBPF_PIN_BY_NAME) so that the capture
+ * programs (capture.c) and the splice programs (splice.c), although loaded as
+ * two collections, share one copy, and so that traffic keeps flowing while the
+ * agent is gone. The Go side (datapath/) gets these types from bpf2go
+ * (-type ...), so there is no hand-written twin to keep in sync.
+ *
+ * Addresses: every address is kept as 16 bytes in network order, IPv4 as its
+ * v4-mapped IPv6 form (::ffff:a.b.c.d). An AF_INET socket and a dual-stack
+ * AF_INET6 socket talking IPv4 then produce the same key, which is what pairs
+ * a Go app (dual-stack) with an Envoy listener (AF_INET).
+ *
+ * Ports: host order everywhere in our own structs. The kernel contexts differ
+ * (see KERNEL-NOTES): each reader converts at the edge, in one helper.
+ */
+#pragma once
+
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#define AF_INET 2
+#define AF_INET6 10
+#define SOL_IP 0
+#define SOL_IPV6 41
+#define SO_ORIGINAL_DST 80	/* linux/netfilter_ipv4.h */
+#define IP6T_SO_ORIGINAL_DST 80 /* linux/netfilter_ipv6/ip6_tables.h */
+#define SOCK_STREAM 1
+#define IPPROTO_TCP 6
+
+#define SK_DROP 0
+#define SK_PASS 1
+
+/* Map sizes. */
+#define MS_MAX_PODS 4096
+#define MS_MAX_POD_IPS (MS_MAX_PODS * 4)
+#define MS_MAX_PORT_RULES (MS_MAX_PODS * 16)
+#define MS_MAX_RANGE_RULES (MS_MAX_PODS * 16)
+#define MS_MAX_SOCKS 131072
+#define MS_MAX_ORIG_DST 65536
+#define MS_MAX_LISTENERS (MS_MAX_PODS * 2)
+
+/* ms_pod.flags: what meshsplice does for one pod (netns). */
+enum ms_pod_flag {
+	MS_POD_CAPTURE = 1 << 0,	   /* redirect outbound, capture inbound */
+	MS_POD_SPLICE = 1 << 1,		   /* sockmap splice allowed */
+	MS_POD_APP_INGRESS = 1 << 2,	   /* may redirect into app sockets */
+	MS_POD_INCLUDE_ALL_OUT = 1 << 3,   /* includeOutboundIPRanges "*" */
+	MS_POD_INCLUDE_ALL_IN = 1 << 4,	   /* includeInboundPorts "*" */
+	MS_POD_INCLUDE_LOOPBACK = 1 << 5,  /* an include range is loopback */
+};
+
+/* ms_node.flags: the node-wide switches. */
+enum ms_node_flag {
+	MS_NODE_CAPTURE = 1 << 0,
+	MS_NODE_SPLICE = 1 << 1,
+	MS_NODE_DRAIN = 1 << 2, /* detaching: sk_msg sends everything over TCP */
+};
+
+/* Kinds of per-pod port rules (ms_port_key.kind). */
+enum ms_port_kind {
+	MS_PORT_OUT_INCLUDE = 1,
+	MS_PORT_OUT_EXCLUDE = 2,
+	MS_PORT_IN_INCLUDE = 3,
+	MS_PORT_IN_EXCLUDE = 4,
+};
+
+/* Kinds of per-pod address ranges (ms_range_key.kind). */
+enum ms_range_kind {
+	MS_RANGE_OUT_INCLUDE = 1,
+	MS_RANGE_OUT_EXCLUDE = 2,
+};
+
+/* Socket roles. A redirect lands only in a socket whose key carries the role
+ * the sender expects, and MS_ROLE_TARGET only where the receiving socket
+ * itself agreed to be a target: both ends must agree or data takes TCP. */
+enum ms_role {
+	MS_ROLE_NONE = 0,
+	MS_ROLE_APP = 1,
+	MS_ROLE_PROXY = 2,
+	MS_ROLE_TARGET = 0x100,
+};
+
+/* ms_sk.flags: per-socket state. */
+enum ms_sk_flag {
+	MS_SK_HAS_ORIG = 1 << 0,   /* connect was captured; orig holds the dst */
+	MS_SK_ORIG_KEYED = 1 << 1, /* ms_orig_dst has an entry to delete on close */
+	MS_SK_PROXY = 1 << 2,	   /* connect() ran as the proxy uid/gid */
+	MS_SK_TX_SPLICE = 1 << 3,  /* sends are redirected to peer */
+	MS_SK_TX_DOWN = 1 << 4,	   /* a redirect missed: TCP for good */
+};
+
+/* Counters, one slot each in ms_counters (per CPU). Go names them from this
+ * enum (bpf2go -type ms_counter). Grouped by the program that counts them. */
+enum ms_counter {
+	/* cgroup/connect4, cgroup/connect6 */
+	MS_C_CONNECT_MESHED = 0,   /* TCP connects from a registered pod */
+	MS_C_CONNECT_CAPTURED,	   /* sent to the sidecar's outbound port */
+	MS_C_SKIP_CAPTURE_OFF,	   /* pod or node capture switched off */
+	MS_C_SKIP_PROXY,	   /* proxy uid/gid */
+	MS_C_SKIP_LOOPBACK,	   /* destination is loopback */
+	MS_C_SKIP_EXCLUDED_PORT,   /* excludeOutboundPorts */
+	MS_C_SKIP_EXCLUDED_RANGE,  /* excludeOutboundIPRanges */
+	MS_C_SKIP_NOT_INCLUDED,	   /* not in includeOutboundIPRanges */
+	MS_C_CONNECT_NO_STORAGE,   /* could not keep the original destination */
+	/* cgroup/getsockopt */
+	MS_C_ORIG_DST_OUTBOUND,	   /* answered from a captured connect */
+	MS_C_ORIG_DST_INBOUND,	   /* answered with the local address */
+	MS_C_ORIG_DST_KERNEL,	   /* the kernel (conntrack) already answered */
+	MS_C_ORIG_DST_SHORT_BUF,   /* caller's buffer too small */
+	/* sk_lookup */
+	MS_C_INBOUND_MESHED,	   /* TCP SYNs to a registered pod IP */
+	MS_C_INBOUND_CAPTURED,	   /* assigned to the sidecar's inbound listener */
+	MS_C_INBOUND_SKIP_OFF,	   /* pod or node capture switched off */
+	MS_C_INBOUND_SKIP_PROXY_PORT, /* one of the sidecar's own ports */
+	MS_C_INBOUND_SKIP_PASSTHROUGH, /* from 127.0.0.6 / ::6 (Envoy) */
+	MS_C_INBOUND_SKIP_EXCLUDED_PORT,
+	MS_C_INBOUND_SKIP_NOT_INCLUDED,
+	MS_C_INBOUND_NO_LISTENER,  /* sidecar not listening: refused */
+	MS_C_INBOUND_ASSIGN_FAILED,
+	/* sockops */
+	MS_C_LISTENER_REGISTERED,  /* sidecar inbound listener seen */
+	MS_C_ORIG_DST_STORED,
+	MS_C_SOCK_INSERTED,	   /* socket added to ms_socks */
+	MS_C_SOCK_INSERT_FAILED,
+	MS_C_SOCK_SKIP_SPLICE_OFF, /* pod or node splice off (either end) */
+	MS_C_SOCK_SKIP_PEER_UNKNOWN, /* peer not a registered pod on this node */
+	MS_C_SOCK_SKIP_ROLE_UNKNOWN, /* not an app<->sidecar or sidecar pair */
+	MS_C_SOCK_SKIP_EARLY_DATA, /* data moved before establish (TFO) */
+	/* sk_msg */
+	MS_C_MSG_REDIRECTED,
+	MS_C_BYTES_REDIRECTED,
+	MS_C_MSG_MISS,		   /* peer not in ms_socks: sent over TCP */
+	MS_C_MSG_AFTER_MISS,	   /* sent over TCP because of an earlier miss */
+	MS_C_MSG_PASS,		   /* socket sends over TCP by design */
+	MS_C_MAX,
+};
+
+struct ms_addr {
+	__u32 ip[4]; /* network order; IPv4 as ::ffff:a.b.c.d */
+};
+
+struct ms_pod {
+	enum ms_pod_flag flags; /* a set of ms_pod_flag */
+	__u32 proxy_uid;
+	__u32 proxy_gid;
+	__u16 outbound_port;
+	__u16 inbound_port;
+};
+
+struct ms_node {
+	enum ms_node_flag flags; /* a set of ms_node_flag */
+};
+
+struct ms_port_key {
+	__u64 netns;
+	enum ms_port_kind kind;
+	__u16 port;
+	__u16 pad;
+};
+
+/* LPM trie key: prefixlen counts bits from `kind` on, so the first 96 bits
+ * (kind and netns) always match exactly and the rest is the address prefix. */
+struct ms_range_key {
+	__u32 prefixlen;
+	enum ms_range_kind kind;
+	__u64 netns;
+	__u32 ip[4];
+};
+#define MS_RANGE_FIXED_BITS 96
+
+/* A socket as (netns cookie, local, remote), seen from the socket itself. */
+struct ms_sock_key {
+	__u64 netns;
+	__u32 local_ip[4];
+	__u32 remote_ip[4];
+	__u16 local_port;
+	__u16 remote_port;
+	enum ms_role role; /* 0 in ms_orig_dst */
+};
+
+struct ms_orig {
+	__u32 ip[4];
+	__u16 port; /* host order */
+	__u16 pad;
+};
+
+struct ms_listener_key {
+	__u64 netns;
+	__u32 family;
+	__u32 port;
+};
+
+/* Per-socket state, in socket-local storage: freed with the socket. */
+struct ms_sk {
+	struct ms_sock_key peer; /* where sends are redirected */
+	struct ms_orig orig;	 /* original destination of a captured connect */
+	enum ms_sk_flag flags;	 /* a set of ms_sk_flag */
+	__u32 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MS_MAX_PODS);
+	__type(key, __u64); /* netns cookie */
+	__type(value, struct ms_pod);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ms_pods SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MS_MAX_POD_IPS);
+	__type(key, struct ms_addr);
+	__type(value, __u64); /* netns cookie */
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ms_pod_ips SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MS_MAX_PORT_RULES);
+	__type(key, struct ms_port_key);
+	__type(value, __u8);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ms_ports SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, MS_MAX_RANGE_RULES);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct ms_range_key);
+	__type(value, __u8);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ms_ranges SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct ms_node);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ms_node_settings SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, MS_C_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ms_counters SEC(".maps");
+
+/* Original destinations of captured connects, keyed as the sidecar's
+ * accepted socket sees itself. LRU only as a backstop: sockops deletes each
+ * entry when the app's socket closes. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, MS_MAX_ORIG_DST);
+	__type(key, struct ms_sock_key);
+	__type(value, struct ms_orig);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ms_orig_dst SEC(".maps");
+
+/* Spliced sockets. The kernel removes a socket from it when it closes. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, MS_MAX_SOCKS);
+	__type(key, struct ms_sock_key);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ms_socks SEC(".maps");
+
+/* Sidecar inbound listeners (15006), by pod and family, for sk_lookup. No
+ * program is attached to this map, so listeners get no sk_msg program. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, MS_MAX_LISTENERS);
+	__type(key, struct ms_listener_key);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ms_listeners SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct ms_sk);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ms_sk_state SEC(".maps");
+
+/* ms_counter_count puts enum ms_counter into BTF for bpf2go and tells Go
+ * how many counters this object has. */
+const volatile enum ms_counter ms_counter_count = MS_C_MAX;
+
+/*
+ * LOAD_U32 reads a u32 field of a context (or struct bpf_sock) at its fixed
+ * offset. Plain C lets clang derive a pointer such as ctx+24 and load
+ * relative to it when the same fields are read on several paths, which the
+ * verifier rejects ("dereference of modified ctx ptr"). The asm keeps every
+ * load a direct (ctx + constant) access. These structs are UAPI: their
+ * offsets never move, so no CO-RE relocation is needed.
+ */
+#define LOAD_U32(ptr, type, field)                                            \
+	({                                                                    \
+		__u32 __v;                                                    \
+		asm volatile("%0 = *(u32 *)(%1 + %2)"                         \
+			     : "=r"(__v)                                      \
+			     : "r"(ptr), "i"(__builtin_offsetof(type, field))); \
+		__v;                                                          \
+	})
+
+static __always_inline void count(__u32 idx, __u64 n)
+{
+	__u64 *v = bpf_map_lookup_elem(&ms_counters, &idx);
+
+	if (v)
+		__sync_fetch_and_add(v, n);
+}
+
+static __always_inline __u32 node_flags(void)
+{
+	__u32 zero = 0;
+	struct ms_node *n = bpf_map_lookup_elem(&ms_node_settings, &zero);
+
+	return n ? n->flags : 0;
+}
+
+static __always_inline void addr_from_ip4(struct ms_addr *a, __u32 ip4)
+{
+	a->ip[0] = 0;
+	a->ip[1] = 0;
+	a->ip[2] = bpf_htonl(0x0000ffff);
+	a->ip[3] = ip4;
+}
+
+static __always_inline int addr_is_v4(const __u32 *ip)
+{
+	return ip[0] == 0 && ip[1] == 0 && ip[2] == bpf_htonl(0x0000ffff);
+}
+
+/* 127.0.0.0/8, ::1 and ::ffff:127.0.0.0/104. */
+static __always_inline int addr_is_loopback(const __u32 *ip)
+{
+	if (addr_is_v4(ip))
+		return (bpf_ntohl(ip[3]) >> 24) == 127;
+	return ip[0] == 0 && ip[1] == 0 && ip[2] == 0 &&
+	       ip[3] == bpf_htonl(1);
+}
+
+/* Envoy's inbound passthrough source: 127.0.0.6 or ::6. */
+static __always_inline int addr_is_passthrough(const __u32 *ip)
+{
+	if (addr_is_v4(ip))
+		return ip[3] == bpf_htonl(0x7f000006);
+	return ip[0] == 0 && ip[1] == 0 && ip[2] == 0 &&
+	       ip[3] == bpf_htonl(6);
+}
+
+/* The sidecar's own ports, never captured inbound. Keep in sync with
+ * istio.ProxyPorts (istio/traffic.go). */
+static __always_inline int is_proxy_port(__u16 port)
+{
+	switch (port) {
+	case 15000: case 15001: case 15004: case 15006: case 15008:
+	case 15020: case 15021: case 15053: case 15090:
+		return 1;
+	}
+	return 0;
+}
+
+static __always_inline int port_rule(__u64 netns, __u16 port, enum ms_port_kind kind)
+{
+	struct ms_port_key k = { .netns = netns, .port = port, .kind = kind };
+
+	return bpf_map_lookup_elem(&ms_ports, &k) != NULL;
+}
+
+static __always_inline int range_rule(__u64 netns, const __u32 *ip, enum ms_range_kind kind)
+{
+	struct ms_range_key k = {
+		.prefixlen = MS_RANGE_FIXED_BITS + 128,
+		.kind = kind,
+		.netns = netns,
+	};
+
+	__builtin_memcpy(k.ip, ip, 16);
+	return bpf_map_lookup_elem(&ms_ranges, &k) != NULL;
+}
+
+/* 0.0.0.0, ::, 127.0.0.1 and ::1: never captured (istio-iptables
+ * "-d 127.0.0.1/32 -j RETURN"); other loopback addresses only when an
+ * include range is loopback ("-o lo ! --uid-owner proxy -j RETURN"). */
+static __always_inline int outbound_loopback(const struct ms_pod *pod,
+					     const __u32 *ip)
+{
+	if (addr_is_v4(ip)) {
+		if (ip[3] == 0 || ip[3] == bpf_htonl(0x7f000001))
+			return 1;
+	} else if (ip[0] == 0 && ip[1] == 0 && ip[2] == 0 &&
+		   (ip[3] == 0 || ip[3] == bpf_htonl(1))) {
+		return 1;
+	}
+	return addr_is_loopback(ip) && !(pod->flags & MS_POD_INCLUDE_LOOPBACK);
+}
+
+/*
+ * outbound_verdict mirrors istio.Traffic.CaptureOutbound (istio/decide.go),
+ * the order of Istio's ISTIO_OUTPUT chain, minus the uid/gid check that only
+ * connect() can make: returns MS_C_CONNECT_CAPTURED or the skip counter.
+ */
+static __always_inline __u32 outbound_verdict(__u64 netns,
+					      const struct ms_pod *pod,
+					      const __u32 *dst, __u16 port)
+{
+	if (!(pod->flags & MS_POD_CAPTURE) || !(node_flags() & MS_NODE_CAPTURE))
+		return MS_C_SKIP_CAPTURE_OFF;
+	if (outbound_loopback(pod, dst))
+		return MS_C_SKIP_LOOPBACK;
+	if (port_rule(netns, port, MS_PORT_OUT_EXCLUDE))
+		return MS_C_SKIP_EXCLUDED_PORT;
+	if (range_rule(netns, dst, MS_RANGE_OUT_EXCLUDE))
+		return MS_C_SKIP_EXCLUDED_RANGE;
+	if (port_rule(netns, port, MS_PORT_OUT_INCLUDE))
+		return MS_C_CONNECT_CAPTURED;
+	if ((pod->flags & MS_POD_INCLUDE_ALL_OUT) ||
+	    range_rule(netns, dst, MS_RANGE_OUT_INCLUDE))
+		return MS_C_CONNECT_CAPTURED;
+	return MS_C_SKIP_NOT_INCLUDED;
+}
+
+/*
+ * inbound_verdict mirrors istio.Traffic.CaptureInbound (istio/decide.go, the
+ * ISTIO_INBOUND chain): returns MS_C_INBOUND_CAPTURED or the skip counter.
+ * excludeInboundPorts only ever holds ports when includeInboundPorts is "*".
+ */
+static __always_inline __u32 inbound_verdict(__u64 netns,
+					     const struct ms_pod *pod,
+					     __u16 port, const __u32 *src)
+{
+	if (!(pod->flags & MS_POD_CAPTURE) || !(node_flags() & MS_NODE_CAPTURE))
+		return MS_C_INBOUND_SKIP_OFF;
+	if (addr_is_passthrough(src))
+		return MS_C_INBOUND_SKIP_PASSTHROUGH;
+	if (addr_is_loopback(src))
+		return MS_C_INBOUND_SKIP_PASSTHROUGH;
+	if (is_proxy_port(port) || port == pod->inbound_port ||
+	    port == pod->outbound_port)
+		return MS_C_INBOUND_SKIP_PROXY_PORT;
+	if (port_rule(netns, port, MS_PORT_IN_EXCLUDE))
+		return MS_C_INBOUND_SKIP_EXCLUDED_PORT;
+	if ((pod->flags & MS_POD_INCLUDE_ALL_IN) ||
+	    port_rule(netns, port, MS_PORT_IN_INCLUDE))
+		return MS_C_INBOUND_CAPTURED;
+	return MS_C_INBOUND_SKIP_NOT_INCLUDED;
+}
+
+char __license[] SEC("license") = "Dual BSD/GPL";

@@ -1,0 +1,342 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * splice.c: socket-to-socket data path between an app and its sidecar, and
+ * between two sidecars on the same node.
+ *
+ * sockops sees every TCP socket of the cgroup. At establish it decides the
+ * socket's role (app or proxy) and its peer's, from the 4-tuple and the pod
+ * settings alone, the same way on both ends, and adds the socket to ms_socks
+ * under (netns, 4-tuple, role). sk_msg then redirects each send into the
+ * peer's ingress queue.
+ *
+ * Ordering. Data reaches a receiver either through its TCP receive queue or
+ * through its psock ingress queue, and tcp_bpf_recvmsg() drains the psock
+ * queue first. Interleaving the two paths in one direction would therefore
+ * reorder the stream. A redirect can miss its peer: the peer is not in the
+ * map yet (the client's first send races the server's PASSIVE_ESTABLISHED on
+ * the other CPU, which is the "few misses per 45k sends" a probe saw, at the
+ * start of a connection) or not any more (closing). On a miss the sender
+ * falls back to TCP FOR THE REST OF THE CONNECTION (MS_SK_TX_DOWN). A
+ * direction's bytes are then "redirected* then TCP*", and since the psock
+ * queue is drained first the receiver reads them in order. The bad order,
+ * "TCP then redirected", cannot happen: a socket starts redirecting at its
+ * first send or never.
+ *
+ * The splice(2) trap. splice(2) reads only the TCP receive queue and never
+ * sees redirected data. Envoy does not splice; applications may (Go's io.Copy
+ * between two TCP connections does). So by default data is redirected only
+ * INTO proxy sockets: app -> sidecar and sidecar -> sidecar are spliced,
+ * sidecar -> app takes loopback TCP. A pod may opt in to full splicing with
+ * meshsplice.io/app-ingress-splice (MS_POD_APP_INGRESS) when its app is known
+ * not to splice(2).
+ */
+#include "common.h"
+
+static __always_inline void key_from_skops(struct ms_sock_key *k,
+					   struct bpf_sock_ops *skops,
+					   __u64 netns)
+{
+#define SKOPS(f) LOAD_U32(skops, struct bpf_sock_ops, f)
+	k->netns = netns;
+	if (SKOPS(family) == AF_INET) {
+		addr_from_ip4((struct ms_addr *)k->local_ip, SKOPS(local_ip4));
+		addr_from_ip4((struct ms_addr *)k->remote_ip, SKOPS(remote_ip4));
+	} else {
+		/* AF_INET6, v4-mapped included: the ip6 fields hold the
+		 * mapped form, our normal form. */
+		k->local_ip[0] = SKOPS(local_ip6[0]);
+		k->local_ip[1] = SKOPS(local_ip6[1]);
+		k->local_ip[2] = SKOPS(local_ip6[2]);
+		k->local_ip[3] = SKOPS(local_ip6[3]);
+		k->remote_ip[0] = SKOPS(remote_ip6[0]);
+		k->remote_ip[1] = SKOPS(remote_ip6[1]);
+		k->remote_ip[2] = SKOPS(remote_ip6[2]);
+		k->remote_ip[3] = SKOPS(remote_ip6[3]);
+	}
+	/* local_port is host order; remote_port big-endian in a u32. */
+	k->local_port = (__u16)SKOPS(local_port);
+	k->remote_port = (__u16)bpf_ntohl(SKOPS(remote_port));
+	k->role = 0;
+#undef SKOPS
+}
+
+static __always_inline void reverse_key(struct ms_sock_key *dst,
+					const struct ms_sock_key *src,
+					__u64 netns)
+{
+	dst->netns = netns;
+	__builtin_memcpy(dst->local_ip, src->remote_ip, 16);
+	__builtin_memcpy(dst->remote_ip, src->local_ip, 16);
+	dst->local_port = src->remote_port;
+	dst->remote_port = src->local_port;
+	dst->role = 0;
+}
+
+/* A sidecar's inbound listener: remember it for sk_lookup. */
+static __always_inline void register_listener(struct bpf_sock_ops *skops)
+{
+	__u64 netns = bpf_get_netns_cookie(skops);
+	struct ms_listener_key lk = {};
+	struct ms_pod *pod;
+
+	pod = bpf_map_lookup_elem(&ms_pods, &netns);
+	if (!pod || skops->local_port != pod->inbound_port)
+		return;
+	lk.netns = netns;
+	lk.family = skops->family;
+	lk.port = skops->local_port;
+	if (bpf_sock_hash_update(skops, &ms_listeners, &lk, BPF_ANY) == 0)
+		count(MS_C_LISTENER_REGISTERED, 1);
+}
+
+/*
+ * roles works out this socket's role and its peer's. Both ends run it and
+ * reach the same answer for the same connection:
+ *  - inside a pod (remote is loopback): app -> sidecar outbound listener,
+ *    and the sidecar's inbound passthrough from 127.0.0.6 / ::6 to the app;
+ *  - across pods (remote is a pod IP on this node, the own pod's included):
+ *    the accepting side is the sidecar when the destination's inbound
+ *    capture says so; the connecting side is the sidecar when connect() ran
+ *    as the proxy uid (known on its own socket), and is seen as the sidecar
+ *    by its peer when that pod's outbound capture would have caught an app's
+ *    connect to this destination, so only the proxy could have made it.
+ * Returns 0 when the pair is not one meshsplice splices.
+ */
+static __always_inline int roles(struct bpf_sock_ops *skops,
+				 const struct ms_sock_key *k, __u64 netns,
+				 const struct ms_pod *pod, __u64 peer_netns,
+				 const struct ms_pod *peer_pod, int loopback,
+				 __u32 *self, __u32 *peer)
+{
+	int active = skops->op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB;
+	struct ms_sk *st;
+
+	if (loopback) {
+		if (active && k->remote_port == pod->outbound_port) {
+			*self = MS_ROLE_APP, *peer = MS_ROLE_PROXY;
+			return 1;
+		}
+		if (!active && k->local_port == pod->outbound_port) {
+			*self = MS_ROLE_PROXY, *peer = MS_ROLE_APP;
+			return 1;
+		}
+		if (active && addr_is_passthrough(k->local_ip)) {
+			*self = MS_ROLE_PROXY, *peer = MS_ROLE_APP;
+			return 1;
+		}
+		if (!active && addr_is_passthrough(k->remote_ip)) {
+			*self = MS_ROLE_APP, *peer = MS_ROLE_PROXY;
+			return 1;
+		}
+		return 0;
+	}
+
+	if (active) {
+		struct bpf_sock *sk = skops->sk;
+
+		st = sk ? bpf_sk_storage_get(&ms_sk_state, sk, 0, 0) : NULL;
+		*self = (st && (st->flags & MS_SK_PROXY)) ? MS_ROLE_PROXY
+							  : MS_ROLE_APP;
+		*peer = inbound_verdict(peer_netns, peer_pod, k->remote_port,
+					k->local_ip) == MS_C_INBOUND_CAPTURED
+				? MS_ROLE_PROXY
+				: MS_ROLE_APP;
+	} else {
+		*self = inbound_verdict(netns, pod, k->local_port,
+					k->remote_ip) == MS_C_INBOUND_CAPTURED
+				? MS_ROLE_PROXY
+				: MS_ROLE_APP;
+		*peer = outbound_verdict(peer_netns, peer_pod, k->local_ip,
+					 k->local_port) == MS_C_CONNECT_CAPTURED
+				? MS_ROLE_PROXY
+				: MS_ROLE_APP;
+	}
+	return 1;
+}
+
+/* target says whether data may be redirected into a socket of this role. */
+static __always_inline __u32 target(__u32 role, const struct ms_pod *pod)
+{
+	if (role == MS_ROLE_PROXY ||
+	    (role == MS_ROLE_APP && (pod->flags & MS_POD_APP_INGRESS)))
+		return role | MS_ROLE_TARGET;
+	return role;
+}
+
+static __always_inline void established(struct bpf_sock_ops *skops)
+{
+	__u64 netns = bpf_get_netns_cookie(skops);
+	struct ms_pod *pod, *peer_pod;
+	struct ms_sock_key k = {};
+	__u32 self_role, peer_role;
+	__u64 peer_netns, *pn;
+	struct ms_sk *st;
+	int loopback;
+
+	struct bpf_sock *sk = skops->sk;
+
+	pod = bpf_map_lookup_elem(&ms_pods, &netns);
+	if (!pod || !sk)
+		return; /* not a registered pod: never touched */
+	key_from_skops(&k, skops, netns);
+
+	st = bpf_sk_storage_get(&ms_sk_state, sk, 0, 0);
+	if (st && (st->flags & MS_SK_HAS_ORIG) &&
+	    skops->op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) {
+		/* A captured connect: key its original destination by the
+		 * tuple the sidecar's accepted socket will see, for
+		 * cgroup/getsockopt. Established happens on the SYN-ACK,
+		 * before the sidecar can accept, so the entry is there in
+		 * time. Deleted on close (STATE_CB). */
+		struct ms_sock_key ok;
+
+		reverse_key(&ok, &k, netns);
+		if (bpf_map_update_elem(&ms_orig_dst, &ok, &st->orig, BPF_ANY) == 0) {
+			st->flags |= MS_SK_ORIG_KEYED;
+			bpf_sock_ops_cb_flags_set(skops,
+				skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+			count(MS_C_ORIG_DST_STORED, 1);
+		}
+	}
+
+	if (!(pod->flags & MS_POD_SPLICE) || !(node_flags() & MS_NODE_SPLICE)) {
+		count(MS_C_SOCK_SKIP_SPLICE_OFF, 1);
+		return;
+	}
+
+	loopback = addr_is_loopback(k.remote_ip);
+	if (loopback) {
+		peer_netns = netns;
+		peer_pod = pod;
+	} else {
+		pn = bpf_map_lookup_elem(&ms_pod_ips, k.remote_ip);
+		if (!pn) {
+			count(MS_C_SOCK_SKIP_PEER_UNKNOWN, 1);
+			return;
+		}
+		peer_netns = *pn;
+		peer_pod = bpf_map_lookup_elem(&ms_pods, &peer_netns);
+		if (!peer_pod) {
+			count(MS_C_SOCK_SKIP_PEER_UNKNOWN, 1);
+			return;
+		}
+		if (!(peer_pod->flags & MS_POD_SPLICE)) {
+			count(MS_C_SOCK_SKIP_SPLICE_OFF, 1);
+			return;
+		}
+	}
+
+	if (!roles(skops, &k, netns, pod, peer_netns, peer_pod, loopback,
+		   &self_role, &peer_role)) {
+		count(MS_C_SOCK_SKIP_ROLE_UNKNOWN, 1);
+		return;
+	}
+	/* TCP Fast Open moves data before establish; that data sits in the
+	 * TCP queue and later redirected data would overtake it. */
+	if (skops->bytes_received > 0 || skops->data_segs_out > 0) {
+		count(MS_C_SOCK_SKIP_EARLY_DATA, 1);
+		return;
+	}
+
+	self_role = target(self_role, pod);
+	peer_role = target(peer_role, peer_pod);
+	if (!(self_role & MS_ROLE_TARGET) && !(peer_role & MS_ROLE_TARGET))
+		return; /* neither direction may be redirected */
+
+	st = bpf_sk_storage_get(&ms_sk_state, sk, 0,
+				BPF_SK_STORAGE_GET_F_CREATE);
+	if (!st) {
+		count(MS_C_SOCK_INSERT_FAILED, 1);
+		return;
+	}
+	reverse_key(&st->peer, &k, peer_netns);
+	st->peer.role = peer_role;
+	if (peer_role & MS_ROLE_TARGET)
+		st->flags |= MS_SK_TX_SPLICE;
+
+	k.role = self_role;
+	if (bpf_sock_hash_update(skops, &ms_socks, &k, BPF_NOEXIST) != 0) {
+		st->flags &= ~MS_SK_TX_SPLICE;
+		count(MS_C_SOCK_INSERT_FAILED, 1);
+		return;
+	}
+	count(MS_C_SOCK_INSERTED, 1);
+}
+
+static __always_inline void closed(struct bpf_sock_ops *skops)
+{
+	__u64 netns = bpf_get_netns_cookie(skops);
+	struct ms_sock_key k = {}, ok;
+	struct ms_sk *st;
+
+	struct bpf_sock *sk = skops->sk;
+
+	if (!sk)
+		return;
+	st = bpf_sk_storage_get(&ms_sk_state, sk, 0, 0);
+	if (!st || !(st->flags & MS_SK_ORIG_KEYED))
+		return;
+	key_from_skops(&k, skops, netns);
+	reverse_key(&ok, &k, netns);
+	bpf_map_delete_elem(&ms_orig_dst, &ok);
+	st->flags &= ~MS_SK_ORIG_KEYED;
+}
+
+SEC("sockops")
+int ms_sockops(struct bpf_sock_ops *skops)
+{
+	switch (skops->op) {
+	case BPF_SOCK_OPS_TCP_LISTEN_CB:
+		register_listener(skops);
+		break;
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		established(skops);
+		break;
+	case BPF_SOCK_OPS_STATE_CB:
+		if (skops->args[1] == BPF_TCP_CLOSE)
+			closed(skops);
+		break;
+	}
+	return 1;
+}
+
+SEC("sk_msg")
+int ms_sk_msg(struct sk_msg_md *msg)
+{
+	struct ms_sk *st;
+	__u32 size = msg->size;
+
+	struct bpf_sock *sk = msg->sk;
+
+	if (!sk) {
+		count(MS_C_MSG_PASS, 1);
+		return SK_PASS;
+	}
+	st = bpf_sk_storage_get(&ms_sk_state, sk, 0, 0);
+	if (!st || !(st->flags & MS_SK_TX_SPLICE)) {
+		count(MS_C_MSG_PASS, 1);
+		return SK_PASS;
+	}
+	if (node_flags() & MS_NODE_DRAIN)
+		/* Detaching: the rest of every stream goes over TCP, after
+		 * what was redirected (same order argument as a miss). */
+		st->flags |= MS_SK_TX_DOWN;
+	if (st->flags & MS_SK_TX_DOWN) {
+		count(MS_C_MSG_AFTER_MISS, 1);
+		return SK_PASS;
+	}
+	/* sk_msg runs under the sending socket's lock: no other writer. */
+	if (bpf_msg_redirect_hash(msg, &ms_socks, &st->peer, BPF_F_INGRESS) !=
+	    SK_PASS) {
+		/* SK_DROP here only means "peer not found"; returning it
+		 * would lose the message. Send it over TCP, and all that
+		 * follows (see Ordering above). */
+		st->flags |= MS_SK_TX_DOWN;
+		count(MS_C_MSG_MISS, 1);
+		return SK_PASS;
+	}
+	count(MS_C_MSG_REDIRECTED, 1);
+	count(MS_C_BYTES_REDIRECTED, size);
+	return SK_PASS;
+}
