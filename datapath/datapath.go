@@ -309,6 +309,7 @@ func detachSkMsg(pinDir string, m *ebpf.Map) error {
 }
 
 func skMsgPin(pinDir string) string { return filepath.Join(pinDir, "sk_msg") }
+
 // linkCgroup returns the ID of cgroup and of the cgroup l is attached to
 // (the cgroup v2 ID is its directory's inode number).
 func linkCgroup(l link.Link, cgroup string) (want, got uint64, err error) {
