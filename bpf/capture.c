@@ -47,7 +47,8 @@ static __always_inline int capture_connect(struct bpf_sock_addr *ctx,
 					BPF_SK_STORAGE_GET_F_CREATE);
 		if (st)
 			st->flags |= MS_SK_PROXY;
-		count(MS_C_SKIP_PROXY, 1);
+		count((pod->flags & MS_POD_CAPTURE) ? MS_C_SKIP_PROXY
+						    : MS_C_SKIP_CAPTURE_OFF, 1);
 		return 0;
 	}
 
@@ -227,17 +228,23 @@ int ms_getsockopt(struct bpf_sockopt *ctx)
 }
 
 static __always_inline int assign_listener(struct bpf_sk_lookup *ctx,
-					   __u64 netns, __u32 family,
-					   __u16 port)
+					   const struct ms_pod *pod,
+					   __u32 family)
 {
-	struct ms_listener_key lk = { .netns = netns, .family = family,
-				      .port = port };
+	__u32 idx = listener_index(pod, family);
 	struct bpf_sock *sk;
 	long err;
 
-	sk = bpf_map_lookup_elem(&ms_listeners, &lk);
+	sk = bpf_map_lookup_elem(&ms_listeners, &idx);
 	if (!sk)
 		return -1;
+	/* A slot outlives nothing: the agent clears a removed pod's slots and
+	 * a closing listener leaves the map. Still, never hand a connection
+	 * to a socket that is not the sidecar's inbound port. */
+	if (sk->src_port != pod->inbound_port) {
+		bpf_sk_release(sk);
+		return -1;
+	}
 	err = bpf_sk_assign(ctx, sk, 0);
 	bpf_sk_release(sk);
 	return err ? -2 : 0;
@@ -287,10 +294,10 @@ int ms_sk_lookup(struct bpf_sk_lookup *ctx)
 		return SK_PASS;
 	}
 
-	err = assign_listener(ctx, *netns, ctx->family, pod->inbound_port);
+	err = assign_listener(ctx, pod, ctx->family);
 	if (err && ctx->family == AF_INET)
 		/* A dual-stack [::] listener takes IPv4 too. */
-		err = assign_listener(ctx, *netns, AF_INET6, pod->inbound_port);
+		err = assign_listener(ctx, pod, AF_INET6);
 	if (err == -1) {
 		/* The sidecar is not listening (yet, or it crashed). Refuse,
 		 * as Istio's iptables REDIRECT to a closed 15006 does: letting
@@ -304,4 +311,65 @@ int ms_sk_lookup(struct bpf_sk_lookup *ctx)
 	}
 	count(MS_C_INBOUND_CAPTURED, 1);
 	return SK_PASS;
+}
+
+#define TCP_LISTEN_STATE 10
+
+/* Minimal CO-RE views of the kernel types the iterator reads. Using these
+ * rather than vmlinux.h's keeps the object's BTF small; the full graph that
+ * struct sock_common drags in is emitted by clang in an order that changes
+ * with the build directory, which would make check-generated fail on any
+ * other checkout. The ___ms suffix is dropped when relocating. */
+struct sock_common___ms {
+	unsigned short skc_family;
+	volatile unsigned char skc_state;
+	__u16 skc_num;
+} __attribute__((preserve_access_index));
+
+struct bpf_iter__tcp___ms {
+	void *meta;
+	struct sock_common___ms *sk_common;
+} __attribute__((preserve_access_index));
+
+/* The netns cookie of the pod whose listeners the agent is syncing: the
+ * iterator walks the netns of the thread that runs it, which the agent
+ * entered; the agent writes its cookie here first (one run at a time). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ms_iter_netns SEC(".maps");
+
+/*
+ * ms_listener_iter walks the TCP sockets of the netns of the thread that
+ * runs it and puts the sidecar's inbound listeners of the pod into
+ * ms_listeners, for sk_lookup. The agent runs it when a pod is registered
+ * and when sockops reports a new listener (ms_events).
+ */
+SEC("iter/tcp")
+int ms_listener_iter(struct bpf_iter__tcp___ms *ctx)
+{
+	struct sock_common___ms *skc = ctx->sk_common;
+	struct tcp_sock *tp;
+	struct ms_pod *pod;
+	__u32 zero = 0, idx;
+	__u64 *netns;
+
+	if (!skc || skc->skc_state != TCP_LISTEN_STATE)
+		return 0;
+	netns = bpf_map_lookup_elem(&ms_iter_netns, &zero);
+	if (!netns)
+		return 0;
+	pod = bpf_map_lookup_elem(&ms_pods, netns);
+	if (!pod || skc->skc_num != pod->inbound_port)
+		return 0;
+	tp = bpf_skc_to_tcp_sock(skc);
+	if (!tp)
+		return 0;
+	idx = listener_index(pod, skc->skc_family);
+	if (bpf_map_update_elem(&ms_listeners, &idx, tp, BPF_ANY) == 0)
+		count(MS_C_LISTENER_REGISTERED, 1);
+	return 0;
 }

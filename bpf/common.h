@@ -91,6 +91,7 @@ enum ms_sk_flag {
 	MS_SK_PROXY = 1 << 2,	   /* connect() ran as the proxy uid/gid */
 	MS_SK_TX_SPLICE = 1 << 3,  /* sends are redirected to peer */
 	MS_SK_TX_DOWN = 1 << 4,	   /* a redirect missed: TCP for good */
+	MS_SK_SENT = 1 << 5,	   /* sk_msg saw a send */
 };
 
 /* Counters, one slot each in ms_counters (per CPU). Go names them from this
@@ -117,12 +118,15 @@ enum ms_counter {
 	MS_C_INBOUND_SKIP_OFF,	   /* pod or node capture switched off */
 	MS_C_INBOUND_SKIP_PROXY_PORT, /* one of the sidecar's own ports */
 	MS_C_INBOUND_SKIP_PASSTHROUGH, /* from 127.0.0.6 / ::6 (Envoy) */
+	MS_C_INBOUND_SKIP_LOOPBACK, /* from a loopback address */
 	MS_C_INBOUND_SKIP_EXCLUDED_PORT,
 	MS_C_INBOUND_SKIP_NOT_INCLUDED,
 	MS_C_INBOUND_NO_LISTENER,  /* sidecar not listening: refused */
 	MS_C_INBOUND_ASSIGN_FAILED,
 	/* sockops */
-	MS_C_LISTENER_REGISTERED,  /* sidecar inbound listener seen */
+	MS_C_LISTENER_STARTED,	   /* sidecar inbound listener: agent told */
+	/* iter/tcp */
+	MS_C_LISTENER_REGISTERED,  /* sidecar inbound listener in ms_listeners */
 	MS_C_ORIG_DST_STORED,
 	MS_C_SOCK_INSERTED,	   /* socket added to ms_socks */
 	MS_C_SOCK_INSERT_FAILED,
@@ -133,9 +137,13 @@ enum ms_counter {
 	/* sk_msg */
 	MS_C_MSG_REDIRECTED,
 	MS_C_BYTES_REDIRECTED,
-	MS_C_MSG_MISS,		   /* peer not in ms_socks: sent over TCP */
+	MS_C_MSG_MISS_FIRST,	   /* first send found no peer: sent over TCP */
+	MS_C_MSG_MISS_LATER,	   /* a later send found no peer (closing) */
 	MS_C_MSG_AFTER_MISS,	   /* sent over TCP because of an earlier miss */
+	MS_C_BYTES_AFTER_MISS,	   /* bytes of the three above */
+	MS_C_MSG_DRAIN,		   /* sent over TCP: datapath detaching */
 	MS_C_MSG_PASS,		   /* socket sends over TCP by design */
+	MS_C_BYTES_PASS,
 	MS_C_MAX,
 };
 
@@ -149,6 +157,7 @@ struct ms_pod {
 	__u32 proxy_gid;
 	__u16 outbound_port;
 	__u16 inbound_port;
+	__u32 listener_slot; /* ms_listeners[2*slot] IPv4, [2*slot+1] IPv6 */
 };
 
 struct ms_node {
@@ -186,12 +195,6 @@ struct ms_orig {
 	__u32 ip[4];
 	__u16 port; /* host order */
 	__u16 pad;
-};
-
-struct ms_listener_key {
-	__u64 netns;
-	__u32 family;
-	__u32 port;
 };
 
 /* Per-socket state, in socket-local storage: freed with the socket. */
@@ -271,15 +274,32 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ms_socks SEC(".maps");
 
-/* Sidecar inbound listeners (15006), by pod and family, for sk_lookup. No
- * program is attached to this map, so listeners get no sk_msg program. */
+/* Sidecar inbound listeners (15006) for sk_lookup, two slots per pod (see
+ * ms_pod.listener_slot, allocated by the agent). A SOCKMAP, not a SOCKHASH:
+ * sockops may insert a listening socket (TCP_LISTEN_CB) only into a SOCKMAP
+ * (net/core/sock_map.c: sock_map_op_okay vs sock_hash_op_okay). No program
+ * is attached to this map, so listeners get no sk_msg program. */
 struct {
-	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(type, BPF_MAP_TYPE_SOCKMAP);
 	__uint(max_entries, MS_MAX_LISTENERS);
-	__type(key, struct ms_listener_key);
+	__type(key, __u32);
 	__type(value, __u64);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ms_listeners SEC(".maps");
+
+/* Events for the agent: the netns cookie of a pod whose sidecar started
+ * listening on its inbound port (see register_listener in splice.c). */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 64 * 1024);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ms_events SEC(".maps");
+
+static __always_inline __u32 listener_index(const struct ms_pod *pod,
+					    __u32 family)
+{
+	return pod->listener_slot * 2 + (family == AF_INET6);
+}
 
 struct {
 	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
@@ -432,7 +452,6 @@ static __always_inline __u32 outbound_verdict(__u64 netns,
 /*
  * inbound_verdict mirrors istio.Traffic.CaptureInbound (istio/decide.go, the
  * ISTIO_INBOUND chain): returns MS_C_INBOUND_CAPTURED or the skip counter.
- * excludeInboundPorts only ever holds ports when includeInboundPorts is "*".
  */
 static __always_inline __u32 inbound_verdict(__u64 netns,
 					     const struct ms_pod *pod,
@@ -443,14 +462,17 @@ static __always_inline __u32 inbound_verdict(__u64 netns,
 	if (addr_is_passthrough(src))
 		return MS_C_INBOUND_SKIP_PASSTHROUGH;
 	if (addr_is_loopback(src))
-		return MS_C_INBOUND_SKIP_PASSTHROUGH;
+		return MS_C_INBOUND_SKIP_LOOPBACK;
 	if (is_proxy_port(port) || port == pod->inbound_port ||
 	    port == pod->outbound_port)
 		return MS_C_INBOUND_SKIP_PROXY_PORT;
-	if (port_rule(netns, port, MS_PORT_IN_EXCLUDE))
-		return MS_C_INBOUND_SKIP_EXCLUDED_PORT;
-	if ((pod->flags & MS_POD_INCLUDE_ALL_IN) ||
-	    port_rule(netns, port, MS_PORT_IN_INCLUDE))
+	if (pod->flags & MS_POD_INCLUDE_ALL_IN) {
+		/* Istio applies excludeInboundPorts only to "*". */
+		if (port_rule(netns, port, MS_PORT_IN_EXCLUDE))
+			return MS_C_INBOUND_SKIP_EXCLUDED_PORT;
+		return MS_C_INBOUND_CAPTURED;
+	}
+	if (port_rule(netns, port, MS_PORT_IN_INCLUDE))
 		return MS_C_INBOUND_CAPTURED;
 	return MS_C_INBOUND_SKIP_NOT_INCLUDED;
 }

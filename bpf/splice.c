@@ -72,21 +72,23 @@ static __always_inline void reverse_key(struct ms_sock_key *dst,
 	dst->role = 0;
 }
 
-/* A sidecar's inbound listener: remember it for sk_lookup. */
-static __always_inline void register_listener(struct bpf_sock_ops *skops)
+/*
+ * A sidecar started listening on its inbound port. sk_lookup needs that
+ * socket in ms_listeners, but sockops cannot insert a listening socket into
+ * a sockmap on this kernel (bpf_sock_map_update at TCP_LISTEN_CB returns
+ * -EOPNOTSUPP on 6.18, measured). So tell the agent, which inserts it with
+ * the ms_listener_iter iterator (capture.c) run inside the pod's netns.
+ */
+static __always_inline void listener_started(struct bpf_sock_ops *skops)
 {
 	__u64 netns = bpf_get_netns_cookie(skops);
-	struct ms_listener_key lk = {};
 	struct ms_pod *pod;
 
 	pod = bpf_map_lookup_elem(&ms_pods, &netns);
 	if (!pod || skops->local_port != pod->inbound_port)
 		return;
-	lk.netns = netns;
-	lk.family = skops->family;
-	lk.port = skops->local_port;
-	if (bpf_sock_hash_update(skops, &ms_listeners, &lk, BPF_ANY) == 0)
-		count(MS_C_LISTENER_REGISTERED, 1);
+	bpf_ringbuf_output(&ms_events, &netns, sizeof(netns), 0);
+	count(MS_C_LISTENER_STARTED, 1);
 }
 
 /*
@@ -204,7 +206,10 @@ static __always_inline void established(struct bpf_sock_ops *skops)
 		return;
 	}
 
-	loopback = addr_is_loopback(k.remote_ip);
+	/* The app's end of the sidecar's inbound passthrough sees ::6 (not a
+	 * loopback address) or 127.0.0.6 as its peer: same netns too. */
+	loopback = addr_is_loopback(k.remote_ip) ||
+		   addr_is_passthrough(k.remote_ip);
 	if (loopback) {
 		peer_netns = netns;
 		peer_pod = pod;
@@ -287,7 +292,7 @@ int ms_sockops(struct bpf_sock_ops *skops)
 {
 	switch (skops->op) {
 	case BPF_SOCK_OPS_TCP_LISTEN_CB:
-		register_listener(skops);
+		listener_started(skops);
 		break;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
@@ -304,36 +309,39 @@ int ms_sockops(struct bpf_sock_ops *skops)
 SEC("sk_msg")
 int ms_sk_msg(struct sk_msg_md *msg)
 {
-	struct ms_sk *st;
-	__u32 size = msg->size;
-
 	struct bpf_sock *sk = msg->sk;
+	__u32 size = msg->size;
+	struct ms_sk *st;
+	__u32 first;
 
-	if (!sk) {
-		count(MS_C_MSG_PASS, 1);
-		return SK_PASS;
-	}
-	st = bpf_sk_storage_get(&ms_sk_state, sk, 0, 0);
+	st = sk ? bpf_sk_storage_get(&ms_sk_state, sk, 0, 0) : NULL;
 	if (!st || !(st->flags & MS_SK_TX_SPLICE)) {
 		count(MS_C_MSG_PASS, 1);
-		return SK_PASS;
-	}
-	if (node_flags() & MS_NODE_DRAIN)
-		/* Detaching: the rest of every stream goes over TCP, after
-		 * what was redirected (same order argument as a miss). */
-		st->flags |= MS_SK_TX_DOWN;
-	if (st->flags & MS_SK_TX_DOWN) {
-		count(MS_C_MSG_AFTER_MISS, 1);
+		count(MS_C_BYTES_PASS, size);
 		return SK_PASS;
 	}
 	/* sk_msg runs under the sending socket's lock: no other writer. */
+	first = !(st->flags & MS_SK_SENT);
+	st->flags |= MS_SK_SENT;
+	if (!(st->flags & MS_SK_TX_DOWN) && (node_flags() & MS_NODE_DRAIN)) {
+		/* Detaching: the rest of every stream goes over TCP, after
+		 * what was redirected (same order argument as a miss). */
+		st->flags |= MS_SK_TX_DOWN;
+		count(MS_C_MSG_DRAIN, 1);
+	}
+	if (st->flags & MS_SK_TX_DOWN) {
+		count(MS_C_MSG_AFTER_MISS, 1);
+		count(MS_C_BYTES_AFTER_MISS, size);
+		return SK_PASS;
+	}
 	if (bpf_msg_redirect_hash(msg, &ms_socks, &st->peer, BPF_F_INGRESS) !=
 	    SK_PASS) {
 		/* SK_DROP here only means "peer not found"; returning it
 		 * would lose the message. Send it over TCP, and all that
 		 * follows (see Ordering above). */
 		st->flags |= MS_SK_TX_DOWN;
-		count(MS_C_MSG_MISS, 1);
+		count(first ? MS_C_MSG_MISS_FIRST : MS_C_MSG_MISS_LATER, 1);
+		count(MS_C_BYTES_AFTER_MISS, size);
 		return SK_PASS;
 	}
 	count(MS_C_MSG_REDIRECTED, 1);

@@ -23,10 +23,12 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"sync"
 	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
+	"github.com/cilium/ebpf/ringbuf"
 	"github.com/cilium/ebpf/rlimit"
 	"github.com/hashicorp/go-multierror"
 	"golang.org/x/sys/unix"
@@ -58,12 +60,19 @@ type Options struct {
 
 // Datapath is a loaded, attached and pinned meshsplice datapath.
 type Datapath struct {
+	mu      sync.Mutex // serialises registry writes
 	pinDir  string
 	cgroup  string
 	log     *slog.Logger
 	capture redirect.CaptureObjects
 	splice  sockops.SpliceObjects
 	links   []link.Link
+	netns   map[uint64]string // registered pods' netns paths, by cookie
+
+	iterMu    sync.Mutex // one iterator run at a time (ms_iter_netns)
+	iter      *link.Iter
+	events    *ringbuf.Reader
+	watchDone chan struct{}
 }
 
 type cgroupProg struct {
@@ -110,7 +119,7 @@ func Open(opts Options) (_ *Datapath, err error) {
 		}
 	}
 
-	d := &Datapath{pinDir: opts.PinDir, cgroup: opts.CgroupPath, log: opts.Logger}
+	d := &Datapath{pinDir: opts.PinDir, cgroup: opts.CgroupPath, log: opts.Logger, netns: map[uint64]string{}}
 	defer func() {
 		if err != nil {
 			d.Close()
@@ -125,6 +134,9 @@ func Open(opts Options) (_ *Datapath, err error) {
 	}
 
 	if err := d.SetNode(opts.Node); err != nil {
+		return nil, err
+	}
+	if err := d.openListenerWatch(); err != nil {
 		return nil, err
 	}
 	// sk_msg first: a socket picks up the map's programs only when it is
@@ -163,6 +175,15 @@ func (d *Datapath) PinDir() string { return d.pinDir }
 // traffic keeps flowing. Use Detach to remove it.
 func (d *Datapath) Close() error {
 	var result *multierror.Error
+	if d.events != nil {
+		d.events.Close()
+		<-d.watchDone
+		d.events = nil
+	}
+	if d.iter != nil {
+		d.iter.Close()
+		d.iter = nil
+	}
 	for _, l := range d.links {
 		if err := l.Close(); err != nil {
 			result = multierror.Append(result, err)

@@ -125,6 +125,8 @@ func NetnsCookie(path string) (uint64, error) {
 // them on, and stale rules are removed after, so a connection never sees a
 // half-written pod.
 func (d *Datapath) AddPod(p Pod) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
 	if p.Cookie == 0 {
 		c, err := NetnsCookie(p.NetnsPath)
 		if err != nil {
@@ -175,8 +177,20 @@ func (d *Datapath) AddPod(p Pod) error {
 		}
 	}
 	pod := podValue(t)
+	slot, err := d.listenerSlot(p.Cookie)
+	if err != nil {
+		return fmt.Errorf("add pod %d: %w", p.Cookie, err)
+	}
+	pod.ListenerSlot = slot
 	if err := d.capture.MsPods.Update(&p.Cookie, &pod, ebpf.UpdateAny); err != nil {
 		return fmt.Errorf("add pod %d: %w", p.Cookie, err)
+	}
+	if p.NetnsPath != "" {
+		d.netns[p.Cookie] = p.NetnsPath
+		// A sidecar that listened before the pod was registered.
+		if err := d.syncListeners(p.Cookie, p.NetnsPath); err != nil {
+			return fmt.Errorf("add pod %d: %w", p.Cookie, err)
+		}
 	}
 	// Drop what the previous version of this pod had and this one lacks.
 	return d.prune(p.Cookie, ports, ranges, p.IPs)
@@ -187,9 +201,22 @@ func (d *Datapath) AddPod(p Pod) error {
 // sidecar they were sent to, spliced ones stay spliced until they close.
 // Removing a pod that is not registered is not an error.
 func (d *Datapath) RemovePod(cookie uint64) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
 	var result *multierror.Error
+	var old redirect.CaptureMsPod
+	hadPod := d.capture.MsPods.Lookup(&cookie, &old) == nil
 	if err := d.capture.MsPods.Delete(&cookie); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		result = multierror.Append(result, fmt.Errorf("remove pod %d: %w", cookie, err))
+	}
+	delete(d.netns, cookie)
+	if hadPod {
+		// Free the listener slots for the next pod.
+		for _, idx := range []uint32{2 * old.ListenerSlot, 2*old.ListenerSlot + 1} {
+			if err := d.capture.MsListeners.Delete(&idx); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+				result = multierror.Append(result, fmt.Errorf("remove pod %d: clear listener slot: %w", cookie, err))
+			}
+		}
 	}
 	if err := d.prune(cookie, nil, nil, nil); err != nil {
 		result = multierror.Append(result, err)
@@ -204,6 +231,27 @@ func (d *Datapath) RemovePod(cookie uint64) error {
 		os.Remove(pin)
 	}
 	return result.ErrorOrNil()
+}
+
+// listenerSlot keeps the slot of a registered pod, or gives a new pod the
+// lowest free one (pods x 2 entries of ms_listeners).
+func (d *Datapath) listenerSlot(cookie uint64) (uint32, error) {
+	var c uint64
+	var v redirect.CaptureMsPod
+	used := map[uint32]bool{}
+	for it := d.capture.MsPods.Iterate(); it.Next(&c, &v); {
+		if c == cookie {
+			return v.ListenerSlot, nil
+		}
+		used[v.ListenerSlot] = true
+	}
+	max := d.capture.MsListeners.MaxEntries() / 2
+	for slot := uint32(0); slot < max; slot++ {
+		if !used[slot] {
+			return slot, nil
+		}
+	}
+	return 0, fmt.Errorf("no free listener slot: %d pods registered", len(used))
 }
 
 // prune deletes the rules and addresses of the pod that are not in keep.
@@ -309,21 +357,25 @@ func (d *Datapath) updateNetnsLinks() error {
 
 // Pods lists the registered pods as the kernel tables hold them.
 func (d *Datapath) Pods() ([]Pod, error) {
+	return readPods(d.capture.MsPods, d.capture.MsPodIps, d.capture.MsPorts, d.capture.MsRanges)
+}
+
+func readPods(podsMap, ipsMap, portsMap, rangesMap *ebpf.Map) ([]Pod, error) {
 	byCookie := map[uint64]*Pod{}
 	var cookie uint64
 	var pv redirect.CaptureMsPod
-	for it := d.capture.MsPods.Iterate(); it.Next(&cookie, &pv); {
+	for it := podsMap.Iterate(); it.Next(&cookie, &pv); {
 		byCookie[cookie] = &Pod{Cookie: cookie, Traffic: trafficFromValue(pv)}
 	}
 	var a redirect.CaptureMsAddr
-	for it := d.capture.MsPodIps.Iterate(); it.Next(&a, &cookie); {
+	for it := ipsMap.Iterate(); it.Next(&a, &cookie); {
 		if p := byCookie[cookie]; p != nil {
 			p.IPs = append(p.IPs, addrFromKey(a))
 		}
 	}
 	var pk redirect.CaptureMsPortKey
 	var one uint8
-	for it := d.capture.MsPorts.Iterate(); it.Next(&pk, &one); {
+	for it := portsMap.Iterate(); it.Next(&pk, &one); {
 		p := byCookie[pk.Netns]
 		if p == nil {
 			continue
@@ -340,7 +392,7 @@ func (d *Datapath) Pods() ([]Pod, error) {
 		}
 	}
 	var rk redirect.CaptureMsRangeKey
-	for it := d.capture.MsRanges.Iterate(); it.Next(&rk, &one); {
+	for it := rangesMap.Iterate(); it.Next(&rk, &one); {
 		p := byCookie[rk.Netns]
 		if p == nil {
 			continue

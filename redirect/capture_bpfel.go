@@ -39,32 +39,31 @@ const (
 	CaptureMsCounterMS_C_INBOUND_SKIP_OFF           CaptureMsCounter = 15
 	CaptureMsCounterMS_C_INBOUND_SKIP_PROXY_PORT    CaptureMsCounter = 16
 	CaptureMsCounterMS_C_INBOUND_SKIP_PASSTHROUGH   CaptureMsCounter = 17
-	CaptureMsCounterMS_C_INBOUND_SKIP_EXCLUDED_PORT CaptureMsCounter = 18
-	CaptureMsCounterMS_C_INBOUND_SKIP_NOT_INCLUDED  CaptureMsCounter = 19
-	CaptureMsCounterMS_C_INBOUND_NO_LISTENER        CaptureMsCounter = 20
-	CaptureMsCounterMS_C_INBOUND_ASSIGN_FAILED      CaptureMsCounter = 21
-	CaptureMsCounterMS_C_LISTENER_REGISTERED        CaptureMsCounter = 22
-	CaptureMsCounterMS_C_ORIG_DST_STORED            CaptureMsCounter = 23
-	CaptureMsCounterMS_C_SOCK_INSERTED              CaptureMsCounter = 24
-	CaptureMsCounterMS_C_SOCK_INSERT_FAILED         CaptureMsCounter = 25
-	CaptureMsCounterMS_C_SOCK_SKIP_SPLICE_OFF       CaptureMsCounter = 26
-	CaptureMsCounterMS_C_SOCK_SKIP_PEER_UNKNOWN     CaptureMsCounter = 27
-	CaptureMsCounterMS_C_SOCK_SKIP_ROLE_UNKNOWN     CaptureMsCounter = 28
-	CaptureMsCounterMS_C_SOCK_SKIP_EARLY_DATA       CaptureMsCounter = 29
-	CaptureMsCounterMS_C_MSG_REDIRECTED             CaptureMsCounter = 30
-	CaptureMsCounterMS_C_BYTES_REDIRECTED           CaptureMsCounter = 31
-	CaptureMsCounterMS_C_MSG_MISS                   CaptureMsCounter = 32
-	CaptureMsCounterMS_C_MSG_AFTER_MISS             CaptureMsCounter = 33
-	CaptureMsCounterMS_C_MSG_PASS                   CaptureMsCounter = 34
-	CaptureMsCounterMS_C_MAX                        CaptureMsCounter = 35
+	CaptureMsCounterMS_C_INBOUND_SKIP_LOOPBACK      CaptureMsCounter = 18
+	CaptureMsCounterMS_C_INBOUND_SKIP_EXCLUDED_PORT CaptureMsCounter = 19
+	CaptureMsCounterMS_C_INBOUND_SKIP_NOT_INCLUDED  CaptureMsCounter = 20
+	CaptureMsCounterMS_C_INBOUND_NO_LISTENER        CaptureMsCounter = 21
+	CaptureMsCounterMS_C_INBOUND_ASSIGN_FAILED      CaptureMsCounter = 22
+	CaptureMsCounterMS_C_LISTENER_STARTED           CaptureMsCounter = 23
+	CaptureMsCounterMS_C_LISTENER_REGISTERED        CaptureMsCounter = 24
+	CaptureMsCounterMS_C_ORIG_DST_STORED            CaptureMsCounter = 25
+	CaptureMsCounterMS_C_SOCK_INSERTED              CaptureMsCounter = 26
+	CaptureMsCounterMS_C_SOCK_INSERT_FAILED         CaptureMsCounter = 27
+	CaptureMsCounterMS_C_SOCK_SKIP_SPLICE_OFF       CaptureMsCounter = 28
+	CaptureMsCounterMS_C_SOCK_SKIP_PEER_UNKNOWN     CaptureMsCounter = 29
+	CaptureMsCounterMS_C_SOCK_SKIP_ROLE_UNKNOWN     CaptureMsCounter = 30
+	CaptureMsCounterMS_C_SOCK_SKIP_EARLY_DATA       CaptureMsCounter = 31
+	CaptureMsCounterMS_C_MSG_REDIRECTED             CaptureMsCounter = 32
+	CaptureMsCounterMS_C_BYTES_REDIRECTED           CaptureMsCounter = 33
+	CaptureMsCounterMS_C_MSG_MISS_FIRST             CaptureMsCounter = 34
+	CaptureMsCounterMS_C_MSG_MISS_LATER             CaptureMsCounter = 35
+	CaptureMsCounterMS_C_MSG_AFTER_MISS             CaptureMsCounter = 36
+	CaptureMsCounterMS_C_BYTES_AFTER_MISS           CaptureMsCounter = 37
+	CaptureMsCounterMS_C_MSG_DRAIN                  CaptureMsCounter = 38
+	CaptureMsCounterMS_C_MSG_PASS                   CaptureMsCounter = 39
+	CaptureMsCounterMS_C_BYTES_PASS                 CaptureMsCounter = 40
+	CaptureMsCounterMS_C_MAX                        CaptureMsCounter = 41
 )
-
-type CaptureMsListenerKey struct {
-	_      structs.HostLayout
-	Netns  uint64
-	Family uint32
-	Port   uint32
-}
 
 type CaptureMsNode struct {
 	_     structs.HostLayout
@@ -93,6 +92,7 @@ type CaptureMsPod struct {
 	ProxyGid     uint32
 	OutboundPort uint16
 	InboundPort  uint16
+	ListenerSlot uint32
 }
 
 type CaptureMsPodFlag uint32
@@ -164,6 +164,7 @@ const (
 	CaptureMsSkFlagMS_SK_PROXY      CaptureMsSkFlag = 4
 	CaptureMsSkFlagMS_SK_TX_SPLICE  CaptureMsSkFlag = 8
 	CaptureMsSkFlagMS_SK_TX_DOWN    CaptureMsSkFlag = 16
+	CaptureMsSkFlagMS_SK_SENT       CaptureMsSkFlag = 32
 )
 
 type CaptureMsSockKey struct {
@@ -180,21 +181,24 @@ type CaptureMsSockKey struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	CaptureMapMsCounters     = "ms_counters"
-	CaptureMapMsListeners    = "ms_listeners"
-	CaptureMapMsNodeSettings = "ms_node_settings"
-	CaptureMapMsOrigDst      = "ms_orig_dst"
-	CaptureMapMsPodIps       = "ms_pod_ips"
-	CaptureMapMsPods         = "ms_pods"
-	CaptureMapMsPorts        = "ms_ports"
-	CaptureMapMsRanges       = "ms_ranges"
-	CaptureMapMsSkState      = "ms_sk_state"
-	CaptureMapMsSocks        = "ms_socks"
-	CaptureProgMsConnect4    = "ms_connect4"
-	CaptureProgMsConnect6    = "ms_connect6"
-	CaptureProgMsGetsockopt  = "ms_getsockopt"
-	CaptureProgMsSkLookup    = "ms_sk_lookup"
-	CaptureVarMsCounterCount = "ms_counter_count"
+	CaptureMapMsCounters      = "ms_counters"
+	CaptureMapMsEvents        = "ms_events"
+	CaptureMapMsIterNetns     = "ms_iter_netns"
+	CaptureMapMsListeners     = "ms_listeners"
+	CaptureMapMsNodeSettings  = "ms_node_settings"
+	CaptureMapMsOrigDst       = "ms_orig_dst"
+	CaptureMapMsPodIps        = "ms_pod_ips"
+	CaptureMapMsPods          = "ms_pods"
+	CaptureMapMsPorts         = "ms_ports"
+	CaptureMapMsRanges        = "ms_ranges"
+	CaptureMapMsSkState       = "ms_sk_state"
+	CaptureMapMsSocks         = "ms_socks"
+	CaptureProgMsConnect4     = "ms_connect4"
+	CaptureProgMsConnect6     = "ms_connect6"
+	CaptureProgMsGetsockopt   = "ms_getsockopt"
+	CaptureProgMsListenerIter = "ms_listener_iter"
+	CaptureProgMsSkLookup     = "ms_sk_lookup"
+	CaptureVarMsCounterCount  = "ms_counter_count"
 )
 
 // LoadCapture returns the embedded CollectionSpec for Capture.
@@ -239,10 +243,11 @@ type CaptureSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type CaptureProgramSpecs struct {
-	MsConnect4   *ebpf.ProgramSpec `ebpf:"ms_connect4"`
-	MsConnect6   *ebpf.ProgramSpec `ebpf:"ms_connect6"`
-	MsGetsockopt *ebpf.ProgramSpec `ebpf:"ms_getsockopt"`
-	MsSkLookup   *ebpf.ProgramSpec `ebpf:"ms_sk_lookup"`
+	MsConnect4     *ebpf.ProgramSpec `ebpf:"ms_connect4"`
+	MsConnect6     *ebpf.ProgramSpec `ebpf:"ms_connect6"`
+	MsGetsockopt   *ebpf.ProgramSpec `ebpf:"ms_getsockopt"`
+	MsListenerIter *ebpf.ProgramSpec `ebpf:"ms_listener_iter"`
+	MsSkLookup     *ebpf.ProgramSpec `ebpf:"ms_sk_lookup"`
 }
 
 // CaptureMapSpecs contains maps before they are loaded into the kernel.
@@ -250,6 +255,8 @@ type CaptureProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type CaptureMapSpecs struct {
 	MsCounters     *ebpf.MapSpec `ebpf:"ms_counters"`
+	MsEvents       *ebpf.MapSpec `ebpf:"ms_events"`
+	MsIterNetns    *ebpf.MapSpec `ebpf:"ms_iter_netns"`
 	MsListeners    *ebpf.MapSpec `ebpf:"ms_listeners"`
 	MsNodeSettings *ebpf.MapSpec `ebpf:"ms_node_settings"`
 	MsOrigDst      *ebpf.MapSpec `ebpf:"ms_orig_dst"`
@@ -289,6 +296,8 @@ func (o *CaptureObjects) Close() error {
 // It can be passed to LoadCaptureObjects or ebpf.CollectionSpec.LoadAndAssign.
 type CaptureMaps struct {
 	MsCounters     *ebpf.Map `ebpf:"ms_counters"`
+	MsEvents       *ebpf.Map `ebpf:"ms_events"`
+	MsIterNetns    *ebpf.Map `ebpf:"ms_iter_netns"`
 	MsListeners    *ebpf.Map `ebpf:"ms_listeners"`
 	MsNodeSettings *ebpf.Map `ebpf:"ms_node_settings"`
 	MsOrigDst      *ebpf.Map `ebpf:"ms_orig_dst"`
@@ -303,6 +312,8 @@ type CaptureMaps struct {
 func (m *CaptureMaps) Close() error {
 	return _CaptureClose(
 		m.MsCounters,
+		m.MsEvents,
+		m.MsIterNetns,
 		m.MsListeners,
 		m.MsNodeSettings,
 		m.MsOrigDst,
@@ -326,10 +337,11 @@ type CaptureVariables struct {
 //
 // It can be passed to LoadCaptureObjects or ebpf.CollectionSpec.LoadAndAssign.
 type CapturePrograms struct {
-	MsConnect4   *ebpf.Program `ebpf:"ms_connect4"`
-	MsConnect6   *ebpf.Program `ebpf:"ms_connect6"`
-	MsGetsockopt *ebpf.Program `ebpf:"ms_getsockopt"`
-	MsSkLookup   *ebpf.Program `ebpf:"ms_sk_lookup"`
+	MsConnect4     *ebpf.Program `ebpf:"ms_connect4"`
+	MsConnect6     *ebpf.Program `ebpf:"ms_connect6"`
+	MsGetsockopt   *ebpf.Program `ebpf:"ms_getsockopt"`
+	MsListenerIter *ebpf.Program `ebpf:"ms_listener_iter"`
+	MsSkLookup     *ebpf.Program `ebpf:"ms_sk_lookup"`
 }
 
 func (p *CapturePrograms) Close() error {
@@ -337,6 +349,7 @@ func (p *CapturePrograms) Close() error {
 		p.MsConnect4,
 		p.MsConnect6,
 		p.MsGetsockopt,
+		p.MsListenerIter,
 		p.MsSkLookup,
 	)
 }

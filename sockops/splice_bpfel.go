@@ -39,32 +39,31 @@ const (
 	SpliceMsCounterMS_C_INBOUND_SKIP_OFF           SpliceMsCounter = 15
 	SpliceMsCounterMS_C_INBOUND_SKIP_PROXY_PORT    SpliceMsCounter = 16
 	SpliceMsCounterMS_C_INBOUND_SKIP_PASSTHROUGH   SpliceMsCounter = 17
-	SpliceMsCounterMS_C_INBOUND_SKIP_EXCLUDED_PORT SpliceMsCounter = 18
-	SpliceMsCounterMS_C_INBOUND_SKIP_NOT_INCLUDED  SpliceMsCounter = 19
-	SpliceMsCounterMS_C_INBOUND_NO_LISTENER        SpliceMsCounter = 20
-	SpliceMsCounterMS_C_INBOUND_ASSIGN_FAILED      SpliceMsCounter = 21
-	SpliceMsCounterMS_C_LISTENER_REGISTERED        SpliceMsCounter = 22
-	SpliceMsCounterMS_C_ORIG_DST_STORED            SpliceMsCounter = 23
-	SpliceMsCounterMS_C_SOCK_INSERTED              SpliceMsCounter = 24
-	SpliceMsCounterMS_C_SOCK_INSERT_FAILED         SpliceMsCounter = 25
-	SpliceMsCounterMS_C_SOCK_SKIP_SPLICE_OFF       SpliceMsCounter = 26
-	SpliceMsCounterMS_C_SOCK_SKIP_PEER_UNKNOWN     SpliceMsCounter = 27
-	SpliceMsCounterMS_C_SOCK_SKIP_ROLE_UNKNOWN     SpliceMsCounter = 28
-	SpliceMsCounterMS_C_SOCK_SKIP_EARLY_DATA       SpliceMsCounter = 29
-	SpliceMsCounterMS_C_MSG_REDIRECTED             SpliceMsCounter = 30
-	SpliceMsCounterMS_C_BYTES_REDIRECTED           SpliceMsCounter = 31
-	SpliceMsCounterMS_C_MSG_MISS                   SpliceMsCounter = 32
-	SpliceMsCounterMS_C_MSG_AFTER_MISS             SpliceMsCounter = 33
-	SpliceMsCounterMS_C_MSG_PASS                   SpliceMsCounter = 34
-	SpliceMsCounterMS_C_MAX                        SpliceMsCounter = 35
+	SpliceMsCounterMS_C_INBOUND_SKIP_LOOPBACK      SpliceMsCounter = 18
+	SpliceMsCounterMS_C_INBOUND_SKIP_EXCLUDED_PORT SpliceMsCounter = 19
+	SpliceMsCounterMS_C_INBOUND_SKIP_NOT_INCLUDED  SpliceMsCounter = 20
+	SpliceMsCounterMS_C_INBOUND_NO_LISTENER        SpliceMsCounter = 21
+	SpliceMsCounterMS_C_INBOUND_ASSIGN_FAILED      SpliceMsCounter = 22
+	SpliceMsCounterMS_C_LISTENER_STARTED           SpliceMsCounter = 23
+	SpliceMsCounterMS_C_LISTENER_REGISTERED        SpliceMsCounter = 24
+	SpliceMsCounterMS_C_ORIG_DST_STORED            SpliceMsCounter = 25
+	SpliceMsCounterMS_C_SOCK_INSERTED              SpliceMsCounter = 26
+	SpliceMsCounterMS_C_SOCK_INSERT_FAILED         SpliceMsCounter = 27
+	SpliceMsCounterMS_C_SOCK_SKIP_SPLICE_OFF       SpliceMsCounter = 28
+	SpliceMsCounterMS_C_SOCK_SKIP_PEER_UNKNOWN     SpliceMsCounter = 29
+	SpliceMsCounterMS_C_SOCK_SKIP_ROLE_UNKNOWN     SpliceMsCounter = 30
+	SpliceMsCounterMS_C_SOCK_SKIP_EARLY_DATA       SpliceMsCounter = 31
+	SpliceMsCounterMS_C_MSG_REDIRECTED             SpliceMsCounter = 32
+	SpliceMsCounterMS_C_BYTES_REDIRECTED           SpliceMsCounter = 33
+	SpliceMsCounterMS_C_MSG_MISS_FIRST             SpliceMsCounter = 34
+	SpliceMsCounterMS_C_MSG_MISS_LATER             SpliceMsCounter = 35
+	SpliceMsCounterMS_C_MSG_AFTER_MISS             SpliceMsCounter = 36
+	SpliceMsCounterMS_C_BYTES_AFTER_MISS           SpliceMsCounter = 37
+	SpliceMsCounterMS_C_MSG_DRAIN                  SpliceMsCounter = 38
+	SpliceMsCounterMS_C_MSG_PASS                   SpliceMsCounter = 39
+	SpliceMsCounterMS_C_BYTES_PASS                 SpliceMsCounter = 40
+	SpliceMsCounterMS_C_MAX                        SpliceMsCounter = 41
 )
-
-type SpliceMsListenerKey struct {
-	_      structs.HostLayout
-	Netns  uint64
-	Family uint32
-	Port   uint32
-}
 
 type SpliceMsNode struct {
 	_     structs.HostLayout
@@ -85,6 +84,7 @@ type SpliceMsPod struct {
 	ProxyGid     uint32
 	OutboundPort uint16
 	InboundPort  uint16
+	ListenerSlot uint32
 }
 
 type SpliceMsPortKey struct {
@@ -127,6 +127,7 @@ type SpliceMsSockKey struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	SpliceMapMsCounters     = "ms_counters"
+	SpliceMapMsEvents       = "ms_events"
 	SpliceMapMsListeners    = "ms_listeners"
 	SpliceMapMsNodeSettings = "ms_node_settings"
 	SpliceMapMsOrigDst      = "ms_orig_dst"
@@ -192,6 +193,7 @@ type SpliceProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type SpliceMapSpecs struct {
 	MsCounters     *ebpf.MapSpec `ebpf:"ms_counters"`
+	MsEvents       *ebpf.MapSpec `ebpf:"ms_events"`
 	MsListeners    *ebpf.MapSpec `ebpf:"ms_listeners"`
 	MsNodeSettings *ebpf.MapSpec `ebpf:"ms_node_settings"`
 	MsOrigDst      *ebpf.MapSpec `ebpf:"ms_orig_dst"`
@@ -231,6 +233,7 @@ func (o *SpliceObjects) Close() error {
 // It can be passed to LoadSpliceObjects or ebpf.CollectionSpec.LoadAndAssign.
 type SpliceMaps struct {
 	MsCounters     *ebpf.Map `ebpf:"ms_counters"`
+	MsEvents       *ebpf.Map `ebpf:"ms_events"`
 	MsListeners    *ebpf.Map `ebpf:"ms_listeners"`
 	MsNodeSettings *ebpf.Map `ebpf:"ms_node_settings"`
 	MsOrigDst      *ebpf.Map `ebpf:"ms_orig_dst"`
@@ -245,6 +248,7 @@ type SpliceMaps struct {
 func (m *SpliceMaps) Close() error {
 	return _SpliceClose(
 		m.MsCounters,
+		m.MsEvents,
 		m.MsListeners,
 		m.MsNodeSettings,
 		m.MsOrigDst,

@@ -1,0 +1,72 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"os"
+	"sort"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/meshsplice/meshsplice/datapath"
+)
+
+func runStatus(_ context.Context, args []string) error {
+	fs := flag.NewFlagSet("status", flag.ContinueOnError)
+	pinDir := fs.String("pin-dir", datapath.DefaultPinDir, "bpffs directory of the datapath")
+	asJSON := fs.Bool("json", false, "print JSON")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	st, err := datapath.Inspect(*pinDir)
+	if err != nil {
+		return err
+	}
+	if *asJSON {
+		enc := json.NewEncoder(os.Stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(st)
+	}
+	w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintf(w, "datapath\t%s\n", st.PinDir)
+	fmt.Fprintf(w, "node capture\t%v\nnode splice\t%v\nspliced sockets now\t%d\n\n", st.Node.Capture, st.Node.Splice, st.SplicedSockets)
+	fmt.Fprintf(w, "POD NETNS\tIPS\tCAPTURE\tSPLICE\tAPP-INGRESS\n")
+	for _, p := range st.Pods {
+		ips := make([]string, len(p.IPs))
+		for i, ip := range p.IPs {
+			ips[i] = ip.String()
+		}
+		fmt.Fprintf(w, "%d\t%s\t%v\t%v\t%v\n", p.Cookie, strings.Join(ips, ","), p.Traffic.Capture, p.Traffic.Splice, p.Traffic.AppIngressSplice)
+	}
+	fmt.Fprintf(w, "\nLINK\tPROGRAM\tATTACHED\n")
+	for _, l := range st.Links {
+		fmt.Fprintf(w, "%s\t%s (id %d)\t%v\n", l.Name, l.Program, l.ProgramID, l.Attached)
+	}
+	fmt.Fprintf(w, "\nCOUNTER\tVALUE\n")
+	names := make([]string, 0, len(st.Counters))
+	for n := range st.Counters {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	for _, n := range names {
+		fmt.Fprintf(w, "%s\t%d\n", n, st.Counters[n])
+	}
+	return w.Flush()
+}
+
+func runUninstall(_ context.Context, args []string) error {
+	fs := flag.NewFlagSet("uninstall", flag.ContinueOnError)
+	pinDir := fs.String("pin-dir", datapath.DefaultPinDir, "bpffs directory of the datapath")
+	drain := fs.Duration("drain", 2*time.Second, "how long spliced connections get to read queued data before their sockets leave the splice map")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if err := datapath.Detach(*pinDir, *drain); err != nil {
+		return err
+	}
+	fmt.Printf("meshsplice: detached and unpinned %s\n", *pinDir)
+	return nil
+}

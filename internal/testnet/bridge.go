@@ -1,0 +1,459 @@
+package testnet
+
+import (
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"net/netip"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+)
+
+// BridgeName is the name of the Linux bridge in every node namespace.
+const BridgeName = "br0"
+
+// BridgeNetOpts configures NewBridgeNet.
+type BridgeNetOpts struct {
+	// Name is a short prefix for the node namespace name
+	// (mstest-<Name>-<random>). Default "node".
+	Name string
+	// Subnet is x in the node's pod subnets 10.x.0.0/24 and fd00:x::/64
+	// (x is written in decimal digits, so fd00:150::/64 for x=150). Valid
+	// values are 1-255; 0 picks a random value in 100-250 not used by
+	// another live BridgeNet of this process. Nodes joined by ConnectNodes
+	// need different values.
+	Subnet int
+}
+
+// BridgeNet is a "node": a network namespace holding a Linux bridge (br0)
+// that the node's pods are attached to by veth pairs. The bridge owns the
+// gateway addresses 10.x.0.1/24 and fd00:x::1/64; pods get 10.x.0.N and
+// fd00:x::N for N = 2, 3, ... in the order they are added.
+type BridgeNet struct {
+	// Node is the node's network namespace, holding the bridge.
+	Node *NetNS
+	// Subnet is x of 10.x.0.0/24 and fd00:x::/64.
+	Subnet int
+	// PrefixV4 and PrefixV6 are the pod subnets.
+	PrefixV4, PrefixV6 netip.Prefix
+	// GatewayV4 and GatewayV6 are the bridge's addresses, the pods'
+	// default gateways.
+	GatewayV4, GatewayV6 netip.Addr
+
+	mu   sync.Mutex
+	next int
+	pods []*Pod
+}
+
+// Pod is a network namespace attached to a BridgeNet's bridge through a veth
+// pair whose pod end is called eth0.
+type Pod struct {
+	// Name is the name given to AddPod.
+	Name string
+	// NS is the pod's network namespace.
+	NS *NetNS
+	// IPv4 and IPv6 are the addresses of the pod's eth0.
+	IPv4, IPv6 netip.Addr
+	// HostVeth is the name of the node-side end of the pod's veth pair,
+	// in Net.Node.
+	HostVeth string
+	// Net is the node the pod belongs to.
+	Net *BridgeNet
+}
+
+// subnetsInUse records the Subnet values of live BridgeNets so that random
+// picks do not collide within one test binary.
+var subnetsInUse = struct {
+	sync.Mutex
+	m map[int]int
+}{m: map[int]int{}}
+
+func reserveSubnet(x int) (int, error) {
+	subnetsInUse.Lock()
+	defer subnetsInUse.Unlock()
+	if x == 0 {
+		for range 1000 {
+			c := 100 + rand.IntN(151)
+			if subnetsInUse.m[c] == 0 {
+				x = c
+				break
+			}
+		}
+		if x == 0 {
+			return 0, errors.New("no free random subnet in 100-250")
+		}
+	}
+	if x < 1 || x > 255 {
+		return 0, fmt.Errorf("subnet %d out of range 1-255", x)
+	}
+	subnetsInUse.m[x]++
+	return x, nil
+}
+
+func releaseSubnet(x int) {
+	subnetsInUse.Lock()
+	defer subnetsInUse.Unlock()
+	if subnetsInUse.m[x]--; subnetsInUse.m[x] <= 0 {
+		delete(subnetsInUse.m, x)
+	}
+}
+
+// v6Addr returns fd00:<a>:<b>::<n> with each number spelled in decimal
+// digits (so the same digits appear as in the IPv4 address).
+func v6Addr(groups ...int) netip.Addr {
+	s := "fd00"
+	for _, g := range groups[:len(groups)-1] {
+		s += fmt.Sprintf(":%d", g)
+	}
+	s += fmt.Sprintf("::%d", groups[len(groups)-1])
+	return netip.MustParseAddr(s)
+}
+
+// NewBridgeNet creates a node namespace with a bridge br0 holding the
+// gateway addresses of the node's pod subnets. The namespace, and with it
+// the bridge, is removed by the test's cleanup.
+func NewBridgeNet(tb testing.TB, opts BridgeNetOpts) *BridgeNet {
+	tb.Helper()
+	if opts.Name == "" {
+		opts.Name = "node"
+	}
+	x, err := reserveSubnet(opts.Subnet)
+	if err != nil {
+		tb.Fatalf("testnet: %v", err)
+	}
+	tb.Cleanup(func() { releaseSubnet(x) })
+
+	bn := &BridgeNet{
+		Node:      NewNetNS(tb, opts.Name),
+		Subnet:    x,
+		PrefixV4:  netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte(x), 0, 0}), 24),
+		PrefixV6:  netip.PrefixFrom(v6Addr(x, 0), 64),
+		GatewayV4: netip.AddrFrom4([4]byte{10, byte(x), 0, 1}),
+		GatewayV6: v6Addr(x, 1),
+		next:      2,
+	}
+	err = withNetlink(bn.Node, func(h *netlink.Handle) error {
+		br := &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{
+			Name: BridgeName,
+			// A fixed address keeps the bridge from taking over the
+			// lowest port address, which would change as pods come and
+			// go and leave stale neighbour entries in the pods.
+			HardwareAddr: net.HardwareAddr{0x02, 0x6d, 0x73, 0x00, byte(x), 0x01},
+		}}
+		if err := h.LinkAdd(br); err != nil {
+			return fmt.Errorf("add bridge: %w", err)
+		}
+		link, err := h.LinkByName(BridgeName)
+		if err != nil {
+			return fmt.Errorf("find bridge: %w", err)
+		}
+		if err := h.LinkSetUp(link); err != nil {
+			return fmt.Errorf("set bridge up: %w", err)
+		}
+		return addAddrs(h, link, netip.PrefixFrom(bn.GatewayV4, 24), netip.PrefixFrom(bn.GatewayV6, 64))
+	})
+	if err != nil {
+		tb.Fatalf("testnet: node %s: %v", bn.Node.Name(), err)
+	}
+	return bn
+}
+
+// Pods returns the pods added so far.
+func (bn *BridgeNet) Pods() []*Pod {
+	bn.mu.Lock()
+	defer bn.mu.Unlock()
+	return append([]*Pod(nil), bn.pods...)
+}
+
+// AddPod creates a pod namespace mstest-<name>-<random> connected to the
+// node's bridge: a veth pair with one end (Pod.HostVeth) attached to br0 in
+// the node namespace and the other one named eth0 in the pod, the next free
+// IPv4 and IPv6 addresses (IPv6 with IFA_F_NODAD so it is usable at once),
+// and default routes through the bridge's gateway addresses. It returns
+// once the links are operationally up, so traffic flows at once. Keep name
+// short: it is part of the host-side link name (15 bytes at most).
+func (bn *BridgeNet) AddPod(tb testing.TB, name string) *Pod {
+	tb.Helper()
+	bn.mu.Lock()
+	n := bn.next
+	bn.next++
+	bn.mu.Unlock()
+	if n > 254 {
+		tb.Fatalf("testnet: node %s: no addresses left for pod %s", bn.Node.Name(), name)
+	}
+
+	pod := &Pod{
+		Name:     name,
+		NS:       NewNetNS(tb, name),
+		IPv4:     netip.AddrFrom4([4]byte{10, byte(bn.Subnet), 0, byte(n)}),
+		IPv6:     v6Addr(bn.Subnet, n),
+		HostVeth: truncate(fmt.Sprintf("vp%d-%s", n, name), unix.IFNAMSIZ-1),
+		Net:      bn,
+	}
+
+	podNS, err := netns.GetFromPath(pod.NS.Path())
+	if err != nil {
+		tb.Fatalf("testnet: open netns %s: %v", pod.NS.Name(), err)
+	}
+	defer podNS.Close()
+
+	err = withNetlink(bn.Node, func(h *netlink.Handle) error {
+		br, err := h.LinkByName(BridgeName)
+		if err != nil {
+			return fmt.Errorf("find bridge: %w", err)
+		}
+		veth := &netlink.Veth{
+			LinkAttrs:     netlink.LinkAttrs{Name: pod.HostVeth, MasterIndex: br.Attrs().Index},
+			PeerName:      "eth0",
+			PeerNamespace: netlink.NsFd(int(podNS)),
+		}
+		if err := h.LinkAdd(veth); err != nil {
+			return fmt.Errorf("add veth %s: %w", pod.HostVeth, err)
+		}
+		link, err := h.LinkByName(pod.HostVeth)
+		if err != nil {
+			return fmt.Errorf("find veth %s: %w", pod.HostVeth, err)
+		}
+		if link.Attrs().MasterIndex != br.Attrs().Index {
+			if err := h.LinkSetMaster(link, br); err != nil {
+				return fmt.Errorf("attach %s to bridge: %w", pod.HostVeth, err)
+			}
+		}
+		if err := h.LinkSetUp(link); err != nil {
+			return fmt.Errorf("set %s up: %w", pod.HostVeth, err)
+		}
+		return nil
+	})
+	if err != nil {
+		tb.Fatalf("testnet: node %s: pod %s: %v", bn.Node.Name(), name, err)
+	}
+	tb.Cleanup(func() { deleteLink(bn.Node, pod.HostVeth) })
+
+	err = withNetlink(pod.NS, func(h *netlink.Handle) error {
+		eth0, err := h.LinkByName("eth0")
+		if err != nil {
+			return fmt.Errorf("find eth0: %w", err)
+		}
+		if err := h.LinkSetUp(eth0); err != nil {
+			return fmt.Errorf("set eth0 up: %w", err)
+		}
+		if err := addAddrs(h, eth0, netip.PrefixFrom(pod.IPv4, 24), netip.PrefixFrom(pod.IPv6, 64)); err != nil {
+			return err
+		}
+		for _, gw := range []netip.Addr{bn.GatewayV4, bn.GatewayV6} {
+			r := &netlink.Route{LinkIndex: eth0.Attrs().Index, Gw: gw.AsSlice()}
+			if err := h.RouteAdd(r); err != nil {
+				return fmt.Errorf("add default route via %s: %w", gw, err)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		tb.Fatalf("testnet: pod %s: %v", pod.NS.Name(), err)
+	}
+	if err := waitLinksReady(bn.Node, BridgeName, pod.HostVeth); err != nil {
+		tb.Fatalf("testnet: node %s: %v", bn.Node.Name(), err)
+	}
+	if err := waitLinksReady(pod.NS, "eth0"); err != nil {
+		tb.Fatalf("testnet: pod %s: %v", pod.NS.Name(), err)
+	}
+
+	bn.mu.Lock()
+	bn.pods = append(bn.pods, pod)
+	bn.mu.Unlock()
+	return pod
+}
+
+// ConnectNodes joins two nodes with a veth pair between their namespaces
+// (named xn<b.Subnet> in a and xn<a.Subnet> in b), addressed
+// 10.<a>.<b>.1/30 and .2 and fd00:<a>:<b>::1/64 and ::2, enables IPv4 and
+// IPv6 forwarding in both node namespaces and routes each node's pod
+// subnets through the other node, so that pods of a reach pods of b by
+// plain routing. The nodes need different Subnet values. Routes are only
+// added between a and b: joining more nodes needs one call per pair, and
+// traffic is not routed transitively.
+func ConnectNodes(tb testing.TB, a, b *BridgeNet) {
+	tb.Helper()
+	if a.Subnet == b.Subnet {
+		tb.Fatalf("testnet: cannot connect nodes %s and %s: both use subnet %d", a.Node.Name(), b.Node.Name(), a.Subnet)
+	}
+	nameA := fmt.Sprintf("xn%d", b.Subnet)
+	nameB := fmt.Sprintf("xn%d", a.Subnet)
+	addrA4 := netip.AddrFrom4([4]byte{10, byte(a.Subnet), byte(b.Subnet), 1})
+	addrB4 := netip.AddrFrom4([4]byte{10, byte(a.Subnet), byte(b.Subnet), 2})
+	addrA6 := v6Addr(a.Subnet, b.Subnet, 1)
+	addrB6 := v6Addr(a.Subnet, b.Subnet, 2)
+
+	nsB, err := netns.GetFromPath(b.Node.Path())
+	if err != nil {
+		tb.Fatalf("testnet: open netns %s: %v", b.Node.Name(), err)
+	}
+	defer nsB.Close()
+
+	err = withNetlink(a.Node, func(h *netlink.Handle) error {
+		veth := &netlink.Veth{
+			LinkAttrs:     netlink.LinkAttrs{Name: nameA},
+			PeerName:      nameB,
+			PeerNamespace: netlink.NsFd(int(nsB)),
+		}
+		if err := h.LinkAdd(veth); err != nil {
+			return fmt.Errorf("add veth %s: %w", nameA, err)
+		}
+		return nil
+	})
+	if err != nil {
+		tb.Fatalf("testnet: connect %s to %s: %v", a.Node.Name(), b.Node.Name(), err)
+	}
+	tb.Cleanup(func() { deleteLink(a.Node, nameA) })
+
+	setup := func(node *BridgeNet, link string, v4, v6, peer4, peer6 netip.Addr, remote *BridgeNet) error {
+		for _, kv := range [][2]string{
+			{"net.ipv4.ip_forward", "1"},
+			{"net.ipv6.conf.all.forwarding", "1"},
+		} {
+			if err := node.Node.Sysctl(kv[0], kv[1]); err != nil {
+				return err
+			}
+		}
+		return withNetlink(node.Node, func(h *netlink.Handle) error {
+			l, err := h.LinkByName(link)
+			if err != nil {
+				return fmt.Errorf("find %s: %w", link, err)
+			}
+			if err := h.LinkSetUp(l); err != nil {
+				return fmt.Errorf("set %s up: %w", link, err)
+			}
+			if err := addAddrs(h, l, netip.PrefixFrom(v4, 30), netip.PrefixFrom(v6, 64)); err != nil {
+				return err
+			}
+			for _, r := range []struct {
+				dst netip.Prefix
+				gw  netip.Addr
+			}{{remote.PrefixV4, peer4}, {remote.PrefixV6, peer6}} {
+				route := &netlink.Route{LinkIndex: l.Attrs().Index, Dst: prefixToIPNet(r.dst), Gw: r.gw.AsSlice()}
+				if err := h.RouteAdd(route); err != nil {
+					return fmt.Errorf("add route %s via %s: %w", r.dst, r.gw, err)
+				}
+			}
+			return nil
+		})
+	}
+	if err := setup(a, nameA, addrA4, addrA6, addrB4, addrB6, b); err != nil {
+		tb.Fatalf("testnet: node %s: %v", a.Node.Name(), err)
+	}
+	if err := setup(b, nameB, addrB4, addrB6, addrA4, addrA6, a); err != nil {
+		tb.Fatalf("testnet: node %s: %v", b.Node.Name(), err)
+	}
+	if err := waitLinksReady(a.Node, nameA); err != nil {
+		tb.Fatalf("testnet: node %s: %v", a.Node.Name(), err)
+	}
+	if err := waitLinksReady(b.Node, nameB); err != nil {
+		tb.Fatalf("testnet: node %s: %v", b.Node.Name(), err)
+	}
+}
+
+func withNetlink(ns *NetNS, fn func(h *netlink.Handle) error) error {
+	h, err := ns.netlink()
+	if err != nil {
+		return err
+	}
+	defer h.Close()
+	return fn(h)
+}
+
+// deleteLink removes a link if it still exists; errors are ignored because
+// removing the namespace removes the link anyway.
+func deleteLink(ns *NetNS, name string) {
+	_ = withNetlink(ns, func(h *netlink.Handle) error {
+		l, err := h.LinkByName(name)
+		if err != nil {
+			return err
+		}
+		return h.LinkDel(l)
+	})
+}
+
+// addAddrs adds an IPv4 and an IPv6 address; the IPv6 one with
+// IFA_F_NODAD so that it is usable immediately.
+func addAddrs(h *netlink.Handle, link netlink.Link, v4, v6 netip.Prefix) error {
+	if err := h.AddrAdd(link, &netlink.Addr{IPNet: prefixToIPNet(v4)}); err != nil {
+		return fmt.Errorf("add address %s to %s: %w", v4, link.Attrs().Name, err)
+	}
+	if err := h.AddrAdd(link, &netlink.Addr{IPNet: prefixToIPNet(v6), Flags: unix.IFA_F_NODAD}); err != nil {
+		return fmt.Errorf("add address %s to %s: %w", v6, link.Attrs().Name, err)
+	}
+	return nil
+}
+
+func prefixToIPNet(p netip.Prefix) *net.IPNet {
+	return &net.IPNet{
+		IP:   p.Addr().AsSlice(),
+		Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen()),
+	}
+}
+
+func truncate(s string, n int) string {
+	if len(s) > n {
+		return s[:n]
+	}
+	return s
+}
+
+// waitLinksReady waits until every named link in ns is operationally up
+// and has a usable (non-tentative) IPv6 link-local address.
+//
+// Carrier changes are applied by the kernel's linkwatch worker, which
+// handles a veth whose ifindex equals its peer's ifindex (easily the case
+// for links between two fresh namespaces) as non-urgent and delays it by up
+// to a second. Until then the link is not operationally up, a bridge port
+// does not forward and the IPv6 link-local address does not exist, and a
+// router sends no neighbour solicitation for forwarded packets without a
+// link-local source address: the first routed IPv6 packets are silently
+// dropped and TCP only recovers by retransmitting its SYN a second later.
+func waitLinksReady(ns *NetNS, names ...string) error {
+	return withNetlink(ns, func(h *netlink.Handle) error {
+		deadline := time.Now().Add(10 * time.Second)
+		for _, name := range names {
+			for {
+				ready, err := linkReady(h, name)
+				if err != nil {
+					return err
+				}
+				if ready {
+					break
+				}
+				if time.Now().After(deadline) {
+					return fmt.Errorf("%s not up with an IPv6 link-local address after 10s", name)
+				}
+				time.Sleep(5 * time.Millisecond)
+			}
+		}
+		return nil
+	})
+}
+
+func linkReady(h *netlink.Handle, name string) (bool, error) {
+	link, err := h.LinkByName(name)
+	if err != nil {
+		return false, fmt.Errorf("find %s: %w", name, err)
+	}
+	if link.Attrs().OperState != netlink.OperUp {
+		return false, nil
+	}
+	addrs, err := h.AddrList(link, netlink.FAMILY_V6)
+	if err != nil {
+		return false, fmt.Errorf("list addresses of %s: %w", name, err)
+	}
+	for _, a := range addrs {
+		if a.IP.IsLinkLocalUnicast() && a.Flags&(unix.IFA_F_TENTATIVE|unix.IFA_F_DADFAILED) == 0 {
+			return true, nil
+		}
+	}
+	return false, nil
+}
