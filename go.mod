@@ -10,6 +10,9 @@ require (
 	golang.org/x/sys v0.50.0
 )
 
-require github.com/hashicorp/errwrap v1.0.0 // indirect
+require (
+	github.com/containernetworking/cni v1.3.1 // indirect
+	github.com/hashicorp/errwrap v1.0.0 // indirect
+)
 
 tool github.com/cilium/ebpf/cmd/bpf2go

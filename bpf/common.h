@@ -47,7 +47,7 @@
 enum ms_pod_flag {
 	MS_POD_CAPTURE = 1 << 0,	   /* redirect outbound, capture inbound */
 	MS_POD_SPLICE = 1 << 1,		   /* sockmap splice allowed */
-	MS_POD_APP_INGRESS = 1 << 2,	   /* may redirect into app sockets */
+	MS_POD_APP_SPLICE = 1 << 2,	   /* the app's sockets are spliced too */
 	MS_POD_INCLUDE_ALL_OUT = 1 << 3,   /* includeOutboundIPRanges "*" */
 	MS_POD_INCLUDE_ALL_IN = 1 << 4,	   /* includeInboundPorts "*" */
 	MS_POD_INCLUDE_LOOPBACK = 1 << 5,  /* an include range is loopback */
@@ -75,13 +75,11 @@ enum ms_range_kind {
 };
 
 /* Socket roles. A redirect lands only in a socket whose key carries the role
- * the sender expects, and MS_ROLE_TARGET only where the receiving socket
- * itself agreed to be a target: both ends must agree or data takes TCP. */
+ * the sender expects: both ends must agree or data takes TCP. */
 enum ms_role {
 	MS_ROLE_NONE = 0,
 	MS_ROLE_APP = 1,
 	MS_ROLE_PROXY = 2,
-	MS_ROLE_TARGET = 0x100,
 };
 
 /* ms_sk.flags: per-socket state. */
@@ -133,6 +131,7 @@ enum ms_counter {
 	MS_C_SOCK_SKIP_SPLICE_OFF, /* pod or node splice off (either end) */
 	MS_C_SOCK_SKIP_PEER_UNKNOWN, /* peer not a registered pod on this node */
 	MS_C_SOCK_SKIP_ROLE_UNKNOWN, /* not an app<->sidecar or sidecar pair */
+	MS_C_SOCK_SKIP_APP,	   /* an app's end, without app-splice */
 	MS_C_SOCK_SKIP_EARLY_DATA, /* data moved before establish (TFO) */
 	/* sk_msg */
 	MS_C_MSG_REDIRECTED,

@@ -22,13 +22,25 @@
  * "TCP then redirected", cannot happen: a socket starts redirecting at its
  * first send or never.
  *
- * The splice(2) trap. splice(2) reads only the TCP receive queue and never
- * sees redirected data. Envoy does not splice; applications may (Go's io.Copy
- * between two TCP connections does). So by default data is redirected only
- * INTO proxy sockets: app -> sidecar and sidecar -> sidecar are spliced,
- * sidecar -> app takes loopback TCP. A pod may opt in to full splicing with
- * meshsplice.io/app-ingress-splice (MS_POD_APP_INGRESS) when its app is known
- * not to splice(2).
+ * The application traps. A socket in a sockmap gets a psock, and that changes
+ * what its reader sees: splice(2) reads only the TCP receive queue, so it
+ * never sees redirected data; and ioctl(FIONREAD) on a psock'd socket counts
+ * only the psock queue (tcp_bpf_ioctl), so data that arrives over TCP reads
+ * as 0 bytes (measured on 6.18 by e2e TestSpliceAndFionreadReaders; older
+ * kernels also got redirected data wrong). Envoy does neither; applications
+ * may (Go's io.Copy between two TCP connections splices; Java's available()
+ * is FIONREAD). So by default a socket joins the splice map only when BOTH
+ * ends are sidecar sockets: sidecar <-> sidecar is spliced and an app's
+ * socket never gets a psock. A pod may opt in with meshsplice.io/app-splice
+ * (MS_POD_APP_SPLICE) when its app is known to do neither: then app <->
+ * sidecar is spliced both ways too.
+ *
+ * Both ends must agree. A socket joins only if its own end and its peer's
+ * end may be spliced, under a key carrying its own role; a sender looks its
+ * peer up under the role it computed for it. Where the two ends would judge
+ * differently (a pod's settings changed during the handshake) the lookup
+ * misses and the stream falls back to TCP instead of landing in a socket
+ * that did not agree.
  */
 #include "common.h"
 
@@ -156,13 +168,12 @@ static __always_inline int roles(struct bpf_sock_ops *skops,
 	return 1;
 }
 
-/* target says whether data may be redirected into a socket of this role. */
-static __always_inline __u32 target(__u32 role, const struct ms_pod *pod)
+/* spliceable says whether a socket of this role in this pod may join the
+ * splice map: sidecar sockets always, app sockets only with app-splice. */
+static __always_inline int spliceable(__u32 role, const struct ms_pod *pod)
 {
-	if (role == MS_ROLE_PROXY ||
-	    (role == MS_ROLE_APP && (pod->flags & MS_POD_APP_INGRESS)))
-		return role | MS_ROLE_TARGET;
-	return role;
+	return role == MS_ROLE_PROXY ||
+	       (role == MS_ROLE_APP && (pod->flags & MS_POD_APP_SPLICE));
 }
 
 static __always_inline void established(struct bpf_sock_ops *skops)
@@ -243,10 +254,10 @@ static __always_inline void established(struct bpf_sock_ops *skops)
 		return;
 	}
 
-	self_role = target(self_role, pod);
-	peer_role = target(peer_role, peer_pod);
-	if (!(self_role & MS_ROLE_TARGET) && !(peer_role & MS_ROLE_TARGET))
-		return; /* neither direction may be redirected */
+	if (!spliceable(self_role, pod) || !spliceable(peer_role, peer_pod)) {
+		count(MS_C_SOCK_SKIP_APP, 1);
+		return;
+	}
 
 	st = bpf_sk_storage_get(&ms_sk_state, sk, 0,
 				BPF_SK_STORAGE_GET_F_CREATE);
@@ -256,8 +267,7 @@ static __always_inline void established(struct bpf_sock_ops *skops)
 	}
 	reverse_key(&st->peer, &k, peer_netns);
 	st->peer.role = peer_role;
-	if (peer_role & MS_ROLE_TARGET)
-		st->flags |= MS_SK_TX_SPLICE;
+	st->flags |= MS_SK_TX_SPLICE;
 
 	k.role = self_role;
 	if (bpf_sock_hash_update(skops, &ms_socks, &k, BPF_NOEXIST) != 0) {

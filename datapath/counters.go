@@ -49,6 +49,7 @@ var counterInfo = map[Counter]struct{ program, name string }{
 	redirect.CaptureMsCounterMS_C_SOCK_SKIP_SPLICE_OFF:       {"sockops", "skip_splice_off"},
 	redirect.CaptureMsCounterMS_C_SOCK_SKIP_PEER_UNKNOWN:     {"sockops", "skip_peer_unknown"},
 	redirect.CaptureMsCounterMS_C_SOCK_SKIP_ROLE_UNKNOWN:     {"sockops", "skip_role_unknown"},
+	redirect.CaptureMsCounterMS_C_SOCK_SKIP_APP:              {"sockops", "skip_app_socket"},
 	redirect.CaptureMsCounterMS_C_SOCK_SKIP_EARLY_DATA:       {"sockops", "skip_early_data"},
 	redirect.CaptureMsCounterMS_C_MSG_REDIRECTED:             {"sk_msg", "redirected"},
 	redirect.CaptureMsCounterMS_C_BYTES_REDIRECTED:           {"sk_msg", "bytes_redirected"},

@@ -60,6 +60,24 @@ func (d *Datapath) SetNode(s NodeSettings) error {
 	return nil
 }
 
+// SetNodeDrain switches every spliced connection to TCP for the rest of its
+// life (what Detach does first), or back for new ones.
+func (d *Datapath) SetNodeDrain(on bool) error {
+	var node redirect.CaptureMsNode
+	if err := d.capture.MsNodeSettings.Lookup(uint32(0), &node); err != nil {
+		return fmt.Errorf("read node settings: %w", err)
+	}
+	if on {
+		node.Flags |= redirect.CaptureMsNodeFlagMS_NODE_DRAIN
+	} else {
+		node.Flags &^= redirect.CaptureMsNodeFlagMS_NODE_DRAIN
+	}
+	if err := d.capture.MsNodeSettings.Update(uint32(0), &node, ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("write node settings: %w", err)
+	}
+	return nil
+}
+
 // Node reads the node-wide switches.
 func (d *Datapath) Node() (NodeSettings, error) {
 	var node redirect.CaptureMsNode
@@ -451,7 +469,7 @@ func podValue(t istio.Traffic) redirect.CaptureMsPod {
 	}
 	set(t.Capture, redirect.CaptureMsPodFlagMS_POD_CAPTURE)
 	set(t.Splice, redirect.CaptureMsPodFlagMS_POD_SPLICE)
-	set(t.AppIngressSplice, redirect.CaptureMsPodFlagMS_POD_APP_INGRESS)
+	set(t.AppSplice, redirect.CaptureMsPodFlagMS_POD_APP_SPLICE)
 	set(t.IncludeAllOutbound, redirect.CaptureMsPodFlagMS_POD_INCLUDE_ALL_OUT)
 	set(t.IncludeAllInbound, redirect.CaptureMsPodFlagMS_POD_INCLUDE_ALL_IN)
 	set(t.IncludeOutboundLoopback, redirect.CaptureMsPodFlagMS_POD_INCLUDE_LOOPBACK)
@@ -463,7 +481,7 @@ func trafficFromValue(v redirect.CaptureMsPod) istio.Traffic {
 	return istio.Traffic{
 		Capture:                 has(redirect.CaptureMsPodFlagMS_POD_CAPTURE),
 		Splice:                  has(redirect.CaptureMsPodFlagMS_POD_SPLICE),
-		AppIngressSplice:        has(redirect.CaptureMsPodFlagMS_POD_APP_INGRESS),
+		AppSplice:               has(redirect.CaptureMsPodFlagMS_POD_APP_SPLICE),
 		IncludeAllOutbound:      has(redirect.CaptureMsPodFlagMS_POD_INCLUDE_ALL_OUT),
 		IncludeAllInbound:       has(redirect.CaptureMsPodFlagMS_POD_INCLUDE_ALL_IN),
 		IncludeOutboundLoopback: has(redirect.CaptureMsPodFlagMS_POD_INCLUDE_LOOPBACK),

@@ -21,9 +21,10 @@
 //     whatever Istio itself does (istio-init or istio-cni iptables).
 //
 // meshsplice.io/splice: "disabled" keeps capture but turns sockmap splicing
-// off; meshsplice.io/app-ingress-splice: "true" additionally lets data be
-// redirected straight into the application's sockets (unsafe for apps that
-// read with splice(2)). meshsplice.io/proxy-uid and meshsplice.io/proxy-gid
+// off. By default only sidecar <-> sidecar connections are spliced, and the
+// application's sockets are never touched; meshsplice.io/app-splice: "true"
+// splices the app <-> sidecar hops too (unsafe for apps that read with
+// splice(2): see the README). meshsplice.io/proxy-uid and meshsplice.io/proxy-gid
 // name the sidecar's identity (default 1337; like istio-iptables' -g, the
 // gid follows an overridden uid unless it is given too).
 //

@@ -37,11 +37,11 @@ const (
 
 // meshsplice's own annotations.
 const (
-	AnnotationCapture          = "meshsplice.io/capture"            // "enabled" (default) | "disabled"
-	AnnotationSplice           = "meshsplice.io/splice"             // "enabled" (default) | "disabled"
-	AnnotationAppIngressSplice = "meshsplice.io/app-ingress-splice" // "false" (default) | "true"
-	AnnotationProxyUID         = "meshsplice.io/proxy-uid"          // decimal uid, default Defaults.ProxyUID
-	AnnotationProxyGID         = "meshsplice.io/proxy-gid"          // decimal gid, default the uid if overridden, else Defaults.ProxyGID
+	AnnotationCapture   = "meshsplice.io/capture"    // "enabled" (default) | "disabled"
+	AnnotationSplice    = "meshsplice.io/splice"     // "enabled" (default) | "disabled"
+	AnnotationAppSplice = "meshsplice.io/app-splice" // "false" (default) | "true"
+	AnnotationProxyUID  = "meshsplice.io/proxy-uid"  // decimal uid, default Defaults.ProxyUID
+	AnnotationProxyGID  = "meshsplice.io/proxy-gid"  // decimal gid, default the uid if overridden, else Defaults.ProxyGID
 )
 
 // UnsupportedAnnotations lists the Istio traffic annotations meshsplice
@@ -113,9 +113,9 @@ func DefaultDefaults() Defaults {
 // slices are sorted and free of duplicates; prefixes are masked, and IPv4
 // prefixes are never v4-mapped.
 type Traffic struct {
-	Capture          bool // false: leave the pod alone (not meshed, opted out, or interceptionMode NONE)
-	Splice           bool // sockmap splice allowed for this pod (never without Capture)
-	AppIngressSplice bool // data may be redirected into the app's sockets (never without Splice)
+	Capture   bool // false: leave the pod alone (not meshed, opted out, or interceptionMode NONE)
+	Splice    bool // sockmap splice allowed for this pod (never without Capture)
+	AppSplice bool // the app's own sockets are spliced too (never without Splice)
 
 	ProxyUID, ProxyGID        uint32
 	OutboundPort, InboundPort uint16 // 15001, 15006
@@ -177,13 +177,13 @@ func ParseTraffic(annotations map[string]string, d Defaults) (Traffic, []string,
 	}
 	capture := p.enum(AnnotationCapture, "enabled", "disabled", true)
 	splice := p.enum(AnnotationSplice, "enabled", "disabled", true)
-	appIngress := p.enum(AnnotationAppIngressSplice, "true", "false", false)
+	appIngress := p.enum(AnnotationAppSplice, "true", "false", false)
 
 	t.Capture = injected && !injectOff && !interceptNone && capture
 	t.Splice = t.Capture && splice
-	t.AppIngressSplice = t.Splice && appIngress
+	t.AppSplice = t.Splice && appIngress
 	if appIngress && !splice {
-		p.warnf("%s: \"true\" has no effect with %s: \"disabled\"", AnnotationAppIngressSplice, AnnotationSplice)
+		p.warnf("%s: \"true\" has no effect with %s: \"disabled\"", AnnotationAppSplice, AnnotationSplice)
 	}
 
 	// Proxy identity. Like istio-iptables' -g, the gid follows the uid.

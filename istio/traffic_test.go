@@ -126,7 +126,7 @@ func TestParseTraffic(t *testing.T) {
 			defaults: func(d *Defaults) { d.InterceptionMode = "IPTABLES" },
 			errors:   []string{`Defaults.InterceptionMode: "IPTABLES" is not REDIRECT, TPROXY or NONE`}},
 
-		// meshsplice.io/capture, splice, app-ingress-splice.
+		// meshsplice.io/capture, splice, app-splice.
 		{name: "capture enabled", ann: pod(AnnotationCapture, "enabled")},
 		{name: "capture disabled", ann: pod(AnnotationCapture, "disabled"), want: notCaptured},
 		{name: "capture bad", ann: pod(AnnotationCapture, "off"),
@@ -136,16 +136,16 @@ func TestParseTraffic(t *testing.T) {
 			want: func(t *Traffic) { t.Splice = false }},
 		{name: "splice bad", ann: pod(AnnotationSplice, "no"),
 			errors: []string{`meshsplice.io/splice: "no" is not "enabled" or "disabled"`}},
-		{name: "app-ingress-splice true", ann: pod(AnnotationAppIngressSplice, "true"),
-			want: func(t *Traffic) { t.AppIngressSplice = true }},
-		{name: "app-ingress-splice false", ann: pod(AnnotationAppIngressSplice, "false")},
-		{name: "app-ingress-splice without splice", ann: pod(AnnotationAppIngressSplice, "true", AnnotationSplice, "disabled"),
+		{name: "app-splice true", ann: pod(AnnotationAppSplice, "true"),
+			want: func(t *Traffic) { t.AppSplice = true }},
+		{name: "app-splice false", ann: pod(AnnotationAppSplice, "false")},
+		{name: "app-splice without splice", ann: pod(AnnotationAppSplice, "true", AnnotationSplice, "disabled"),
 			want:     func(t *Traffic) { t.Splice = false },
-			warnings: []string{`meshsplice.io/app-ingress-splice: "true" has no effect with meshsplice.io/splice: "disabled"`}},
-		{name: "app-ingress-splice on a pod not captured", ann: pod(AnnotationAppIngressSplice, "true", AnnotationCapture, "disabled"),
+			warnings: []string{`meshsplice.io/app-splice: "true" has no effect with meshsplice.io/splice: "disabled"`}},
+		{name: "app-splice on a pod not captured", ann: pod(AnnotationAppSplice, "true", AnnotationCapture, "disabled"),
 			want: notCaptured},
-		{name: "app-ingress-splice bad", ann: pod(AnnotationAppIngressSplice, "yes"),
-			errors: []string{`meshsplice.io/app-ingress-splice: "yes" is not "true" or "false"`}},
+		{name: "app-splice bad", ann: pod(AnnotationAppSplice, "yes"),
+			errors: []string{`meshsplice.io/app-splice: "yes" is not "true" or "false"`}},
 
 		// Proxy uid/gid.
 		{name: "proxy-uid overrides, gid follows", ann: pod(AnnotationProxyUID, "2000"),
@@ -503,12 +503,12 @@ func TestParseTraffic(t *testing.T) {
 			AnnotationStatusPort, "15020",
 			AnnotationCapture, "enabled",
 			AnnotationSplice, "enabled",
-			AnnotationAppIngressSplice, "true",
+			AnnotationAppSplice, "true",
 			AnnotationProxyUID, "1500",
 			AnnotationProxyGID, "1600",
 		),
 			want: func(t *Traffic) {
-				t.AppIngressSplice = true
+				t.AppSplice = true
 				t.ProxyUID, t.ProxyGID = 1500, 1600
 				t.IncludeAllOutbound = false
 				t.IncludeOutboundRanges = pfx("10.0.0.0/8", "fd00::/8")
@@ -521,7 +521,7 @@ func TestParseTraffic(t *testing.T) {
 			AnnotationInterceptionMode, "BPF",
 			AnnotationCapture, "yes",
 			AnnotationSplice, "yes",
-			AnnotationAppIngressSplice, "maybe",
+			AnnotationAppSplice, "maybe",
 			AnnotationProxyUID, "root",
 			AnnotationProxyGID, "wheel",
 			AnnotationIncludeOutboundIPRanges, "10.0.0.0/40",
@@ -537,7 +537,7 @@ func TestParseTraffic(t *testing.T) {
 				`sidecar.istio.io/interceptionMode: "BPF" is not REDIRECT, TPROXY or NONE`,
 				`meshsplice.io/capture: "yes" is not "enabled" or "disabled"`,
 				`meshsplice.io/splice: "yes" is not "enabled" or "disabled"`,
-				`meshsplice.io/app-ingress-splice: "maybe" is not "true" or "false"`,
+				`meshsplice.io/app-splice: "maybe" is not "true" or "false"`,
 				`meshsplice.io/proxy-uid: "root" is not a uid (0-4294967294)`,
 				`meshsplice.io/proxy-gid: "wheel" is not a gid (0-4294967294)`,
 				`traffic.sidecar.istio.io/includeOutboundIPRanges: "10.0.0.0/40" is not an IP range (CIDR or address)`,
@@ -627,8 +627,8 @@ func checkInvariants(t *testing.T, tr Traffic) {
 	if !tr.IncludeAllInbound && len(tr.ExcludeInboundPorts) > 0 {
 		t.Errorf("ExcludeInboundPorts %v without IncludeAllInbound", tr.ExcludeInboundPorts)
 	}
-	if tr.Splice && !tr.Capture || tr.AppIngressSplice && !tr.Splice {
-		t.Errorf("Capture %v, Splice %v, AppIngressSplice %v", tr.Capture, tr.Splice, tr.AppIngressSplice)
+	if tr.Splice && !tr.Capture || tr.AppSplice && !tr.Splice {
+		t.Errorf("Capture %v, Splice %v, AppSplice %v", tr.Capture, tr.Splice, tr.AppSplice)
 	}
 }
 

@@ -52,17 +52,18 @@ const (
 	CaptureMsCounterMS_C_SOCK_SKIP_SPLICE_OFF       CaptureMsCounter = 28
 	CaptureMsCounterMS_C_SOCK_SKIP_PEER_UNKNOWN     CaptureMsCounter = 29
 	CaptureMsCounterMS_C_SOCK_SKIP_ROLE_UNKNOWN     CaptureMsCounter = 30
-	CaptureMsCounterMS_C_SOCK_SKIP_EARLY_DATA       CaptureMsCounter = 31
-	CaptureMsCounterMS_C_MSG_REDIRECTED             CaptureMsCounter = 32
-	CaptureMsCounterMS_C_BYTES_REDIRECTED           CaptureMsCounter = 33
-	CaptureMsCounterMS_C_MSG_MISS_FIRST             CaptureMsCounter = 34
-	CaptureMsCounterMS_C_MSG_MISS_LATER             CaptureMsCounter = 35
-	CaptureMsCounterMS_C_MSG_AFTER_MISS             CaptureMsCounter = 36
-	CaptureMsCounterMS_C_BYTES_AFTER_MISS           CaptureMsCounter = 37
-	CaptureMsCounterMS_C_MSG_DRAIN                  CaptureMsCounter = 38
-	CaptureMsCounterMS_C_MSG_PASS                   CaptureMsCounter = 39
-	CaptureMsCounterMS_C_BYTES_PASS                 CaptureMsCounter = 40
-	CaptureMsCounterMS_C_MAX                        CaptureMsCounter = 41
+	CaptureMsCounterMS_C_SOCK_SKIP_APP              CaptureMsCounter = 31
+	CaptureMsCounterMS_C_SOCK_SKIP_EARLY_DATA       CaptureMsCounter = 32
+	CaptureMsCounterMS_C_MSG_REDIRECTED             CaptureMsCounter = 33
+	CaptureMsCounterMS_C_BYTES_REDIRECTED           CaptureMsCounter = 34
+	CaptureMsCounterMS_C_MSG_MISS_FIRST             CaptureMsCounter = 35
+	CaptureMsCounterMS_C_MSG_MISS_LATER             CaptureMsCounter = 36
+	CaptureMsCounterMS_C_MSG_AFTER_MISS             CaptureMsCounter = 37
+	CaptureMsCounterMS_C_BYTES_AFTER_MISS           CaptureMsCounter = 38
+	CaptureMsCounterMS_C_MSG_DRAIN                  CaptureMsCounter = 39
+	CaptureMsCounterMS_C_MSG_PASS                   CaptureMsCounter = 40
+	CaptureMsCounterMS_C_BYTES_PASS                 CaptureMsCounter = 41
+	CaptureMsCounterMS_C_MAX                        CaptureMsCounter = 42
 )
 
 type CaptureMsNode struct {
@@ -100,7 +101,7 @@ type CaptureMsPodFlag uint32
 const (
 	CaptureMsPodFlagMS_POD_CAPTURE          CaptureMsPodFlag = 1
 	CaptureMsPodFlagMS_POD_SPLICE           CaptureMsPodFlag = 2
-	CaptureMsPodFlagMS_POD_APP_INGRESS      CaptureMsPodFlag = 4
+	CaptureMsPodFlagMS_POD_APP_SPLICE       CaptureMsPodFlag = 4
 	CaptureMsPodFlagMS_POD_INCLUDE_ALL_OUT  CaptureMsPodFlag = 8
 	CaptureMsPodFlagMS_POD_INCLUDE_ALL_IN   CaptureMsPodFlag = 16
 	CaptureMsPodFlagMS_POD_INCLUDE_LOOPBACK CaptureMsPodFlag = 32
@@ -141,10 +142,9 @@ const (
 type CaptureMsRole uint32
 
 const (
-	CaptureMsRoleMS_ROLE_NONE   CaptureMsRole = 0
-	CaptureMsRoleMS_ROLE_APP    CaptureMsRole = 1
-	CaptureMsRoleMS_ROLE_PROXY  CaptureMsRole = 2
-	CaptureMsRoleMS_ROLE_TARGET CaptureMsRole = 256
+	CaptureMsRoleMS_ROLE_NONE  CaptureMsRole = 0
+	CaptureMsRoleMS_ROLE_APP   CaptureMsRole = 1
+	CaptureMsRoleMS_ROLE_PROXY CaptureMsRole = 2
 )
 
 type CaptureMsSk struct {

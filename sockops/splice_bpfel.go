@@ -52,17 +52,18 @@ const (
 	SpliceMsCounterMS_C_SOCK_SKIP_SPLICE_OFF       SpliceMsCounter = 28
 	SpliceMsCounterMS_C_SOCK_SKIP_PEER_UNKNOWN     SpliceMsCounter = 29
 	SpliceMsCounterMS_C_SOCK_SKIP_ROLE_UNKNOWN     SpliceMsCounter = 30
-	SpliceMsCounterMS_C_SOCK_SKIP_EARLY_DATA       SpliceMsCounter = 31
-	SpliceMsCounterMS_C_MSG_REDIRECTED             SpliceMsCounter = 32
-	SpliceMsCounterMS_C_BYTES_REDIRECTED           SpliceMsCounter = 33
-	SpliceMsCounterMS_C_MSG_MISS_FIRST             SpliceMsCounter = 34
-	SpliceMsCounterMS_C_MSG_MISS_LATER             SpliceMsCounter = 35
-	SpliceMsCounterMS_C_MSG_AFTER_MISS             SpliceMsCounter = 36
-	SpliceMsCounterMS_C_BYTES_AFTER_MISS           SpliceMsCounter = 37
-	SpliceMsCounterMS_C_MSG_DRAIN                  SpliceMsCounter = 38
-	SpliceMsCounterMS_C_MSG_PASS                   SpliceMsCounter = 39
-	SpliceMsCounterMS_C_BYTES_PASS                 SpliceMsCounter = 40
-	SpliceMsCounterMS_C_MAX                        SpliceMsCounter = 41
+	SpliceMsCounterMS_C_SOCK_SKIP_APP              SpliceMsCounter = 31
+	SpliceMsCounterMS_C_SOCK_SKIP_EARLY_DATA       SpliceMsCounter = 32
+	SpliceMsCounterMS_C_MSG_REDIRECTED             SpliceMsCounter = 33
+	SpliceMsCounterMS_C_BYTES_REDIRECTED           SpliceMsCounter = 34
+	SpliceMsCounterMS_C_MSG_MISS_FIRST             SpliceMsCounter = 35
+	SpliceMsCounterMS_C_MSG_MISS_LATER             SpliceMsCounter = 36
+	SpliceMsCounterMS_C_MSG_AFTER_MISS             SpliceMsCounter = 37
+	SpliceMsCounterMS_C_BYTES_AFTER_MISS           SpliceMsCounter = 38
+	SpliceMsCounterMS_C_MSG_DRAIN                  SpliceMsCounter = 39
+	SpliceMsCounterMS_C_MSG_PASS                   SpliceMsCounter = 40
+	SpliceMsCounterMS_C_BYTES_PASS                 SpliceMsCounter = 41
+	SpliceMsCounterMS_C_MAX                        SpliceMsCounter = 42
 )
 
 type SpliceMsNode struct {

@@ -33,13 +33,13 @@ func runStatus(_ context.Context, args []string) error {
 	w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintf(w, "datapath\t%s\n", st.PinDir)
 	fmt.Fprintf(w, "node capture\t%v\nnode splice\t%v\nspliced sockets now\t%d\n\n", st.Node.Capture, st.Node.Splice, st.SplicedSockets)
-	fmt.Fprintf(w, "POD NETNS\tIPS\tCAPTURE\tSPLICE\tAPP-INGRESS\n")
+	fmt.Fprintf(w, "POD NETNS\tIPS\tCAPTURE\tSPLICE\tAPP-SPLICE\n")
 	for _, p := range st.Pods {
 		ips := make([]string, len(p.IPs))
 		for i, ip := range p.IPs {
 			ips[i] = ip.String()
 		}
-		fmt.Fprintf(w, "%d\t%s\t%v\t%v\t%v\n", p.Cookie, strings.Join(ips, ","), p.Traffic.Capture, p.Traffic.Splice, p.Traffic.AppIngressSplice)
+		fmt.Fprintf(w, "%d\t%s\t%v\t%v\t%v\n", p.Cookie, strings.Join(ips, ","), p.Traffic.Capture, p.Traffic.Splice, p.Traffic.AppSplice)
 	}
 	fmt.Fprintf(w, "\nLINK\tPROGRAM\tATTACHED\n")
 	for _, l := range st.Links {
