@@ -40,7 +40,8 @@ static __always_inline int capture_connect(struct bpf_sock_addr *ctx,
 	count(MS_C_CONNECT_MESHED, 1);
 
 	ugid = bpf_get_current_uid_gid();
-	if ((__u32)ugid == pod->proxy_uid || (__u32)(ugid >> 32) == pod->proxy_gid) {
+	if ((__u32)ugid == pod->proxy_uid ||
+	    (__u32)(ugid >> 32) == pod->proxy_gid) {
 		/* The proxy's own connection. Mark the socket so sockops knows
 		 * whose it is: a cross-pod pair splices only proxy sockets. */
 		st = bpf_sk_storage_get(&ms_sk_state, ctx->sk, 0,
@@ -48,7 +49,8 @@ static __always_inline int capture_connect(struct bpf_sock_addr *ctx,
 		if (st)
 			st->flags |= MS_SK_PROXY;
 		count((pod->flags & MS_POD_CAPTURE) ? MS_C_SKIP_PROXY
-						    : MS_C_SKIP_CAPTURE_OFF, 1);
+						    : MS_C_SKIP_CAPTURE_OFF,
+		      1);
 		return 0;
 	}
 
@@ -125,9 +127,8 @@ int ms_connect6(struct bpf_sock_addr *ctx)
 
 /* sock_key_from_bpf_sock builds the key of a socket as it sees itself.
  * struct bpf_sock: src_port host order, dst_port big-endian 16 bit. */
-static __always_inline void sock_key_from_bpf_sock(struct ms_sock_key *k,
-						   struct bpf_sock *sk,
-						   __u64 netns)
+static __always_inline void
+sock_key_from_bpf_sock(struct ms_sock_key *k, struct bpf_sock *sk, __u64 netns)
 {
 #define SK(f) LOAD_U32(sk, struct bpf_sock, f)
 	k->netns = netns;

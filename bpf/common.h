@@ -22,42 +22,42 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
-#define AF_INET 2
-#define AF_INET6 10
-#define SOL_IP 0
-#define SOL_IPV6 41
-#define SO_ORIGINAL_DST 80	/* linux/netfilter_ipv4.h */
+#define AF_INET		     2
+#define AF_INET6	     10
+#define SOL_IP		     0
+#define SOL_IPV6	     41
+#define SO_ORIGINAL_DST	     80 /* linux/netfilter_ipv4.h */
 #define IP6T_SO_ORIGINAL_DST 80 /* linux/netfilter_ipv6/ip6_tables.h */
-#define SOCK_STREAM 1
-#define IPPROTO_TCP 6
+#define SOCK_STREAM	     1
+#define IPPROTO_TCP	     6
 
 #define SK_DROP 0
 #define SK_PASS 1
 
 /* Map sizes. */
-#define MS_MAX_PODS 4096
-#define MS_MAX_POD_IPS (MS_MAX_PODS * 4)
-#define MS_MAX_PORT_RULES (MS_MAX_PODS * 16)
+#define MS_MAX_PODS	   4096
+#define MS_MAX_POD_IPS	   (MS_MAX_PODS * 4)
+#define MS_MAX_PORT_RULES  (MS_MAX_PODS * 16)
 #define MS_MAX_RANGE_RULES (MS_MAX_PODS * 16)
-#define MS_MAX_SOCKS 131072
-#define MS_MAX_ORIG_DST 65536
-#define MS_MAX_LISTENERS (MS_MAX_PODS * 2)
+#define MS_MAX_SOCKS	   131072
+#define MS_MAX_ORIG_DST	   65536
+#define MS_MAX_LISTENERS   (MS_MAX_PODS * 2)
 
 /* ms_pod.flags: what meshsplice does for one pod (netns). */
 enum ms_pod_flag {
-	MS_POD_CAPTURE = 1 << 0,	   /* redirect outbound, capture inbound */
-	MS_POD_SPLICE = 1 << 1,		   /* sockmap splice allowed */
-	MS_POD_APP_SPLICE = 1 << 2,	   /* the app's sockets are spliced too */
-	MS_POD_INCLUDE_ALL_OUT = 1 << 3,   /* includeOutboundIPRanges "*" */
-	MS_POD_INCLUDE_ALL_IN = 1 << 4,	   /* includeInboundPorts "*" */
-	MS_POD_INCLUDE_LOOPBACK = 1 << 5,  /* an include range is loopback */
+	MS_POD_CAPTURE = 1 << 0,    /* redirect outbound, capture inbound */
+	MS_POD_SPLICE = 1 << 1,	    /* sockmap splice allowed */
+	MS_POD_APP_SPLICE = 1 << 2, /* the app's sockets are spliced too */
+	MS_POD_INCLUDE_ALL_OUT = 1 << 3,  /* includeOutboundIPRanges "*" */
+	MS_POD_INCLUDE_ALL_IN = 1 << 4,	  /* includeInboundPorts "*" */
+	MS_POD_INCLUDE_LOOPBACK = 1 << 5, /* an include range is loopback */
 };
 
 /* ms_node.flags: the node-wide switches. */
 enum ms_node_flag {
 	MS_NODE_CAPTURE = 1 << 0,
 	MS_NODE_SPLICE = 1 << 1,
-	MS_NODE_DRAIN = 1 << 2, /* detaching: sk_msg sends everything over TCP */
+	MS_NODE_DRAIN = 1 << 2, /* detaching: every send goes over TCP */
 };
 
 /* Kinds of per-pod port rules (ms_port_key.kind). */
@@ -84,8 +84,8 @@ enum ms_role {
 
 /* ms_sk.flags: per-socket state. */
 enum ms_sk_flag {
-	MS_SK_HAS_ORIG = 1 << 0,   /* connect was captured; orig holds the dst */
-	MS_SK_ORIG_KEYED = 1 << 1, /* ms_orig_dst has an entry to delete on close */
+	MS_SK_HAS_ORIG = 1 << 0, /* connect was captured; orig holds the dst */
+	MS_SK_ORIG_KEYED = 1 << 1, /* ms_orig_dst entry to delete on close */
 	MS_SK_PROXY = 1 << 2,	   /* connect() ran as the proxy uid/gid */
 	MS_SK_TX_SPLICE = 1 << 3,  /* sends are redirected to peer */
 	MS_SK_TX_DOWN = 1 << 4,	   /* a redirect missed: TCP for good */
@@ -96,52 +96,52 @@ enum ms_sk_flag {
  * enum (bpf2go -type ms_counter). Grouped by the program that counts them. */
 enum ms_counter {
 	/* cgroup/connect4, cgroup/connect6 */
-	MS_C_CONNECT_MESHED = 0,   /* TCP connects from a registered pod */
-	MS_C_CONNECT_CAPTURED,	   /* sent to the sidecar's outbound port */
-	MS_C_SKIP_CAPTURE_OFF,	   /* pod or node capture switched off */
-	MS_C_SKIP_PROXY,	   /* proxy uid/gid */
-	MS_C_SKIP_LOOPBACK,	   /* destination is loopback */
-	MS_C_SKIP_EXCLUDED_PORT,   /* excludeOutboundPorts */
-	MS_C_SKIP_EXCLUDED_RANGE,  /* excludeOutboundIPRanges */
-	MS_C_SKIP_NOT_INCLUDED,	   /* not in includeOutboundIPRanges */
-	MS_C_CONNECT_NO_STORAGE,   /* could not keep the original destination */
+	MS_C_CONNECT_MESHED = 0,  /* TCP connects from a registered pod */
+	MS_C_CONNECT_CAPTURED,	  /* sent to the sidecar's outbound port */
+	MS_C_SKIP_CAPTURE_OFF,	  /* pod or node capture switched off */
+	MS_C_SKIP_PROXY,	  /* proxy uid/gid */
+	MS_C_SKIP_LOOPBACK,	  /* destination is loopback */
+	MS_C_SKIP_EXCLUDED_PORT,  /* excludeOutboundPorts */
+	MS_C_SKIP_EXCLUDED_RANGE, /* excludeOutboundIPRanges */
+	MS_C_SKIP_NOT_INCLUDED,	  /* not in includeOutboundIPRanges */
+	MS_C_CONNECT_NO_STORAGE,  /* could not keep the original destination */
 	/* cgroup/getsockopt */
-	MS_C_ORIG_DST_OUTBOUND,	   /* answered from a captured connect */
-	MS_C_ORIG_DST_INBOUND,	   /* answered with the local address */
-	MS_C_ORIG_DST_KERNEL,	   /* the kernel (conntrack) already answered */
-	MS_C_ORIG_DST_SHORT_BUF,   /* caller's buffer too small */
+	MS_C_ORIG_DST_OUTBOUND,	 /* answered from a captured connect */
+	MS_C_ORIG_DST_INBOUND,	 /* answered with the local address */
+	MS_C_ORIG_DST_KERNEL,	 /* the kernel (conntrack) already answered */
+	MS_C_ORIG_DST_SHORT_BUF, /* caller's buffer too small */
 	/* sk_lookup */
-	MS_C_INBOUND_MESHED,	   /* TCP SYNs to a registered pod IP */
-	MS_C_INBOUND_CAPTURED,	   /* assigned to the sidecar's inbound listener */
-	MS_C_INBOUND_SKIP_OFF,	   /* pod or node capture switched off */
-	MS_C_INBOUND_SKIP_PROXY_PORT, /* one of the sidecar's own ports */
+	MS_C_INBOUND_MESHED,   /* TCP SYNs to a registered pod IP */
+	MS_C_INBOUND_CAPTURED, /* assigned to the sidecar's inbound listener */
+	MS_C_INBOUND_SKIP_OFF, /* pod or node capture switched off */
+	MS_C_INBOUND_SKIP_PROXY_PORT,  /* one of the sidecar's own ports */
 	MS_C_INBOUND_SKIP_PASSTHROUGH, /* from 127.0.0.6 / ::6 (Envoy) */
-	MS_C_INBOUND_SKIP_LOOPBACK, /* from a loopback address */
+	MS_C_INBOUND_SKIP_LOOPBACK,    /* from a loopback address */
 	MS_C_INBOUND_SKIP_EXCLUDED_PORT,
 	MS_C_INBOUND_SKIP_NOT_INCLUDED,
-	MS_C_INBOUND_NO_LISTENER,  /* sidecar not listening: refused */
+	MS_C_INBOUND_NO_LISTENER, /* sidecar not listening: refused */
 	MS_C_INBOUND_ASSIGN_FAILED,
 	/* sockops */
-	MS_C_LISTENER_STARTED,	   /* sidecar inbound listener: agent told */
+	MS_C_LISTENER_STARTED, /* sidecar inbound listener: agent told */
 	/* iter/tcp */
-	MS_C_LISTENER_REGISTERED,  /* sidecar inbound listener in ms_listeners */
+	MS_C_LISTENER_REGISTERED, /* sidecar inbound listener in ms_listeners */
 	MS_C_ORIG_DST_STORED,
-	MS_C_SOCK_INSERTED,	   /* socket added to ms_socks */
+	MS_C_SOCK_INSERTED, /* socket added to ms_socks */
 	MS_C_SOCK_INSERT_FAILED,
-	MS_C_SOCK_SKIP_SPLICE_OFF, /* pod or node splice off (either end) */
+	MS_C_SOCK_SKIP_SPLICE_OFF,   /* pod or node splice off (either end) */
 	MS_C_SOCK_SKIP_PEER_UNKNOWN, /* peer not a registered pod on this node */
 	MS_C_SOCK_SKIP_ROLE_UNKNOWN, /* not an app<->sidecar or sidecar pair */
-	MS_C_SOCK_SKIP_APP,	   /* an app's end, without app-splice */
-	MS_C_SOCK_SKIP_EARLY_DATA, /* data moved before establish (TFO) */
+	MS_C_SOCK_SKIP_APP,	     /* an app's end, without app-splice */
+	MS_C_SOCK_SKIP_EARLY_DATA,   /* data moved before establish (TFO) */
 	/* sk_msg */
 	MS_C_MSG_REDIRECTED,
 	MS_C_BYTES_REDIRECTED,
-	MS_C_MSG_MISS_FIRST,	   /* first send found no peer: sent over TCP */
-	MS_C_MSG_MISS_LATER,	   /* a later send found no peer (closing) */
-	MS_C_MSG_AFTER_MISS,	   /* sent over TCP because of an earlier miss */
-	MS_C_BYTES_AFTER_MISS,	   /* bytes of the three above */
-	MS_C_MSG_DRAIN,		   /* sent over TCP: datapath detaching */
-	MS_C_MSG_PASS,		   /* socket sends over TCP by design */
+	MS_C_MSG_MISS_FIRST,   /* first send found no peer: sent over TCP */
+	MS_C_MSG_MISS_LATER,   /* a later send found no peer (closing) */
+	MS_C_MSG_AFTER_MISS,   /* sent over TCP because of an earlier miss */
+	MS_C_BYTES_AFTER_MISS, /* bytes of the three above */
+	MS_C_MSG_DRAIN,	       /* sent over TCP: datapath detaching */
+	MS_C_MSG_PASS,	       /* socket sends over TCP by design */
 	MS_C_BYTES_PASS,
 	MS_C_MAX,
 };
@@ -199,8 +199,8 @@ struct ms_orig {
 /* Per-socket state, in socket-local storage: freed with the socket. */
 struct ms_sk {
 	struct ms_sock_key peer; /* where sends are redirected */
-	struct ms_orig orig;	 /* original destination of a captured connect */
-	enum ms_sk_flag flags;	 /* a set of ms_sk_flag */
+	struct ms_orig orig;   /* original destination of a captured connect */
+	enum ms_sk_flag flags; /* a set of ms_sk_flag */
 	__u32 pad;
 };
 
@@ -320,13 +320,14 @@ const volatile enum ms_counter ms_counter_count = MS_C_MAX;
  * load a direct (ctx + constant) access. These structs are UAPI: their
  * offsets never move, so no CO-RE relocation is needed.
  */
-#define LOAD_U32(ptr, type, field)                                            \
-	({                                                                    \
-		__u32 __v;                                                    \
-		asm volatile("%0 = *(u32 *)(%1 + %2)"                         \
-			     : "=r"(__v)                                      \
-			     : "r"(ptr), "i"(__builtin_offsetof(type, field))); \
-		__v;                                                          \
+#define LOAD_U32(ptr, type, field)                                    \
+	({                                                            \
+		__u32 __v;                                            \
+		asm volatile("%0 = *(u32 *)(%1 + %2)"                 \
+			     : "=r"(__v)                              \
+			     : "r"(ptr),                              \
+			       "i"(__builtin_offsetof(type, field))); \
+		__v;                                                  \
 	})
 
 static __always_inline void count(__u32 idx, __u64 n)
@@ -363,8 +364,7 @@ static __always_inline int addr_is_loopback(const __u32 *ip)
 {
 	if (addr_is_v4(ip))
 		return (bpf_ntohl(ip[3]) >> 24) == 127;
-	return ip[0] == 0 && ip[1] == 0 && ip[2] == 0 &&
-	       ip[3] == bpf_htonl(1);
+	return ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && ip[3] == bpf_htonl(1);
 }
 
 /* Envoy's inbound passthrough source: 127.0.0.6 or ::6. */
@@ -372,8 +372,7 @@ static __always_inline int addr_is_passthrough(const __u32 *ip)
 {
 	if (addr_is_v4(ip))
 		return ip[3] == bpf_htonl(0x7f000006);
-	return ip[0] == 0 && ip[1] == 0 && ip[2] == 0 &&
-	       ip[3] == bpf_htonl(6);
+	return ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && ip[3] == bpf_htonl(6);
 }
 
 /* The sidecar's own ports, never captured inbound. Keep in sync with
@@ -381,26 +380,34 @@ static __always_inline int addr_is_passthrough(const __u32 *ip)
 static __always_inline int is_proxy_port(__u16 port)
 {
 	switch (port) {
-	case 15000: case 15001: case 15004: case 15006: case 15008:
-	case 15020: case 15021: case 15053: case 15090:
-		return 1;
+	case 15000:
+	case 15001:
+	case 15004:
+	case 15006:
+	case 15008:
+	case 15020:
+	case 15021:
+	case 15053:
+	case 15090: return 1;
 	}
 	return 0;
 }
 
-static __always_inline int port_rule(__u64 netns, __u16 port, enum ms_port_kind kind)
+static __always_inline int port_rule(__u64 netns, __u16 port,
+				     enum ms_port_kind kind)
 {
-	struct ms_port_key k = { .netns = netns, .port = port, .kind = kind };
+	struct ms_port_key k = {.netns = netns, .port = port, .kind = kind};
 
 	return bpf_map_lookup_elem(&ms_ports, &k) != NULL;
 }
 
-static __always_inline int range_rule(__u64 netns, const __u32 *ip, enum ms_range_kind kind)
+static __always_inline int range_rule(__u64 netns, const __u32 *ip,
+				      enum ms_range_kind kind)
 {
 	struct ms_range_key k = {
-		.prefixlen = MS_RANGE_FIXED_BITS + 128,
-		.kind = kind,
-		.netns = netns,
+	    .prefixlen = MS_RANGE_FIXED_BITS + 128,
+	    .kind = kind,
+	    .netns = netns,
 	};
 
 	__builtin_memcpy(k.ip, ip, 16);

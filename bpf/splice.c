@@ -44,15 +44,15 @@
  */
 #include "common.h"
 
-static __always_inline void key_from_skops(struct ms_sock_key *k,
-					   struct bpf_sock_ops *skops,
-					   __u64 netns)
+static __always_inline void
+key_from_skops(struct ms_sock_key *k, struct bpf_sock_ops *skops, __u64 netns)
 {
 #define SKOPS(f) LOAD_U32(skops, struct bpf_sock_ops, f)
 	k->netns = netns;
 	if (SKOPS(family) == AF_INET) {
 		addr_from_ip4((struct ms_addr *)k->local_ip, SKOPS(local_ip4));
-		addr_from_ip4((struct ms_addr *)k->remote_ip, SKOPS(remote_ip4));
+		addr_from_ip4((struct ms_addr *)k->remote_ip,
+			      SKOPS(remote_ip4));
 	} else {
 		/* AF_INET6, v4-mapped included: the ip6 fields hold the
 		 * mapped form, our normal form. */
@@ -72,9 +72,8 @@ static __always_inline void key_from_skops(struct ms_sock_key *k,
 #undef SKOPS
 }
 
-static __always_inline void reverse_key(struct ms_sock_key *dst,
-					const struct ms_sock_key *src,
-					__u64 netns)
+static __always_inline void
+reverse_key(struct ms_sock_key *dst, const struct ms_sock_key *src, __u64 netns)
 {
 	dst->netns = netns;
 	__builtin_memcpy(dst->local_ip, src->remote_ip, 16);
@@ -153,17 +152,17 @@ static __always_inline int roles(struct bpf_sock_ops *skops,
 							  : MS_ROLE_APP;
 		*peer = inbound_verdict(peer_netns, peer_pod, k->remote_port,
 					k->local_ip) == MS_C_INBOUND_CAPTURED
-				? MS_ROLE_PROXY
-				: MS_ROLE_APP;
+			    ? MS_ROLE_PROXY
+			    : MS_ROLE_APP;
 	} else {
 		*self = inbound_verdict(netns, pod, k->local_port,
 					k->remote_ip) == MS_C_INBOUND_CAPTURED
-				? MS_ROLE_PROXY
-				: MS_ROLE_APP;
+			    ? MS_ROLE_PROXY
+			    : MS_ROLE_APP;
 		*peer = outbound_verdict(peer_netns, peer_pod, k->local_ip,
 					 k->local_port) == MS_C_CONNECT_CAPTURED
-				? MS_ROLE_PROXY
-				: MS_ROLE_APP;
+			    ? MS_ROLE_PROXY
+			    : MS_ROLE_APP;
 	}
 	return 1;
 }
@@ -204,10 +203,12 @@ static __always_inline void established(struct bpf_sock_ops *skops)
 		struct ms_sock_key ok;
 
 		reverse_key(&ok, &k, netns);
-		if (bpf_map_update_elem(&ms_orig_dst, &ok, &st->orig, BPF_ANY) == 0) {
+		if (bpf_map_update_elem(&ms_orig_dst, &ok, &st->orig,
+					BPF_ANY) == 0) {
 			st->flags |= MS_SK_ORIG_KEYED;
-			bpf_sock_ops_cb_flags_set(skops,
-				skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+			bpf_sock_ops_cb_flags_set(
+			    skops, skops->bpf_sock_ops_cb_flags |
+				       BPF_SOCK_OPS_STATE_CB_FLAG);
 			count(MS_C_ORIG_DST_STORED, 1);
 		}
 	}
@@ -219,8 +220,8 @@ static __always_inline void established(struct bpf_sock_ops *skops)
 
 	/* The app's end of the sidecar's inbound passthrough sees ::6 (not a
 	 * loopback address) or 127.0.0.6 as its peer: same netns too. */
-	loopback = addr_is_loopback(k.remote_ip) ||
-		   addr_is_passthrough(k.remote_ip);
+	loopback =
+	    addr_is_loopback(k.remote_ip) || addr_is_passthrough(k.remote_ip);
 	if (loopback) {
 		peer_netns = netns;
 		peer_pod = pod;
@@ -301,13 +302,9 @@ SEC("sockops")
 int ms_sockops(struct bpf_sock_ops *skops)
 {
 	switch (skops->op) {
-	case BPF_SOCK_OPS_TCP_LISTEN_CB:
-		listener_started(skops);
-		break;
+	case BPF_SOCK_OPS_TCP_LISTEN_CB: listener_started(skops); break;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
-	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
-		established(skops);
-		break;
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB: established(skops); break;
 	case BPF_SOCK_OPS_STATE_CB:
 		if (skops->args[1] == BPF_TCP_CLOSE)
 			closed(skops);
