@@ -512,3 +512,109 @@ func TestDetachLeavesNothing(t *testing.T) {
 		t.Fatalf("live connection broken by detach: %v %v", err, sum)
 	}
 }
+
+// TestV4MappedAndV4OnlySockets: a dual-stack C-style app (AF_INET6 socket
+// connecting to ::ffff:a.b.c.d, which runs only cgroup/connect6) talking
+// through sidecars that listen on 0.0.0.0 like Envoy's IPv4 listeners
+// (AF_INET accepted sockets): the keys of the two ends still meet, for the
+// original destination and for the splice.
+func TestV4MappedAndV4OnlySockets(t *testing.T) {
+	m := newMesh(t)
+	node := testnet.NewBridgeNet(t, testnet.BridgeNetOpts{})
+	ann := injected(istio.AnnotationAppSplice, "true")
+	client := m.addPodWith(node, "client", ann, "--listen-v4only")
+	server := m.addPodWith(node, "server", ann, "--listen-v4only")
+	before := m.counters()
+	target := netip.AddrPortFrom(server.IPv4, appPort)
+	c := m.client(client, appUID, target, "--v4mapped", "--messages", "100", "--size", "500")
+	res, _ := c.WaitEvent(time.Second, "result")
+	if !strings.HasPrefix(res.Str("local"), "127.0.0.1:") || res.Str("remote") != "127.0.0.1:15001" {
+		t.Fatalf("client socket %s -> %s, want a v4-mapped loopback pair", res.Str("local"), res.Str("remote"))
+	}
+	d := m.counters().Sub(before)
+	if out := acceptEvents(client.Sidecar, "outbound"); len(out) != 1 || origDst(out[0].Str("orig_dst")) != target {
+		t.Fatalf("outbound accepts: %v", out)
+	}
+	if d["connect.captured"] != 1 || d["sockops.sock_inserted"] != 6 {
+		t.Fatalf("counters: %v", nonZero(d))
+	}
+	checkSpliceAccounting(t, d, 6*100*512, 0)
+}
+
+// TestAgentGoneAndUpgradeInPlace: the datapath lives in the kernel, pinned.
+// With the agent's handles closed, new connections are still captured and
+// spliced; a new agent reopening the pins updates the programs in place
+// while a spliced stream is running, and that stream never notices.
+func TestAgentGoneAndUpgradeInPlace(t *testing.T) {
+	m := newMesh(t)
+	node := testnet.NewBridgeNet(t, testnet.BridgeNetOpts{})
+	ann := injected(istio.AnnotationAppSplice, "true")
+	client := m.addPod(node, "client", ann)
+	server := m.addPod(node, "server", ann)
+	target := netip.AddrPortFrom(server.IPv4, appPort)
+	stream := m.start(client, "client-stream", appUID, "client", "--target", target.String(), "--pipelined",
+		"--messages", "20000", "--size", "100", "--interval", "20us")
+	if _, err := server.Sidecar.WaitEvent(waitFor, "upstream"); err != nil {
+		t.Fatal(err)
+	}
+
+	m.dp.Close() // the agent is gone
+	before, err := datapath.ReadPinnedCounters(m.pin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.client(client, appUID, target, "--messages", "50")
+	after, err := datapath.ReadPinnedCounters(m.pin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := after.Sub(before)
+	if d["connect.captured"] != 1 || d["sk_lookup.captured"] != 1 || d["sockops.sock_inserted"] != 6 {
+		t.Fatalf("without the agent: %v", nonZero(d))
+	}
+
+	// A new agent: same pins, programs replaced in place.
+	dp, err := datapath.Open(datapath.Options{PinDir: m.pin, CgroupPath: m.cg.Path,
+		Node: datapath.NodeSettings{Capture: true, Splice: true}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { dp.Close() })
+	if n := attachedCgroupPrograms(t, m.cg.Path); n != 4 {
+		t.Fatalf("%d programs on the cgroup after the upgrade, want 4", n)
+	}
+	pods, err := dp.Pods()
+	if err != nil || len(pods) != 2 {
+		t.Fatalf("pods after the upgrade: %v %v", pods, err)
+	}
+	m.dp = dp
+	m.client(client, appUID, target, "--messages", "50")
+	if err := stream.WaitTimeout(60 * time.Second); err != nil {
+		t.Fatalf("stream broken: %v\n%s", err, strings.Join(stream.Lines(), "\n"))
+	}
+	if sum, err := stream.WaitEvent(time.Second, "summary"); err != nil || !sum.Bool("ok") {
+		t.Fatalf("stream broken: %v %v", err, sum)
+	}
+}
+
+// TestManyNewConnections: the case where a redirect can miss its peer, the
+// first send of a fresh connection racing the peer's PASSIVE_ESTABLISHED on
+// the other CPU. Hundreds of connections each send at once after connect;
+// every byte must arrive, and the accounting says how many streams fell back.
+func TestManyNewConnections(t *testing.T) {
+	m := newMesh(t)
+	node := testnet.NewBridgeNet(t, testnet.BridgeNetOpts{})
+	ann := injected(istio.AnnotationAppSplice, "true")
+	client := m.addPod(node, "client", ann)
+	server := m.addPod(node, "server", ann)
+	before := m.counters()
+	const rounds, conns = 5, 64
+	for range rounds {
+		m.client(client, appUID, netip.AddrPortFrom(server.IPv4, appPort), "--conns", fmt.Sprint(conns), "--messages", "2", "--size", "100")
+	}
+	d := m.counters().Sub(before)
+	if d["sockops.sock_inserted"] != rounds*conns*6 {
+		t.Errorf("sockops.sock_inserted = %d, want %d", d["sockops.sock_inserted"], rounds*conns*6)
+	}
+	checkSpliceAccounting(t, d, rounds*conns*6*2*112, 0)
+}

@@ -120,6 +120,12 @@ func injected(extra ...string) map[string]string {
 // not nil (as the CNI plugin does, before any container starts), then
 // starts its sidecar (uid 1337) and its echo app (uid 1000) on appPort.
 func (m *mesh) addPod(node *testnet.BridgeNet, name string, ann map[string]string) *meshPod {
+	m.t.Helper()
+	return m.addPodWith(node, name, ann)
+}
+
+// addPodWith is addPod with extra flags for the sidecar.
+func (m *mesh) addPodWith(node *testnet.BridgeNet, name string, ann map[string]string, sidecarFlags ...string) *meshPod {
 	t := m.t
 	t.Helper()
 	p := &meshPod{Pod: node.AddPod(t, name)}
@@ -146,7 +152,7 @@ func (m *mesh) addPod(node *testnet.BridgeNet, name string, ann map[string]strin
 		}); err != nil {
 			t.Fatalf("register pod %s: %v", name, err)
 		}
-		p.Sidecar = m.start(p, name+"-sidecar", 1337, "sidecar")
+		p.Sidecar = m.start(p, name+"-sidecar", 1337, append([]string{"sidecar"}, sidecarFlags...)...)
 		if _, err := p.Sidecar.WaitEvent(waitFor, "ready"); err != nil {
 			t.Fatalf("sidecar of %s: %v", name, err)
 		}

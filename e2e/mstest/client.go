@@ -2,9 +2,12 @@ package main
 
 import (
 	"encoding/binary"
+	"os"
+
 	"errors"
 	"flag"
 	"fmt"
+	"golang.org/x/sys/unix"
 	"hash/crc32"
 	"io"
 	"math/rand/v2"
@@ -64,6 +67,7 @@ type clientConfig struct {
 	interval  time.Duration
 	timeout   time.Duration
 	seed      uint64
+	v4mapped  bool
 }
 
 // runClient connects to an echo server, sends framed messages of
@@ -82,6 +86,7 @@ func runClient(args []string) int {
 	fs.DurationVar(&cfg.interval, "interval", 0, "pause between messages")
 	fs.DurationVar(&cfg.timeout, "timeout", 10*time.Second, "timeout of dialing and of each read or write")
 	fs.Uint64Var(&cfg.seed, "seed", 1, "payload seed")
+	fs.BoolVar(&cfg.v4mapped, "v4mapped", false, "connect to an IPv4 target from an AF_INET6 socket, to ::ffff:a.b.c.d (Go would use AF_INET)")
 	if code, ok := parseFlags(fs, args); !ok {
 		return code
 	}
@@ -136,8 +141,14 @@ func runConn(idx int, cfg clientConfig, src net.Addr) bool {
 			res.Errors = append(res.Errors, err.Error())
 		}
 	}
-	d := net.Dialer{Timeout: cfg.timeout, LocalAddr: src}
-	nc, err := d.Dial("tcp", cfg.target)
+	var nc net.Conn
+	var err error
+	if cfg.v4mapped {
+		nc, err = dialV4Mapped(cfg.target)
+	} else {
+		d := net.Dialer{Timeout: cfg.timeout, LocalAddr: src}
+		nc, err = d.Dial("tcp", cfg.target)
+	}
 	if err != nil {
 		addErr(fmt.Errorf("dial: %w", err))
 		res.ElapsedMS = msSince(start)
@@ -311,4 +322,26 @@ func (g *payloadGen) message(idx uint32) []byte {
 
 func msSince(t time.Time) float64 {
 	return float64(time.Since(t).Microseconds()) / 1000
+}
+
+// dialV4Mapped connects an AF_INET6 socket to the v4-mapped form of an IPv4
+// target, as dual-stack applications written in C do. The kernel then runs
+// only cgroup/connect6, never connect4.
+func dialV4Mapped(target string) (net.Conn, error) {
+	ap, err := netip.ParseAddrPort(target)
+	if err != nil || !ap.Addr().Unmap().Is4() {
+		return nil, fmt.Errorf("--v4mapped needs an IPv4 target, got %q", target)
+	}
+	fd, err := unix.Socket(unix.AF_INET6, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("socket: %w", err)
+	}
+	sa := &unix.SockaddrInet6{Port: int(ap.Port()), Addr: netip.AddrFrom16(ap.Addr().As16()).As16()}
+	if err := unix.Connect(fd, sa); err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("connect [::ffff:%s]:%d: %w", ap.Addr(), ap.Port(), err)
+	}
+	f := os.NewFile(uintptr(fd), "v4mapped")
+	defer f.Close()
+	return net.FileConn(f)
 }
