@@ -372,5 +372,9 @@ int ms_listener_iter(struct bpf_iter__tcp___ms *ctx)
 	idx = listener_index(pod, skc->skc_family);
 	if (bpf_map_update_elem(&ms_listeners, &idx, tp, BPF_ANY) == 0)
 		count(MS_C_LISTENER_REGISTERED, 1);
+	else
+		/* e.g. an MPTCP listener: its TCP subflow listener has a ULP,
+		 * which a sockmap refuses. */
+		count(MS_C_LISTENER_REFUSED, 1);
 	return 0;
 }

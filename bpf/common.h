@@ -125,6 +125,7 @@ enum ms_counter {
 	MS_C_LISTENER_STARTED, /* sidecar inbound listener: agent told */
 	/* iter/tcp */
 	MS_C_LISTENER_REGISTERED, /* sidecar inbound listener in ms_listeners */
+	MS_C_LISTENER_REFUSED,	  /* the sockmap refused it (MPTCP, ULP) */
 	MS_C_ORIG_DST_STORED,
 	MS_C_SOCK_INSERTED, /* socket added to ms_socks */
 	MS_C_SOCK_INSERT_FAILED,

@@ -43,6 +43,7 @@ var counterInfo = map[Counter]struct{ program, name string }{
 	redirect.CaptureMsCounterMS_C_INBOUND_ASSIGN_FAILED:      {"sk_lookup", "refused_assign_failed"},
 	redirect.CaptureMsCounterMS_C_LISTENER_STARTED:           {"sockops", "listener_started"},
 	redirect.CaptureMsCounterMS_C_LISTENER_REGISTERED:        {"listener_iter", "listener_registered"},
+	redirect.CaptureMsCounterMS_C_LISTENER_REFUSED:           {"listener_iter", "listener_refused"},
 	redirect.CaptureMsCounterMS_C_ORIG_DST_STORED:            {"sockops", "orig_dst_stored"},
 	redirect.CaptureMsCounterMS_C_SOCK_INSERTED:              {"sockops", "sock_inserted"},
 	redirect.CaptureMsCounterMS_C_SOCK_INSERT_FAILED:         {"sockops", "sock_insert_failed"},

@@ -618,3 +618,42 @@ func TestManyNewConnections(t *testing.T) {
 	}
 	checkSpliceAccounting(t, d, rounds*conns*6*2*112, 0)
 }
+
+// TestMPTCPSidecarListener: a sidecar that listens with MPTCP (what Go does
+// by default since 1.24) has a listener a sockmap refuses. meshsplice
+// counts it and inbound connections are refused, never sent around the
+// sidecar to the app.
+func TestMPTCPSidecarListener(t *testing.T) {
+	m := newMesh(t)
+	node := testnet.NewBridgeNet(t, testnet.BridgeNetOpts{})
+	server := m.addPod(node, "server", nil)
+	client := m.addPod(node, "client", nil)
+	tr, _, err := istio.ParseTraffic(injected(), istio.DefaultDefaults())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.dp.AddPod(datapath.Pod{NetnsPath: server.NS.Path(), Cookie: server.Cookie,
+		IPs: []netip.Addr{server.IPv4, server.IPv6}, Traffic: tr}); err != nil {
+		t.Fatal(err)
+	}
+	before := m.counters()
+	sc := m.startEnv(server, "mptcp-sidecar", 1337, []string{"GODEBUG=multipathtcp=1"}, "sidecar")
+	if _, err := sc.WaitEvent(waitFor, "ready"); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(waitFor)
+	for m.counters().Sub(before)["listener_iter.listener_refused"] == 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("MPTCP listener not reported: %v", nonZero(m.counters().Sub(before)))
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	c := m.start(client, "client", appUID, "client", "--target", netip.AddrPortFrom(server.IPv4, appPort).String(), "--timeout", "3s")
+	c.WaitTimeout(10 * time.Second)
+	if res, _ := c.WaitEvent(time.Second, "result"); res.Bool("ok") || !strings.Contains(fmt.Sprint(res["errors"]), "refused") {
+		t.Fatalf("want connection refused, got %v", res)
+	}
+	if n := len(acceptsOf(server.App)); n != 0 {
+		t.Fatalf("app reached around the sidecar %d times", n)
+	}
+}

@@ -169,11 +169,18 @@ func (m *mesh) addPodWith(node *testnet.BridgeNet, name string, ann map[string]s
 	return p
 }
 
+// start runs an mstest program in pod p. Go >= 1.24 listens with MPTCP by
+// default, Envoy does not: the programs run with MPTCP off (see
+// TestMPTCPSidecarListener for what an MPTCP sidecar gets).
 func (m *mesh) start(p *meshPod, name string, uid int, args ...string) *testnet.Proc {
+	return m.startEnv(p, name, uid, []string{"GODEBUG=multipathtcp=0"}, args...)
+}
+
+func (m *mesh) startEnv(p *meshPod, name string, uid int, env []string, args ...string) *testnet.Proc {
 	return testnet.Start(m.t, testnet.StartOpts{
 		NetNS: p.NS, Cgroup: m.cg, UID: uid, GID: uid, Name: name,
 		Args: append([]string{m.bin}, args...),
-		Env:  []string{"GODEBUG=multipathtcp=0"},
+		Env:  env,
 	})
 }
 

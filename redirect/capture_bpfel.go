@@ -46,24 +46,25 @@ const (
 	CaptureMsCounterMS_C_INBOUND_ASSIGN_FAILED      CaptureMsCounter = 22
 	CaptureMsCounterMS_C_LISTENER_STARTED           CaptureMsCounter = 23
 	CaptureMsCounterMS_C_LISTENER_REGISTERED        CaptureMsCounter = 24
-	CaptureMsCounterMS_C_ORIG_DST_STORED            CaptureMsCounter = 25
-	CaptureMsCounterMS_C_SOCK_INSERTED              CaptureMsCounter = 26
-	CaptureMsCounterMS_C_SOCK_INSERT_FAILED         CaptureMsCounter = 27
-	CaptureMsCounterMS_C_SOCK_SKIP_SPLICE_OFF       CaptureMsCounter = 28
-	CaptureMsCounterMS_C_SOCK_SKIP_PEER_UNKNOWN     CaptureMsCounter = 29
-	CaptureMsCounterMS_C_SOCK_SKIP_ROLE_UNKNOWN     CaptureMsCounter = 30
-	CaptureMsCounterMS_C_SOCK_SKIP_APP              CaptureMsCounter = 31
-	CaptureMsCounterMS_C_SOCK_SKIP_EARLY_DATA       CaptureMsCounter = 32
-	CaptureMsCounterMS_C_MSG_REDIRECTED             CaptureMsCounter = 33
-	CaptureMsCounterMS_C_BYTES_REDIRECTED           CaptureMsCounter = 34
-	CaptureMsCounterMS_C_MSG_MISS_FIRST             CaptureMsCounter = 35
-	CaptureMsCounterMS_C_MSG_MISS_LATER             CaptureMsCounter = 36
-	CaptureMsCounterMS_C_MSG_AFTER_MISS             CaptureMsCounter = 37
-	CaptureMsCounterMS_C_BYTES_AFTER_MISS           CaptureMsCounter = 38
-	CaptureMsCounterMS_C_MSG_DRAIN                  CaptureMsCounter = 39
-	CaptureMsCounterMS_C_MSG_PASS                   CaptureMsCounter = 40
-	CaptureMsCounterMS_C_BYTES_PASS                 CaptureMsCounter = 41
-	CaptureMsCounterMS_C_MAX                        CaptureMsCounter = 42
+	CaptureMsCounterMS_C_LISTENER_REFUSED           CaptureMsCounter = 25
+	CaptureMsCounterMS_C_ORIG_DST_STORED            CaptureMsCounter = 26
+	CaptureMsCounterMS_C_SOCK_INSERTED              CaptureMsCounter = 27
+	CaptureMsCounterMS_C_SOCK_INSERT_FAILED         CaptureMsCounter = 28
+	CaptureMsCounterMS_C_SOCK_SKIP_SPLICE_OFF       CaptureMsCounter = 29
+	CaptureMsCounterMS_C_SOCK_SKIP_PEER_UNKNOWN     CaptureMsCounter = 30
+	CaptureMsCounterMS_C_SOCK_SKIP_ROLE_UNKNOWN     CaptureMsCounter = 31
+	CaptureMsCounterMS_C_SOCK_SKIP_APP              CaptureMsCounter = 32
+	CaptureMsCounterMS_C_SOCK_SKIP_EARLY_DATA       CaptureMsCounter = 33
+	CaptureMsCounterMS_C_MSG_REDIRECTED             CaptureMsCounter = 34
+	CaptureMsCounterMS_C_BYTES_REDIRECTED           CaptureMsCounter = 35
+	CaptureMsCounterMS_C_MSG_MISS_FIRST             CaptureMsCounter = 36
+	CaptureMsCounterMS_C_MSG_MISS_LATER             CaptureMsCounter = 37
+	CaptureMsCounterMS_C_MSG_AFTER_MISS             CaptureMsCounter = 38
+	CaptureMsCounterMS_C_BYTES_AFTER_MISS           CaptureMsCounter = 39
+	CaptureMsCounterMS_C_MSG_DRAIN                  CaptureMsCounter = 40
+	CaptureMsCounterMS_C_MSG_PASS                   CaptureMsCounter = 41
+	CaptureMsCounterMS_C_BYTES_PASS                 CaptureMsCounter = 42
+	CaptureMsCounterMS_C_MAX                        CaptureMsCounter = 43
 )
 
 type CaptureMsNode struct {

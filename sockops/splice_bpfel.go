@@ -46,24 +46,25 @@ const (
 	SpliceMsCounterMS_C_INBOUND_ASSIGN_FAILED      SpliceMsCounter = 22
 	SpliceMsCounterMS_C_LISTENER_STARTED           SpliceMsCounter = 23
 	SpliceMsCounterMS_C_LISTENER_REGISTERED        SpliceMsCounter = 24
-	SpliceMsCounterMS_C_ORIG_DST_STORED            SpliceMsCounter = 25
-	SpliceMsCounterMS_C_SOCK_INSERTED              SpliceMsCounter = 26
-	SpliceMsCounterMS_C_SOCK_INSERT_FAILED         SpliceMsCounter = 27
-	SpliceMsCounterMS_C_SOCK_SKIP_SPLICE_OFF       SpliceMsCounter = 28
-	SpliceMsCounterMS_C_SOCK_SKIP_PEER_UNKNOWN     SpliceMsCounter = 29
-	SpliceMsCounterMS_C_SOCK_SKIP_ROLE_UNKNOWN     SpliceMsCounter = 30
-	SpliceMsCounterMS_C_SOCK_SKIP_APP              SpliceMsCounter = 31
-	SpliceMsCounterMS_C_SOCK_SKIP_EARLY_DATA       SpliceMsCounter = 32
-	SpliceMsCounterMS_C_MSG_REDIRECTED             SpliceMsCounter = 33
-	SpliceMsCounterMS_C_BYTES_REDIRECTED           SpliceMsCounter = 34
-	SpliceMsCounterMS_C_MSG_MISS_FIRST             SpliceMsCounter = 35
-	SpliceMsCounterMS_C_MSG_MISS_LATER             SpliceMsCounter = 36
-	SpliceMsCounterMS_C_MSG_AFTER_MISS             SpliceMsCounter = 37
-	SpliceMsCounterMS_C_BYTES_AFTER_MISS           SpliceMsCounter = 38
-	SpliceMsCounterMS_C_MSG_DRAIN                  SpliceMsCounter = 39
-	SpliceMsCounterMS_C_MSG_PASS                   SpliceMsCounter = 40
-	SpliceMsCounterMS_C_BYTES_PASS                 SpliceMsCounter = 41
-	SpliceMsCounterMS_C_MAX                        SpliceMsCounter = 42
+	SpliceMsCounterMS_C_LISTENER_REFUSED           SpliceMsCounter = 25
+	SpliceMsCounterMS_C_ORIG_DST_STORED            SpliceMsCounter = 26
+	SpliceMsCounterMS_C_SOCK_INSERTED              SpliceMsCounter = 27
+	SpliceMsCounterMS_C_SOCK_INSERT_FAILED         SpliceMsCounter = 28
+	SpliceMsCounterMS_C_SOCK_SKIP_SPLICE_OFF       SpliceMsCounter = 29
+	SpliceMsCounterMS_C_SOCK_SKIP_PEER_UNKNOWN     SpliceMsCounter = 30
+	SpliceMsCounterMS_C_SOCK_SKIP_ROLE_UNKNOWN     SpliceMsCounter = 31
+	SpliceMsCounterMS_C_SOCK_SKIP_APP              SpliceMsCounter = 32
+	SpliceMsCounterMS_C_SOCK_SKIP_EARLY_DATA       SpliceMsCounter = 33
+	SpliceMsCounterMS_C_MSG_REDIRECTED             SpliceMsCounter = 34
+	SpliceMsCounterMS_C_BYTES_REDIRECTED           SpliceMsCounter = 35
+	SpliceMsCounterMS_C_MSG_MISS_FIRST             SpliceMsCounter = 36
+	SpliceMsCounterMS_C_MSG_MISS_LATER             SpliceMsCounter = 37
+	SpliceMsCounterMS_C_MSG_AFTER_MISS             SpliceMsCounter = 38
+	SpliceMsCounterMS_C_BYTES_AFTER_MISS           SpliceMsCounter = 39
+	SpliceMsCounterMS_C_MSG_DRAIN                  SpliceMsCounter = 40
+	SpliceMsCounterMS_C_MSG_PASS                   SpliceMsCounter = 41
+	SpliceMsCounterMS_C_BYTES_PASS                 SpliceMsCounter = 42
+	SpliceMsCounterMS_C_MAX                        SpliceMsCounter = 43
 )
 
 type SpliceMsNode struct {

@@ -1,0 +1,70 @@
+// Package api is the local registration API between the meshsplice CNI
+// plugin (cmd/meshsplice-cni) and the node agent: HTTP/1.1 with JSON bodies
+// over a unix socket, by default [DefaultSocket] (/run/meshsplice/cni.sock).
+// The agent serves it with [NewHandler] (or [Listen]) on top of a
+// [Registry], the agent's own pod bookkeeping; the plugin calls it with a
+// [Client]. [MemRegistry] is an in-memory Registry for tests.
+//
+// Being plain HTTP, it can be poked at with curl:
+//
+//	curl --unix-socket /run/meshsplice/cni.sock http://meshsplice/v1/health
+//	curl --unix-socket /run/meshsplice/cni.sock http://meshsplice/v1/pods/CONTAINER_ID
+//
+// # Endpoints
+//
+//	POST   /v1/pods                register a pod (CNI ADD); body: PodRegistration
+//	                               200 PodStatus
+//	GET    /v1/pods/{containerID}  look a pod up (CNI CHECK)
+//	                               200 PodStatus, 404 pod_not_found
+//	DELETE /v1/pods/{containerID}  unregister a pod (CNI DEL); idempotent
+//	                               204, also when the pod is unknown
+//	GET    /v1/health              is the agent ready to register pods (CNI STATUS)
+//	                               200 {"status":"ok"}, 503 not_ready
+//
+// A registration ([PodRegistration]):
+//
+//	{
+//	  "containerID": "0b1c...",            required; [a-zA-Z0-9][a-zA-Z0-9_.-]*
+//	  "netns": "/var/run/netns/cni-1234",  required; absolute path
+//	  "ifName": "eth0",                    required
+//	  "ips": ["10.22.0.5", "fd00:22::5"],  required, at least one
+//	  "podName": "web-0",                  optional (K8S_POD_NAME)
+//	  "podNamespace": "shop",              optional (K8S_POD_NAMESPACE)
+//	  "podUID": "6f1e...",                 optional (K8S_POD_UID)
+//	  "serviceAccount": "web",             optional (K8S_POD_SERVICE_ACCOUNT)
+//	  "annotations": {"sidecar.istio.io/status": "{}"},  optional
+//	  "network": "meshsplice"              optional: the CNI network name
+//	}
+//
+// The agent's view of a pod ([PodStatus]):
+//
+//	{
+//	  "pod": { ...the registration... },
+//	  "capture": true,     the agent captures the pod's traffic
+//	  "splice": true,      and splices its connections
+//	  "warnings": ["..."]  what the agent found odd in the pod's settings
+//	}
+//
+// Re-registering a container ID replaces the previous registration (a
+// runtime may retry an ADD). Unknown fields are ignored, so that a newer
+// plugin can talk to an older agent and the other way round.
+//
+// # Errors
+//
+// Every error answer has the body {"error": "message", "code": "code"}. The
+// message says what was wrong; for a bad request it names the field, for
+// example "invalid request: ips[1]: \"10.0.0.300\" is not an IP address".
+//
+//	400 invalid_request  the body or a field is invalid ([ErrInvalidRequest])
+//	404 pod_not_found    no such container ID ([ErrPodNotFound])
+//	404 not_found        no such endpoint
+//	405 method_not_allowed
+//	409 conflict         the registration contradicts the agent's state ([ErrConflict])
+//	503 not_ready        the agent cannot register pods yet ([ErrNotReady])
+//	500 internal         anything else
+//
+// A Registry reports these conditions by returning (or wrapping) the
+// sentinel errors; the [Client] turns answers back into an [*Error] that
+// matches the same sentinels with errors.Is. When the client cannot connect
+// at all, its error wraps [ErrAgentUnreachable].
+package api
