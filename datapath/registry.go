@@ -231,7 +231,9 @@ func (d *Datapath) RemovePod(cookie uint64) error {
 	if hadPod {
 		// Free the listener slots for the next pod.
 		for _, idx := range []uint32{2 * old.ListenerSlot, 2*old.ListenerSlot + 1} {
-			if err := d.capture.MsListeners.Delete(&idx); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			// An empty sockmap slot answers EINVAL, not ENOENT.
+			if err := d.capture.MsListeners.Delete(&idx); err != nil &&
+				!errors.Is(err, ebpf.ErrKeyNotExist) && !errors.Is(err, unix.EINVAL) {
 				result = multierror.Append(result, fmt.Errorf("remove pod %d: clear listener slot: %w", cookie, err))
 			}
 		}

@@ -19,6 +19,7 @@ type command struct {
 }
 
 var commands = []command{
+	{"agent", "run the node agent (datapath, pod registry, Istio config, metrics)", runAgent},
 	{"status", "show the registered pods and the kernel counters", runStatus},
 	{"uninstall", "detach and unpin everything (works without the agent)", runUninstall},
 }

@@ -1,0 +1,409 @@
+// Package agent is meshsplice's node agent: it owns the datapath (loads,
+// pins, reconciles), keeps the registry of meshed pods that the CNI plugin
+// reports over the local API (package agent/api), follows Istio's
+// configuration through an istio.Source, and serves health and Prometheus
+// metrics.
+//
+// Pods survive agent restarts: every registration is written to the state
+// directory before it reaches the kernel, and a new agent reloads it,
+// re-resolves each pod against the current configuration and drops pods
+// whose network namespace is gone.
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/go-multierror"
+
+	"github.com/meshsplice/meshsplice/agent/api"
+	"github.com/meshsplice/meshsplice/datapath"
+	"github.com/meshsplice/meshsplice/istio"
+	"github.com/meshsplice/meshsplice/redirect"
+)
+
+// DefaultMetricsAddr is where the agent serves /healthz, /readyz and
+// /metrics unless told otherwise.
+const DefaultMetricsAddr = "127.0.0.1:15299"
+
+// DefaultStateDir keeps the agent's pod registrations across restarts.
+const DefaultStateDir = "/run/meshsplice"
+
+// Config configures an Agent.
+type Config struct {
+	PinDir     string // bpffs directory (datapath.DefaultPinDir)
+	CgroupPath string // cgroup v2 directory the programs attach to
+	CNISocket  string // unix socket of the CNI API (api.DefaultSocket)
+	StateDir   string // where registrations are kept (DefaultStateDir)
+	// MetricsAddr serves /healthz, /readyz and /metrics; "" disables.
+	MetricsAddr string
+	// Node overrides: a node switch is on only if the agent's flag AND the
+	// mesh-wide meshsplice ConfigMap say so.
+	NodeCapture, NodeSplice bool
+	Source                  istio.Source
+	Log                     *slog.Logger
+}
+
+// Agent is a running node agent.
+type Agent struct {
+	cfg Config
+	log *slog.Logger
+	dp  *datapath.Datapath
+
+	mu     sync.Mutex
+	pods   map[string]*pod // by container ID
+	istio  istio.Config
+	ready  bool
+	loaded chan struct{} // closed once the first Istio config arrived
+}
+
+type pod struct {
+	Reg      api.PodRegistration `json:"registration"`
+	Cookie   uint64              `json:"netns_cookie"`
+	Traffic  istio.Traffic       `json:"-"`
+	Warnings []string            `json:"-"`
+}
+
+// Run starts the agent and blocks until ctx ends. The datapath stays
+// attached when it returns: traffic keeps flowing without the agent.
+func Run(ctx context.Context, cfg Config) error {
+	a, err := New(cfg)
+	if err != nil {
+		return err
+	}
+	defer a.Close()
+	return a.Serve(ctx)
+}
+
+// New opens the datapath and reloads the saved registrations, but does not
+// serve yet.
+func New(cfg Config) (*Agent, error) {
+	if cfg.Log == nil {
+		cfg.Log = slog.New(slog.DiscardHandler)
+	}
+	if cfg.CNISocket == "" {
+		cfg.CNISocket = api.DefaultSocket
+	}
+	if cfg.StateDir == "" {
+		cfg.StateDir = DefaultStateDir
+	}
+	if cfg.Source == nil {
+		return nil, errors.New("agent: no Istio config source")
+	}
+	dp, err := datapath.Open(datapath.Options{
+		PinDir: cfg.PinDir, CgroupPath: cfg.CgroupPath, Logger: cfg.Log,
+		Node: datapath.NodeSettings{Capture: cfg.NodeCapture, Splice: cfg.NodeSplice},
+	})
+	if err != nil {
+		return nil, err
+	}
+	a := &Agent{cfg: cfg, log: cfg.Log, dp: dp, pods: map[string]*pod{}, loaded: make(chan struct{}),
+		istio: istio.Config{Mesh: istio.DefaultMeshConfig(), Node: istio.NodeSwitches{Capture: true, Splice: true}}}
+	if err := a.loadState(); err != nil {
+		dp.Close()
+		return nil, err
+	}
+	return a, nil
+}
+
+// Datapath gives access to the kernel side (status, tests).
+func (a *Agent) Datapath() *datapath.Datapath { return a.dp }
+
+// Close releases the datapath handles; the datapath stays attached.
+func (a *Agent) Close() error { return a.dp.Close() }
+
+// Serve runs the config source, the CNI API and the metrics server until ctx
+// ends.
+func (a *Agent) Serve(ctx context.Context) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	errc := make(chan error, 3)
+	updates := make(chan istio.Config)
+	go func() { errc <- a.cfg.Source.Run(ctx, updates) }()
+	go func() {
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case c := <-updates:
+				a.applyConfig(c)
+			}
+		}
+	}()
+	// Register pods only once the configuration is known: the defaults
+	// (ports, interception mode) come from it.
+	select {
+	case <-a.loaded:
+	case err := <-errc:
+		return fmt.Errorf("istio config: %w", err)
+	case <-ctx.Done():
+		return nil
+	}
+
+	apiSrv, err := api.Listen(a.cfg.CNISocket, a, a.log)
+	if err != nil {
+		return err
+	}
+	go func() {
+		<-ctx.Done()
+		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		apiSrv.Shutdown(sctx)
+	}()
+	go func() { errc <- apiSrv.Serve() }()
+
+	if a.cfg.MetricsAddr != "" {
+		mln, err := net.Listen("tcp", a.cfg.MetricsAddr)
+		if err != nil {
+			return fmt.Errorf("listen on %s: %w", a.cfg.MetricsAddr, err)
+		}
+		msrv := &http.Server{Handler: a.metricsHandler(), ReadHeaderTimeout: 5 * time.Second}
+		go func() { errc <- serveUntil(ctx, msrv, mln) }()
+	}
+	a.mu.Lock()
+	a.ready = true
+	a.mu.Unlock()
+	a.log.Info("agent ready", "cni_socket", a.cfg.CNISocket, "metrics", a.cfg.MetricsAddr, "pods", len(a.pods))
+	select {
+	case <-ctx.Done():
+		return nil
+	case err := <-errc:
+		return err
+	}
+}
+
+func serveUntil(ctx context.Context, srv *http.Server, ln net.Listener) error {
+	go func() {
+		<-ctx.Done()
+		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		srv.Shutdown(sctx)
+	}()
+	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}
+
+// applyConfig makes the kernel follow a new Istio configuration: node
+// switches, and every pod re-resolved against the new defaults.
+func (a *Agent) applyConfig(c istio.Config) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.istio = c
+	node := datapath.NodeSettings{Capture: a.cfg.NodeCapture && c.Node.Capture, Splice: a.cfg.NodeSplice && c.Node.Splice}
+	if err := a.dp.SetNode(node); err != nil {
+		a.log.Error("apply node switches", "error", err)
+	}
+	var result *multierror.Error
+	for id, p := range a.pods {
+		if err := a.programPod(p); err != nil {
+			result = multierror.Append(result, fmt.Errorf("%s: %w", id, err))
+		}
+	}
+	if err := result.ErrorOrNil(); err != nil {
+		a.log.Error("reconcile pods with the new config", "error", err)
+	}
+	a.log.Info("istio config applied", "node", node, "pods", len(a.pods),
+		"authorization_policies", len(c.AuthorizationPolicies), "sources", c.Sources)
+	select {
+	case <-a.loaded:
+	default:
+		close(a.loaded)
+	}
+}
+
+// programPod resolves a pod's settings and writes them to the kernel.
+// Called with a.mu held.
+func (a *Agent) programPod(p *pod) error {
+	tr, warnings, err := istio.ParseTraffic(p.Reg.Annotations, a.istio.Defaults())
+	if err != nil {
+		return fmt.Errorf("%w: pod %s: %w", api.ErrInvalidRequest, p.Reg, err)
+	}
+	p.Traffic, p.Warnings = tr, warnings
+	if tr.Capture {
+		if err := redirect.PreparePodNetns(p.Reg.Netns); err != nil {
+			return err
+		}
+	}
+	return a.dp.AddPod(datapath.Pod{NetnsPath: p.Reg.Netns, Cookie: p.Cookie, IPs: p.Reg.IPs, Traffic: tr})
+}
+
+// AddPod implements api.Registry.
+func (a *Agent) AddPod(_ context.Context, req api.PodRegistration) (api.PodStatus, error) {
+	cookie, err := datapath.NetnsCookie(req.Netns)
+	if err != nil {
+		return api.PodStatus{}, fmt.Errorf("%w: netns: %w", api.ErrInvalidRequest, err)
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for id, other := range a.pods {
+		if id != req.ContainerID && other.Cookie == cookie {
+			return api.PodStatus{}, fmt.Errorf("%w: netns %s is registered already for %s", api.ErrConflict, req.Netns, other.Reg)
+		}
+	}
+	p := &pod{Reg: req, Cookie: cookie}
+	if _, _, err := istio.ParseTraffic(req.Annotations, a.istio.Defaults()); err != nil {
+		return api.PodStatus{}, fmt.Errorf("%w: pod %s: %w", api.ErrInvalidRequest, req, err)
+	}
+	prev := a.pods[req.ContainerID]
+	a.pods[req.ContainerID] = p
+	if err := a.saveState(); err != nil {
+		a.restore(req.ContainerID, prev)
+		return api.PodStatus{}, err
+	}
+	if err := a.programPod(p); err != nil {
+		a.restore(req.ContainerID, prev)
+		a.saveState()
+		a.dp.RemovePod(cookie)
+		return api.PodStatus{}, err
+	}
+	for _, w := range p.Warnings {
+		a.log.Warn("pod settings", "pod", req.String(), "warning", w)
+	}
+	return statusOf(p), nil
+}
+
+func (a *Agent) restore(id string, prev *pod) {
+	if prev == nil {
+		delete(a.pods, id)
+	} else {
+		a.pods[id] = prev
+	}
+}
+
+// CheckPod implements api.Registry: the pod is known and the kernel holds it.
+func (a *Agent) CheckPod(_ context.Context, containerID string) (api.PodStatus, error) {
+	a.mu.Lock()
+	p, ok := a.pods[containerID]
+	a.mu.Unlock()
+	if !ok {
+		return api.PodStatus{}, fmt.Errorf("%w: %s", api.ErrPodNotFound, containerID)
+	}
+	pods, err := a.dp.Pods()
+	if err != nil {
+		return api.PodStatus{}, err
+	}
+	for _, kp := range pods {
+		if kp.Cookie == p.Cookie {
+			return statusOf(p), nil
+		}
+	}
+	return api.PodStatus{}, fmt.Errorf("%w: %s is registered but missing from the kernel tables", api.ErrConflict, p.Reg)
+}
+
+// RemovePod implements api.Registry; unknown pods are not an error.
+func (a *Agent) RemovePod(_ context.Context, containerID string) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	p, ok := a.pods[containerID]
+	if !ok {
+		return nil
+	}
+	if err := a.dp.RemovePod(p.Cookie); err != nil {
+		return err
+	}
+	delete(a.pods, containerID)
+	a.log.Info("pod unregistered", "pod", p.Reg.String())
+	return a.saveState()
+}
+
+// Health implements api.HealthChecker.
+func (a *Agent) Health(context.Context) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if !a.ready {
+		return fmt.Errorf("%w: waiting for the Istio configuration", api.ErrNotReady)
+	}
+	return nil
+}
+
+// Pods returns the registered pods, sorted by container ID.
+func (a *Agent) Pods() []api.PodStatus {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	out := make([]api.PodStatus, 0, len(a.pods))
+	for _, p := range a.pods {
+		out = append(out, statusOf(p))
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Pod.ContainerID < out[j].Pod.ContainerID })
+	return out
+}
+
+func statusOf(p *pod) api.PodStatus {
+	return api.PodStatus{Pod: p.Reg, Capture: p.Traffic.Capture, Splice: p.Traffic.Splice, Warnings: p.Warnings}
+}
+
+func (a *Agent) statePath() string { return filepath.Join(a.cfg.StateDir, "pods.json") }
+
+// saveState writes the registrations atomically. Called with a.mu held.
+func (a *Agent) saveState() error {
+	if err := os.MkdirAll(a.cfg.StateDir, 0o700); err != nil {
+		return fmt.Errorf("state dir: %w", err)
+	}
+	var list []*pod
+	for _, p := range a.pods {
+		list = append(list, p)
+	}
+	sort.Slice(list, func(i, j int) bool { return list[i].Reg.ContainerID < list[j].Reg.ContainerID })
+	b, err := json.MarshalIndent(list, "", "  ")
+	if err != nil {
+		return err
+	}
+	tmp := a.statePath() + ".tmp"
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+		return fmt.Errorf("save pods: %w", err)
+	}
+	if err := os.Rename(tmp, a.statePath()); err != nil {
+		return fmt.Errorf("save pods: %w", err)
+	}
+	return nil
+}
+
+// loadState reloads registrations of an earlier agent. A pod whose netns is
+// gone, or now has another cookie, is dropped (and removed from the
+// kernel); kernel pods nobody registered are removed too.
+func (a *Agent) loadState() error {
+	b, err := os.ReadFile(a.statePath())
+	if errors.Is(err, os.ErrNotExist) {
+		b = []byte("[]")
+	} else if err != nil {
+		return fmt.Errorf("load pods: %w", err)
+	}
+	var list []*pod
+	if err := json.Unmarshal(b, &list); err != nil {
+		return fmt.Errorf("load pods from %s: %w", a.statePath(), err)
+	}
+	keep := map[uint64]bool{}
+	for _, p := range list {
+		if c, err := datapath.NetnsCookie(p.Reg.Netns); err != nil || c != p.Cookie {
+			a.log.Info("dropping pod whose netns is gone", "pod", p.Reg.String(), "netns", p.Reg.Netns)
+			a.dp.RemovePod(p.Cookie)
+			continue
+		}
+		a.pods[p.Reg.ContainerID] = p
+		keep[p.Cookie] = true
+	}
+	kernel, err := a.dp.Pods()
+	if err != nil {
+		return err
+	}
+	for _, kp := range kernel {
+		if !keep[kp.Cookie] {
+			a.log.Info("removing a kernel pod no registration knows", "netns_cookie", kp.Cookie)
+			a.dp.RemovePod(kp.Cookie)
+		}
+	}
+	// Programmed with the current config once it arrives (applyConfig).
+	return nil
+}

@@ -1,0 +1,59 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"strings"
+
+	"github.com/meshsplice/meshsplice/agent"
+	"github.com/meshsplice/meshsplice/agent/api"
+	"github.com/meshsplice/meshsplice/datapath"
+	"github.com/meshsplice/meshsplice/internal/cgroups"
+	"github.com/meshsplice/meshsplice/istio"
+)
+
+func runAgent(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("agent", flag.ContinueOnError)
+	standalone := fs.Bool("standalone", false, "run without Kubernetes: pods come from the CNI plugin, Istio config from --istio-config")
+	configDir := fs.String("istio-config", "", "folder of Istio YAML (mesh config, AuthorizationPolicy, meshsplice ConfigMap); edits apply without a restart")
+	cgroup := fs.String("cgroup", "", "cgroup v2 directory to attach to (default: the cgroup v2 root, from /proc/self/mountinfo)")
+	pinDir := fs.String("pin-dir", datapath.DefaultPinDir, "bpffs directory for maps and links")
+	socket := fs.String("cni-socket", api.DefaultSocket, "unix socket the CNI plugin registers pods on")
+	stateDir := fs.String("state-dir", agent.DefaultStateDir, "where pod registrations are kept across agent restarts")
+	metrics := fs.String("metrics-addr", agent.DefaultMetricsAddr, "address of /healthz, /readyz, /metrics and /pods (empty: off)")
+	capture := fs.Bool("capture", true, "node switch: capture meshed pods' traffic (new connections)")
+	splice := fs.Bool("splice", true, "node switch: splice (new connections)")
+	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
+		return fmt.Errorf("--log-level: %w", err)
+	}
+	log := slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	if !*standalone {
+		return errors.New("only --standalone is available in this version: the Kubernetes config source is not built yet")
+	}
+	if *configDir == "" {
+		return errors.New("--standalone needs --istio-config DIR")
+	}
+	if *cgroup == "" {
+		root, err := cgroups.Mount()
+		if err != nil {
+			return err
+		}
+		*cgroup = root
+	}
+	log.Info("starting meshsplice agent", "cgroup", *cgroup, "pin_dir", *pinDir, "istio_config", *configDir,
+		"args", strings.Join(args, " "))
+	return agent.Run(ctx, agent.Config{
+		PinDir: *pinDir, CgroupPath: *cgroup, CNISocket: *socket, StateDir: *stateDir,
+		MetricsAddr: *metrics, NodeCapture: *capture, NodeSplice: *splice,
+		Source: istio.NewFileSource(*configDir, log), Log: log,
+	})
+}

@@ -1,0 +1,87 @@
+package istio
+
+import (
+	"context"
+	"fmt"
+
+	meshv1alpha1 "istio.io/api/mesh/v1alpha1"
+	securityv1 "istio.io/client-go/pkg/apis/security/v1"
+)
+
+// Config is everything meshsplice reads from Istio's configuration: what a
+// config Source delivers, whole, each time something changes.
+type Config struct {
+	// Mesh is the mesh config (the "mesh" key of the istio ConfigMap), with
+	// Istio's defaults for what it does not set.
+	Mesh *meshv1alpha1.MeshConfig
+	// Node holds meshsplice's switches from the meshsplice ConfigMap.
+	Node NodeSwitches
+	// AuthorizationPolicies are the security.istio.io/v1 policies.
+	AuthorizationPolicies []*securityv1.AuthorizationPolicy
+	// Sources names where each part came from, for status and logs.
+	Sources []string
+}
+
+// NodeSwitches are meshsplice's own switches, from the data of a ConfigMap
+// named "meshsplice" (keys "capture" and "splice": "enabled" or
+// "disabled"; both default to enabled).
+type NodeSwitches struct {
+	Capture bool
+	Splice  bool
+}
+
+// Defaults turns the mesh config into the defaults a pod's annotations are
+// resolved against.
+func (c Config) Defaults() Defaults {
+	d := DefaultDefaults()
+	if c.Mesh == nil {
+		return d
+	}
+	if p := c.Mesh.GetProxyListenPort(); p > 0 && p < 65536 {
+		d.OutboundPort = uint16(p)
+	}
+	if p := c.Mesh.GetProxyInboundListenPort(); p > 0 && p < 65536 {
+		d.InboundPort = uint16(p)
+	}
+	if dc := c.Mesh.GetDefaultConfig(); dc != nil {
+		if dc.GetInterceptionMode() == meshv1alpha1.ProxyConfig_TPROXY {
+			d.InterceptionMode = "TPROXY"
+		}
+		if p := dc.GetStatusPort(); p > 0 && p < 65536 {
+			d.StatusPort = uint16(p)
+		}
+	}
+	return d
+}
+
+// TrustDomain is the mesh's SPIFFE trust domain (default cluster.local).
+func (c Config) TrustDomain() string {
+	if td := c.Mesh.GetTrustDomain(); td != "" {
+		return td
+	}
+	return "cluster.local"
+}
+
+// Source delivers Istio configuration: the standalone folder of YAML
+// (FileSource) or, on Kubernetes, the API server. Run sends the current
+// Config as soon as it has one and then a new one after every change, until
+// ctx ends. A source never sends a half-read state: when a change is
+// invalid it reports the error and keeps the last good Config.
+type Source interface {
+	Run(ctx context.Context, updates chan<- Config) error
+}
+
+// DefaultMeshConfig returns Istio's defaults for the fields meshsplice
+// reads.
+func DefaultMeshConfig() *meshv1alpha1.MeshConfig {
+	return &meshv1alpha1.MeshConfig{
+		ProxyListenPort:        15001,
+		ProxyInboundListenPort: 15006,
+		TrustDomain:            "cluster.local",
+		DefaultConfig:          &meshv1alpha1.ProxyConfig{StatusPort: 15020},
+	}
+}
+
+func (s NodeSwitches) String() string {
+	return fmt.Sprintf("capture=%v splice=%v", s.Capture, s.Splice)
+}
