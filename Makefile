@@ -5,12 +5,22 @@ BIN := bin
 # Tests create network namespaces, cgroups and BPF programs: they need root.
 TEST_FLAGS ?= -count=1 -timeout 20m
 
-.PHONY: all build generate check-generated test unit lint demo bench clean
+
+.PHONY: all build demo-bins generate check-generated test unit lint demo bench clean
 
 all: build
 
 build:
 	$(GO) build -o $(BIN)/ ./cmd/...
+
+# The demo also needs the test sidecar/echo/client programs and the
+# reference CNI plugins (built from their own module, see
+# cni/testdata/refplugins/go.mod, so their dependencies stay out of ours).
+demo-bins: build
+	$(GO) build -o $(BIN)/mstest ./e2e/mstest
+	$(GO) build -C cni/testdata/refplugins -o $(CURDIR)/$(BIN)/cni/ \
+		github.com/containernetworking/plugins/plugins/main/bridge \
+		github.com/containernetworking/plugins/plugins/ipam/host-local
 
 # generate compiles the BPF C with clang (CO-RE, bpf2go). The objects are
 # committed: building meshsplice needs no clang.
@@ -32,8 +42,9 @@ lint:
 	$(GO) vet ./...
 	clang-format-19 --dry-run --Werror bpf/*.c bpf/common.h
 
-demo: build
-	$(BIN)/meshsplice demo
+demo: demo-bins
+	@if [ "$$(id -u)" != 0 ]; then echo "make demo needs root (network namespaces, cgroups, BPF)"; exit 1; fi
+	$(BIN)/meshsplice demo --bin-dir $(BIN)
 
 bench: build
 	$(BIN)/meshsplice bench

@@ -22,6 +22,7 @@ var commands = []command{
 	{"agent", "run the node agent (datapath, pod registry, Istio config, metrics)", runAgent},
 	{"status", "show the registered pods and the kernel counters", runStatus},
 	{"uninstall", "detach and unpin everything (works without the agent)", runUninstall},
+	{"demo", "run the standalone demo: a local mesh of netns pods, captured and spliced", runDemo},
 }
 
 func usage() {

@@ -3,6 +3,7 @@ package main
 import (
 	"encoding/binary"
 	"os"
+	"slices"
 
 	"errors"
 	"flag"
@@ -36,6 +37,27 @@ type resultEvent struct {
 	Local     string   `json:"local"`
 	Remote    string   `json:"remote"`
 	ElapsedMS float64  `json:"elapsed_ms"`
+	// Round-trip latency percentiles of request/response exchanges (not
+	// with --pipelined), in microseconds.
+	P50US  float64 `json:"p50_us,omitempty"`
+	P90US  float64 `json:"p90_us,omitempty"`
+	P99US  float64 `json:"p99_us,omitempty"`
+	P999US float64 `json:"p999_us,omitempty"`
+
+	rtts []time.Duration
+}
+
+// percentiles fills the latency fields from the recorded round trips.
+func (r *resultEvent) percentiles() {
+	if len(r.rtts) == 0 {
+		return
+	}
+	slices.Sort(r.rtts)
+	at := func(q float64) float64 {
+		i := int(q * float64(len(r.rtts)-1))
+		return float64(r.rtts[i].Nanoseconds()) / 1e3
+	}
+	r.P50US, r.P90US, r.P99US, r.P999US = at(0.50), at(0.90), at(0.99), at(0.999)
 }
 
 // closedEvent is printed after a successful exchange (and --hold) when the
@@ -170,6 +192,7 @@ func runConn(idx int, cfg clientConfig, src net.Addr) bool {
 		addErr(fmt.Errorf("only %d of %d messages verified", res.Messages, cfg.messages))
 	}
 	res.ElapsedMS = msSince(start)
+	res.percentiles()
 	emit(res)
 	if !res.OK {
 		return false
@@ -195,6 +218,7 @@ func exchangeSerial(c *net.TCPConn, cfg clientConfig, gen *payloadGen, res *resu
 		}
 		msg := gen.message(uint32(i))
 		_ = c.SetWriteDeadline(time.Now().Add(cfg.timeout))
+		start := time.Now()
 		if _, err := c.Write(msg); err != nil {
 			addErr(fmt.Errorf("write message %d: %w", i, err))
 			return
@@ -203,6 +227,7 @@ func exchangeSerial(c *net.TCPConn, cfg clientConfig, gen *payloadGen, res *resu
 			addErr(err)
 			return
 		}
+		res.rtts = append(res.rtts, time.Since(start))
 		res.Messages++
 		res.Bytes += int64(len(msg))
 	}

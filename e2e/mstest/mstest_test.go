@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
-	"os/exec"
 	"strconv"
 	"strings"
 	"testing"
@@ -277,97 +276,3 @@ func TestSidecarWithoutRedirect(t *testing.T) {
 	}
 }
 
-// TestSidecarIptablesBaseline checks the sidecar end to end with Istio's
-// classic iptables interception (REDIRECT, which sets SO_ORIGINAL_DST
-// through conntrack): client -> outbound 15001 in the client pod ->
-// original destination -> inbound 15006 in the server pod -> echo, dialled
-// from 127.0.0.6. It is the reference the eBPF datapath must match.
-func TestSidecarIptablesBaseline(t *testing.T) {
-	testnet.RequireRoot(t)
-	for _, tool := range []string{"iptables", "ip6tables"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("%s not installed: %v", tool, err)
-		}
-	}
-	bin := testnet.BuildBinary(t, ".")
-	bn := testnet.NewBridgeNet(t, testnet.BridgeNetOpts{})
-	cli := bn.AddPod(t, "cli")
-	srv := bn.AddPod(t, "srv")
-
-	for _, tool := range []string{"iptables", "ip6tables"} {
-		cli.NS.Run(t, tool, "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "--dport", "8080",
-			"-m", "owner", "!", "--uid-owner", strconv.Itoa(sidecarUID), "-j", "REDIRECT", "--to-ports", "15001")
-		srv.NS.Run(t, tool, "-t", "nat", "-A", "PREROUTING", "-p", "tcp", "--dport", "8080", "-j", "REDIRECT", "--to-ports", "15006")
-	}
-	scArgs := []string{bin, "sidecar", "--outbound-port", "15001", "--inbound-port", "15006"}
-	cliSC := testnet.Start(t, testnet.StartOpts{NetNS: cli.NS, UID: sidecarUID, GID: sidecarUID, Name: "cli-sidecar", Args: scArgs})
-	srvSC := testnet.Start(t, testnet.StartOpts{NetNS: srv.NS, UID: sidecarUID, GID: sidecarUID, Name: "srv-sidecar", Args: scArgs})
-	for _, p := range []*testnet.Proc{cliSC, srvSC} {
-		if _, err := p.WaitEvent(10*time.Second, "ready"); err != nil {
-			t.Fatal(err)
-		}
-	}
-	echo := startServer(t, bin, testnet.StartOpts{NetNS: srv.NS}, "echo", "--port", "8080")
-
-	for _, ip := range []netip.Addr{srv.IPv4, srv.IPv6} {
-		t.Run(map[bool]string{true: "v4", false: "v6"}[ip.Is4()], func(t *testing.T) {
-			dst := target(ip, 8080)
-			results := clientRun(t, bin, cli.NS, true, "--target", dst, "--messages", "100", "--size", "3000", "--pipelined")
-			r := results[0]
-			if !r.Bool("ok") {
-				t.Fatalf("result %v", r)
-			}
-			out, err := cliSC.WaitEvent(5*time.Second, "accept", func(ev testnet.Event) bool { return ev.Str("peer") == r.Str("local") })
-			if err != nil {
-				t.Fatal(err)
-			}
-			if out.Str("listener") != "outbound" || out.Str("orig_dst") != dst {
-				t.Errorf("client sidecar accept %v, want outbound with orig_dst %s", out, dst)
-			}
-			up, err := cliSC.WaitEvent(5*time.Second, "upstream", func(ev testnet.Event) bool { return ev.Int("id") == out.Int("id") })
-			if err != nil {
-				t.Fatal(err)
-			}
-			in, err := srvSC.WaitEvent(5*time.Second, "accept", func(ev testnet.Event) bool { return ev.Str("peer") == up.Str("local") })
-			if err != nil {
-				t.Fatal(err)
-			}
-			if in.Str("listener") != "inbound" || in.Str("orig_dst") != dst {
-				t.Errorf("server sidecar accept %v, want inbound with orig_dst %s", in, dst)
-			}
-			inUp, err := srvSC.WaitEvent(5*time.Second, "upstream", func(ev testnet.Event) bool { return ev.Int("id") == in.Int("id") })
-			if err != nil {
-				t.Fatal(err)
-			}
-			src, err := netip.ParseAddrPort(inUp.Str("local"))
-			if err != nil {
-				t.Fatal(err)
-			}
-			if ip.Is4() && src.Addr() != netip.MustParseAddr("127.0.0.6") {
-				t.Errorf("inbound upstream from %s, want 127.0.0.6", src)
-			}
-			if ip.Is6() && src.Addr() != netip.MustParseAddr("::6") {
-				// ::6 is not configured in the pod: expect the fallback.
-				if _, err := srvSC.WaitEvent(time.Second, "warning", func(ev testnet.Event) bool { return ev.Int("id") == in.Int("id") }); err != nil {
-					t.Errorf("inbound upstream from %s without a warning event: %v", src, err)
-				}
-			}
-			if _, err := echo.WaitEvent(5*time.Second, "accept", func(ev testnet.Event) bool { return ev.Str("peer") == inUp.Str("local") }); err != nil {
-				t.Error(err)
-			}
-			for _, p := range []*testnet.Proc{cliSC, srvSC} {
-				id := out.Int("id")
-				if p == srvSC {
-					id = in.Int("id")
-				}
-				cl, err := p.WaitEvent(5*time.Second, "close", func(ev testnet.Event) bool { return ev.Int("id") == id })
-				if err != nil {
-					t.Fatal(err)
-				}
-				if cl.Int("bytes_up") != r.Int("bytes") || cl.Int("bytes_down") != r.Int("bytes") || cl.Str("error") != "" {
-					t.Errorf("sidecar close %v, client exchanged %d bytes", cl, r.Int("bytes"))
-				}
-			}
-		})
-	}
-}
