@@ -271,4 +271,3 @@ func splitYAML(b []byte) [][]byte {
 	}
 	return out
 }
-

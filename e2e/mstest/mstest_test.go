@@ -275,4 +275,3 @@ func TestSidecarWithoutRedirect(t *testing.T) {
 		})
 	}
 }
-

@@ -81,4 +81,3 @@ func unescapeMountinfo(s string) string {
 	}
 	return b.String()
 }
-

@@ -19,4 +19,3 @@ func TestParseMount(t *testing.T) {
 		t.Fatalf("no cgroup2 mount: got %q, want error", got)
 	}
 }
-
