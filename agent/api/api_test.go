@@ -14,11 +14,11 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/meshsplice/meshsplice/agent/api"
+	"github.com/meshsplice/meshsplice/agent/api/apitest"
 )
 
 // socketPath returns a socket path in a fresh temporary directory, short
@@ -99,7 +99,7 @@ func pod(id string) api.PodRegistration {
 }
 
 func TestRoundTrip(t *testing.T) {
-	reg := &api.MemRegistry{}
+	reg := &apitest.MemRegistry{}
 	socket := serve(t, api.NewHandler(reg, nil))
 	c := newClient(t, socket, 0)
 	ctx := context.Background()
@@ -167,7 +167,7 @@ func assertPod(tb testing.TB, got, want api.PodRegistration) {
 }
 
 func TestJSONShapes(t *testing.T) {
-	socket := serve(t, api.NewHandler(&api.MemRegistry{}, nil))
+	socket := serve(t, api.NewHandler(&apitest.MemRegistry{}, nil))
 	body := `{"containerID":"abc","netns":"/run/netns/x","ifName":"eth0","ips":["10.0.0.2","fd00::2"],
 		"podName":"p","podNamespace":"ns","serviceAccount":"sa","annotations":{"a":"b"},"futureField":1}`
 	status, b := raw(t, socket, http.MethodPost, "/v1/pods", body)
@@ -200,7 +200,7 @@ func TestJSONShapes(t *testing.T) {
 }
 
 func TestBadRequests(t *testing.T) {
-	socket := serve(t, api.NewHandler(&api.MemRegistry{}, nil))
+	socket := serve(t, api.NewHandler(&apitest.MemRegistry{}, nil))
 	good := `"containerID":"abc","netns":"/run/netns/x","ifName":"eth0"`
 	tests := []struct {
 		name, method, path, body string
@@ -236,6 +236,9 @@ func TestBadRequests(t *testing.T) {
 		{"wrong method", "PUT", "/v1/pods", "{}", 405, api.CodeMethodNotAllowed, []string{"POST"}},
 		{"wrong method on pod", "POST", "/v1/pods/abc", "{}", 405, api.CodeMethodNotAllowed, []string{"GET, DELETE"}},
 	}
+	// For these the message is exactly "invalid request: " and msg joined
+	// by "; ".
+	exact := map[string]bool{"bad ip": true, "name not a string": true, "missing fields": true, "relative netns": true, "unspecified ip": true}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			status, b := raw(t, socket, tt.method, tt.path, tt.body)
@@ -254,6 +257,9 @@ func TestBadRequests(t *testing.T) {
 					t.Errorf("message %q does not contain %q", e.Message, m)
 				}
 			}
+			if exact[tt.name] && e.Message != "invalid request: "+strings.Join(tt.msg, "; ") {
+				t.Errorf("message %q, want %q", e.Message, "invalid request: "+strings.Join(tt.msg, "; "))
+			}
 		})
 	}
 }
@@ -268,7 +274,7 @@ func (f failingRegistry) CheckPod(context.Context, string) (api.PodStatus, error
 	return api.PodStatus{}, f.err
 }
 func (f failingRegistry) RemovePod(context.Context, string) error { return f.err }
-func (f failingRegistry) Health(context.Context) error          { return f.err }
+func (f failingRegistry) Health(context.Context) error            { return f.err }
 
 func TestErrorMapping(t *testing.T) {
 	tests := []struct {
@@ -349,7 +355,7 @@ func TestUnreachable(t *testing.T) {
 }
 
 // blockingRegistry never answers before the request is cancelled.
-type blockingRegistry struct{ api.MemRegistry }
+type blockingRegistry struct{ apitest.MemRegistry }
 
 func (b *blockingRegistry) AddPod(ctx context.Context, _ api.PodRegistration) (api.PodStatus, error) {
 	<-ctx.Done()
@@ -379,7 +385,7 @@ func TestTimeout(t *testing.T) {
 }
 
 func TestHealthNotReady(t *testing.T) {
-	reg := &api.MemRegistry{}
+	reg := &apitest.MemRegistry{}
 	socket := serve(t, api.NewHandler(reg, nil))
 	c := newClient(t, socket, 0)
 	ctx := context.Background()
@@ -396,70 +402,6 @@ func TestHealthNotReady(t *testing.T) {
 	}
 }
 
-func TestMemRegistryDecides(t *testing.T) {
-	const status = "sidecar.istio.io/status"
-	tests := []struct {
-		name          string
-		ann           map[string]string
-		capture, spl  bool
-		warn, invalid bool
-	}{
-		{"no sidecar", nil, false, false, false, false},
-		{"sidecar", map[string]string{status: "{}"}, true, true, false, false},
-		{"opted out", map[string]string{status: "{}", "meshsplice.io/capture": "disabled"}, false, false, false, false},
-		{"no splice", map[string]string{status: "{}", "meshsplice.io/splice": "disabled"}, true, false, false, false},
-		{"unsupported", map[string]string{status: "{}", "traffic.sidecar.istio.io/kubevirtInterfaces": "x"}, true, true, true, false},
-		{"invalid", map[string]string{status: "{}", "traffic.sidecar.istio.io/includeInboundPorts": "x"}, false, false, false, true},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			var reg api.MemRegistry
-			p := pod("c1")
-			p.Annotations = tt.ann
-			st, err := reg.AddPod(context.Background(), p)
-			if tt.invalid {
-				if !errors.Is(err, api.ErrInvalidRequest) || !strings.Contains(err.Error(), "includeInboundPorts") {
-					t.Fatalf("AddPod: %v, want ErrInvalidRequest naming the annotation", err)
-				}
-				if _, ok := reg.Pod("c1"); ok {
-					t.Error("an invalid pod was registered")
-				}
-				return
-			}
-			if err != nil {
-				t.Fatal(err)
-			}
-			if st.Capture != tt.capture || st.Splice != tt.spl || (len(st.Warnings) > 0) != tt.warn {
-				t.Errorf("capture=%v splice=%v warnings=%q, want %v %v warnings=%v", st.Capture, st.Splice, st.Warnings, tt.capture, tt.spl, tt.warn)
-			}
-		})
-	}
-}
-
-func TestMemRegistryConcurrent(t *testing.T) {
-	var reg api.MemRegistry
-	ctx := context.Background()
-	var wg sync.WaitGroup
-	for i := range 8 {
-		wg.Go(func() {
-			id := fmt.Sprintf("c%d", i)
-			for range 50 {
-				if _, err := reg.AddPod(ctx, pod(id)); err != nil {
-					t.Error(err)
-					return
-				}
-				_, _ = reg.CheckPod(ctx, id)
-				_ = reg.Pods()
-				_ = reg.RemovePod(ctx, id)
-			}
-		})
-	}
-	wg.Wait()
-	if n := len(reg.Pods()); n != 0 {
-		t.Errorf("%d pods left", n)
-	}
-}
-
 func TestListen(t *testing.T) {
 	path := socketPath(t)
 	// A stale socket from a crashed agent is replaced.
@@ -470,7 +412,7 @@ func TestListen(t *testing.T) {
 	ln.(*net.UnixListener).SetUnlinkOnClose(false)
 	ln.Close()
 
-	srv, err := api.Listen(path, &api.MemRegistry{}, nil)
+	srv, err := api.Listen(path, &apitest.MemRegistry{}, nil)
 	if err != nil {
 		t.Fatalf("Listen over a stale socket: %v", err)
 	}
@@ -490,7 +432,7 @@ func TestListen(t *testing.T) {
 		t.Fatalf("Health: %v", err)
 	}
 	// A live socket is not taken over.
-	if _, err := api.Listen(path, &api.MemRegistry{}, nil); err == nil || !strings.Contains(err.Error(), "another process is listening") {
+	if _, err := api.Listen(path, &apitest.MemRegistry{}, nil); err == nil || !strings.Contains(err.Error(), "another process is listening") {
 		t.Errorf("Listen on a live socket: %v, want an error", err)
 	}
 	// Not a socket: left alone.
@@ -498,7 +440,7 @@ func TestListen(t *testing.T) {
 	if err := os.WriteFile(file, nil, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := api.Listen(file, &api.MemRegistry{}, nil); err == nil || !strings.Contains(err.Error(), "not a socket") {
+	if _, err := api.Listen(file, &apitest.MemRegistry{}, nil); err == nil || !strings.Contains(err.Error(), "not a socket") {
 		t.Errorf("Listen on a regular file: %v, want an error", err)
 	}
 

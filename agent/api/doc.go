@@ -3,7 +3,9 @@
 // over a unix socket, by default [DefaultSocket] (/run/meshsplice/cni.sock).
 // The agent serves it with [NewHandler] (or [Listen]) on top of a
 // [Registry], the agent's own pod bookkeeping; the plugin calls it with a
-// [Client]. [MemRegistry] is an in-memory Registry for tests.
+// [Client]. Package apitest has an in-memory Registry for tests. The package
+// depends on the standard library only: the CNI plugin links it, and it
+// runs once per pod.
 //
 // Being plain HTTP, it can be poked at with curl:
 //

@@ -136,6 +136,12 @@ func (r *PodRegistration) UnmarshalJSON(b []byte) error {
 	}
 	w.plain = (*plain)(r)
 	if err := json.Unmarshal(b, &w); err != nil {
+		// Name the field as the client spelled it, without the
+		// embedded alias.
+		var typeErr *json.UnmarshalTypeError
+		if errors.As(err, &typeErr) {
+			typeErr.Field = strings.TrimPrefix(typeErr.Field, "plain.")
+		}
 		return err
 	}
 	r.IPs = nil

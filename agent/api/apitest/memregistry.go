@@ -1,4 +1,8 @@
-package api
+// Package apitest provides an in-memory api.Registry for tests of the agent
+// API's clients, the CNI plugin above all. It is a package of its own so
+// that the API package, which the CNI plugin links, stays free of the
+// istio package and its dependencies.
+package apitest
 
 import (
 	"context"
@@ -8,54 +12,56 @@ import (
 	"strings"
 	"sync"
 
+	"github.com/meshsplice/meshsplice/agent/api"
 	"github.com/meshsplice/meshsplice/istio"
 )
 
-// MemRegistry is a Registry that keeps registrations in memory and touches
-// no kernel state: for tests of the API's clients, the CNI plugin above
-// all. It decides Capture and Splice from the pod's annotations with
+// MemRegistry is an api.Registry that keeps registrations in memory and
+// touches no kernel state. It decides Capture and Splice from the pod's annotations with
 // istio.ParseTraffic and Istio's default settings, as the agent does, and
 // rejects registrations whose annotations do not parse. The zero value is
 // ready to use.
 type MemRegistry struct {
 	mu   sync.Mutex
-	pods map[string]PodStatus
+	pods map[string]api.PodStatus
 	// notReady is set by SetReady(false).
 	notReady bool
 }
 
-var _ Registry = (*MemRegistry)(nil)
-var _ HealthChecker = (*MemRegistry)(nil)
+var (
+	_ api.Registry      = (*MemRegistry)(nil)
+	_ api.HealthChecker = (*MemRegistry)(nil)
+)
 
 // AddPod registers or replaces a pod.
-func (m *MemRegistry) AddPod(_ context.Context, req PodRegistration) (PodStatus, error) {
+func (m *MemRegistry) AddPod(_ context.Context, req api.PodRegistration) (api.PodStatus, error) {
 	if err := req.Validate(); err != nil {
-		return PodStatus{}, err
+		return api.PodStatus{}, err
 	}
 	t, warnings, err := istio.ParseTraffic(req.Annotations, istio.DefaultDefaults())
 	if err != nil {
-		return PodStatus{}, fmt.Errorf("%w: annotations: %s", ErrInvalidRequest, strings.ReplaceAll(err.Error(), "\n", "; "))
+		return api.PodStatus{}, fmt.Errorf("%w: annotations: %s", api.ErrInvalidRequest, strings.ReplaceAll(err.Error(), "\n", "; "))
 	}
-	st := PodStatus{Pod: clonePod(req), Capture: t.Capture, Splice: t.Splice, Warnings: warnings}
+	st := api.PodStatus{Pod: clonePod(req), Capture: t.Capture, Splice: t.Splice, Warnings: warnings}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.notReady {
-		return PodStatus{}, fmt.Errorf("%w: registry switched off by SetReady(false)", ErrNotReady)
+		return api.PodStatus{}, fmt.Errorf("%w: registry switched off by SetReady(false)", api.ErrNotReady)
 	}
 	if m.pods == nil {
-		m.pods = map[string]PodStatus{}
+		m.pods = map[string]api.PodStatus{}
 	}
 	m.pods[req.ContainerID] = st
 	return cloneStatus(st), nil
 }
 
 // CheckPod returns a registered pod.
-func (m *MemRegistry) CheckPod(_ context.Context, containerID string) (PodStatus, error) {
+func (m *MemRegistry) CheckPod(_ context.Context, containerID string) (api.PodStatus, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	st, ok := m.pods[containerID]
 	if !ok {
-		return PodStatus{}, fmt.Errorf("container %s: %w", containerID, ErrPodNotFound)
+		return api.PodStatus{}, fmt.Errorf("container %s: %w", containerID, api.ErrPodNotFound)
 	}
 	return cloneStatus(st), nil
 }
@@ -68,18 +74,18 @@ func (m *MemRegistry) RemovePod(_ context.Context, containerID string) error {
 	return nil
 }
 
-// Health fails with ErrNotReady after SetReady(false).
+// Health fails with api.ErrNotReady after SetReady(false).
 func (m *MemRegistry) Health(context.Context) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.notReady {
-		return fmt.Errorf("%w: registry switched off by SetReady(false)", ErrNotReady)
+		return fmt.Errorf("%w: registry switched off by SetReady(false)", api.ErrNotReady)
 	}
 	return nil
 }
 
 // SetReady switches the registry between ready (the default) and not
-// ready, in which Health and AddPod fail with ErrNotReady.
+// ready, in which Health and AddPod fail with api.ErrNotReady.
 func (m *MemRegistry) SetReady(ready bool) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -87,7 +93,7 @@ func (m *MemRegistry) SetReady(ready bool) {
 }
 
 // Pod returns a registered pod and whether it is registered.
-func (m *MemRegistry) Pod(containerID string) (PodStatus, bool) {
+func (m *MemRegistry) Pod(containerID string) (api.PodStatus, bool) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	st, ok := m.pods[containerID]
@@ -95,24 +101,24 @@ func (m *MemRegistry) Pod(containerID string) (PodStatus, bool) {
 }
 
 // Pods returns every registered pod, sorted by container ID.
-func (m *MemRegistry) Pods() []PodStatus {
+func (m *MemRegistry) Pods() []api.PodStatus {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	ids := slices.Sorted(maps.Keys(m.pods))
-	out := make([]PodStatus, 0, len(ids))
+	out := make([]api.PodStatus, 0, len(ids))
 	for _, id := range ids {
 		out = append(out, cloneStatus(m.pods[id]))
 	}
 	return out
 }
 
-func clonePod(p PodRegistration) PodRegistration {
+func clonePod(p api.PodRegistration) api.PodRegistration {
 	p.IPs = slices.Clone(p.IPs)
 	p.Annotations = maps.Clone(p.Annotations)
 	return p
 }
 
-func cloneStatus(st PodStatus) PodStatus {
+func cloneStatus(st api.PodStatus) api.PodStatus {
 	st.Pod = clonePod(st.Pod)
 	st.Warnings = slices.Clone(st.Warnings)
 	return st
