@@ -657,3 +657,59 @@ func TestMPTCPSidecarListener(t *testing.T) {
 		t.Fatalf("app reached around the sidecar %d times", n)
 	}
 }
+
+// TestSwitchesNeverBreakLiveConnections: while spliced streams run, the
+// pod is re-registered opted out of splice and then of capture, and the
+// node switches go off. New connections follow the switches at once; the
+// live streams finish intact.
+func TestSwitchesNeverBreakLiveConnections(t *testing.T) {
+	m := newMesh(t)
+	node := testnet.NewBridgeNet(t, testnet.BridgeNetOpts{})
+	client := m.addPod(node, "client", injected(istio.AnnotationAppSplice, "true"))
+	server := m.addPod(node, "server", injected(istio.AnnotationAppSplice, "true"))
+	target := netip.AddrPortFrom(server.IPv4, appPort)
+	stream := m.start(client, "client-stream", appUID, "client", "--target", target.String(), "--pipelined",
+		"--messages", "20000", "--size", "100", "--interval", "20us")
+	if _, err := server.Sidecar.WaitEvent(waitFor, "upstream"); err != nil {
+		t.Fatal(err)
+	}
+	reregister := func(ann map[string]string) {
+		tr, _, err := istio.ParseTraffic(ann, istio.DefaultDefaults())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := m.dp.AddPod(datapath.Pod{NetnsPath: client.NS.Path(), Cookie: client.Cookie,
+			IPs: []netip.Addr{client.IPv4, client.IPv6}, Traffic: tr}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	before := m.counters()
+	reregister(injected(istio.AnnotationSplice, "disabled"))
+	m.client(client, appUID, target, "--messages", "10")
+	// The client pod's four sockets are left alone (its own three and the
+	// server sidecar's end facing it); the server pod's in-pod pair still
+	// splices, as that pod says.
+	if d := m.counters().Sub(before); d["connect.captured"] != 1 || d["sockops.skip_splice_off"] != 4 || d["sockops.sock_inserted"] != 2 {
+		t.Fatalf("pod splice off: %v", nonZero(d))
+	}
+	before = m.counters()
+	reregister(injected(istio.AnnotationCapture, "disabled"))
+	m.client(client, appUID, target, "--messages", "10")
+	if d := m.counters().Sub(before); d["connect.captured"] != 0 {
+		t.Fatalf("pod capture off: %v", nonZero(d))
+	}
+	if err := m.dp.SetNode(datapath.NodeSettings{}); err != nil {
+		t.Fatal(err)
+	}
+	before = m.counters()
+	m.client(client, appUID, netip.AddrPortFrom(server.IPv6, appPort), "--messages", "10")
+	if d := m.counters().Sub(before); d["sk_lookup.captured"] != 0 {
+		t.Fatalf("node capture off, server still captured inbound: %v", nonZero(d))
+	}
+	if err := stream.WaitTimeout(60 * time.Second); err != nil {
+		t.Fatalf("live stream broken: %v\n%s", err, strings.Join(stream.Lines(), "\n"))
+	}
+	if sum, err := stream.WaitEvent(time.Second, "summary"); err != nil || !sum.Bool("ok") {
+		t.Fatalf("live stream broken: %v %v", err, sum)
+	}
+}
