@@ -40,7 +40,7 @@ test:
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "not gofmt-ed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
-	clang-format-19 --dry-run --Werror bpf/*.c bpf/common.h
+	clang-format-19 --dry-run --Werror bpf/*.c bpf/*.h
 
 demo: demo-bins
 	@if [ "$$(id -u)" != 0 ]; then echo "make demo needs root (network namespaces, cgroups, BPF)"; exit 1; fi

@@ -21,25 +21,67 @@
  */
 #include "common.h"
 
+/* bound_to_passthrough: the socket was bound to Envoy's inbound
+ * passthrough source before connect(). */
+static __always_inline int bound_to_passthrough(struct bpf_sock *sk)
+{
+	struct ms_addr a;
+
+	if (!sk)
+		return 0;
+	if (LOAD_U32(sk, struct bpf_sock, family) == AF_INET) {
+		addr_from_ip4(&a, LOAD_U32(sk, struct bpf_sock, src_ip4));
+	} else {
+		a.ip[0] = LOAD_U32(sk, struct bpf_sock, src_ip6[0]);
+		a.ip[1] = LOAD_U32(sk, struct bpf_sock, src_ip6[1]);
+		a.ip[2] = LOAD_U32(sk, struct bpf_sock, src_ip6[2]);
+		a.ip[3] = LOAD_U32(sk, struct bpf_sock, src_ip6[3]);
+	}
+	return addr_is_passthrough(a.ip);
+}
+
+#define CONNECT_PASS	0 /* leave the connect alone */
+#define CONNECT_CAPTURE 1 /* rewrite the destination to the sidecar */
+#define CONNECT_DENY	2 /* policy forbids it: EPERM at once */
+
 /* capture_connect is the shared body of connect4 and connect6. dst is the
- * normalized (v4-mapped) destination; it returns 1 when the caller must
- * rewrite the destination to the sidecar. */
+ * normalized (v4-mapped) destination. */
 static __always_inline int capture_connect(struct bpf_sock_addr *ctx,
 					   const __u32 *dst, __u16 port,
 					   __u16 *sidecar_port)
 {
 	__u64 netns = bpf_get_netns_cookie(ctx);
+	struct ms_denial d = {};
 	struct ms_pod *pod;
 	struct ms_sk *st;
 	__u64 ugid;
 	__u32 verdict;
+	int reason;
 
 	pod = bpf_map_lookup_elem(&ms_pods, &netns);
 	if (!pod)
-		return 0; /* not a registered pod: never touched */
+		return CONNECT_PASS; /* not a registered pod: never touched */
 	count(MS_C_CONNECT_MESHED, 1);
-
 	ugid = bpf_get_current_uid_gid();
+
+	/* Policy, for every process of the pod, the sidecar included: a
+	 * compromised sidecar still cannot reach what policy forbids. Not
+	 * for the sidecar's inbound passthrough (bound to 127.0.0.6 / ::6),
+	 * which delivers a connection sk_lookup judged already. */
+	if (!addr_is_loopback(dst) && !bound_to_passthrough(ctx->sk)) {
+		reason =
+		    policy_denies(addr_is_v4(dst) ? pod->ip4.ip : pod->ip6.ip,
+				  pod->identity, dst, port, &d);
+		if (reason) {
+			d.uid = (__u32)ugid;
+			record_denial(&d, netns, MS_DIR_EGRESS, reason);
+			count(MS_C_POLICY_EGRESS_DENIED, 1);
+			return CONNECT_DENY;
+		}
+		if (d.policy_set)
+			count(MS_C_POLICY_EGRESS_ALLOWED, 1);
+	}
+
 	if ((__u32)ugid == pod->proxy_uid ||
 	    (__u32)(ugid >> 32) == pod->proxy_gid) {
 		/* The proxy's own connection. Mark the socket so sockops knows
@@ -51,13 +93,13 @@ static __always_inline int capture_connect(struct bpf_sock_addr *ctx,
 		count((pod->flags & MS_POD_CAPTURE) ? MS_C_SKIP_PROXY
 						    : MS_C_SKIP_CAPTURE_OFF,
 		      1);
-		return 0;
+		return CONNECT_PASS;
 	}
 
 	verdict = outbound_verdict(netns, pod, dst, port);
 	if (verdict != MS_C_CONNECT_CAPTURED) {
 		count(verdict, 1);
-		return 0;
+		return CONNECT_PASS;
 	}
 
 	st = bpf_sk_storage_get(&ms_sk_state, ctx->sk, 0,
@@ -66,14 +108,14 @@ static __always_inline int capture_connect(struct bpf_sock_addr *ctx,
 		/* Without the original destination the sidecar cannot
 		 * forward: leave this connect alone rather than break it. */
 		count(MS_C_CONNECT_NO_STORAGE, 1);
-		return 0;
+		return CONNECT_PASS;
 	}
 	__builtin_memcpy(st->orig.ip, dst, 16);
 	st->orig.port = port;
 	st->flags |= MS_SK_HAS_ORIG;
 	*sidecar_port = pod->outbound_port;
 	count(MS_C_CONNECT_CAPTURED, 1);
-	return 1;
+	return CONNECT_CAPTURE;
 }
 
 SEC("cgroup/connect4")
@@ -85,8 +127,10 @@ int ms_connect4(struct bpf_sock_addr *ctx)
 	if (ctx->type != SOCK_STREAM)
 		return 1;
 	addr_from_ip4(&dst, ctx->user_ip4);
-	if (capture_connect(ctx, dst.ip, bpf_ntohs((__u16)ctx->user_port),
-			    &sidecar_port)) {
+	switch (capture_connect(ctx, dst.ip, bpf_ntohs((__u16)ctx->user_port),
+				&sidecar_port)) {
+	case CONNECT_DENY: return 0; /* EPERM, no packet sent */
+	case CONNECT_CAPTURE:
 		ctx->user_ip4 = bpf_htonl(0x7f000001);
 		ctx->user_port = bpf_htons(sidecar_port);
 	}
@@ -109,9 +153,11 @@ int ms_connect6(struct bpf_sock_addr *ctx)
 	dst.ip[1] = ctx->user_ip6[1];
 	dst.ip[2] = ctx->user_ip6[2];
 	dst.ip[3] = ctx->user_ip6[3];
-	if (!capture_connect(ctx, dst.ip, bpf_ntohs((__u16)ctx->user_port),
-			     &sidecar_port))
-		return 1;
+	switch (capture_connect(ctx, dst.ip, bpf_ntohs((__u16)ctx->user_port),
+				&sidecar_port)) {
+	case CONNECT_DENY: return 0; /* EPERM, no packet sent */
+	case CONNECT_PASS: return 1;
+	}
 	/* One store per word, outside any branch: the verifier rejects the
 	 * pointer arithmetic clang makes of branch-dependent ctx stores. */
 	v4 = addr_is_v4(dst.ip);
@@ -254,12 +300,13 @@ static __always_inline int assign_listener(struct bpf_sk_lookup *ctx,
 SEC("sk_lookup")
 int ms_sk_lookup(struct bpf_sk_lookup *ctx)
 {
+	struct ms_denial d = {};
 	struct ms_addr dst, src;
 	struct ms_pod *pod;
 	__u64 *netns;
 	__u32 verdict;
 	__u16 port;
-	int err;
+	int err, reason;
 
 	if (ctx->protocol != IPPROTO_TCP)
 		return SK_PASS;
@@ -291,9 +338,22 @@ int ms_sk_lookup(struct bpf_sk_lookup *ctx)
 	port = (__u16)ctx->local_port;
 	verdict = inbound_verdict(*netns, pod, port, src.ip);
 	if (verdict != MS_C_INBOUND_CAPTURED) {
+		/* Not for the sidecar (its own ports, excluded ports, its
+		 * passthrough to the app): the sidecar would not judge these,
+		 * so neither does the kernel. */
 		count(verdict, 1);
 		return SK_PASS;
 	}
+	/* Policy, for any source, meshed or not, local or remote: judged by
+	 * its identity (the IP's workload; 0 if none). RST at once. */
+	reason = policy_denies(src.ip, identity_of(src.ip), dst.ip, port, &d);
+	if (reason) {
+		record_denial(&d, *netns, MS_DIR_INGRESS, reason);
+		count(MS_C_POLICY_INGRESS_DENIED, 1);
+		return SK_DROP;
+	}
+	if (d.policy_set)
+		count(MS_C_POLICY_INGRESS_ALLOWED, 1);
 
 	err = assign_listener(ctx, pod, ctx->family);
 	if (err && ctx->family == AF_INET)
@@ -331,17 +391,6 @@ struct bpf_iter__tcp___ms {
 	void *meta;
 	struct sock_common___ms *sk_common;
 } __attribute__((preserve_access_index));
-
-/* The netns cookie of the pod whose listeners the agent is syncing: the
- * iterator walks the netns of the thread that runs it, which the agent
- * entered; the agent writes its cookie here first (one run at a time). */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, __u64);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} ms_iter_netns SEC(".maps");
 
 /*
  * ms_listener_iter walks the TCP sockets of the netns of the thread that

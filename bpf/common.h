@@ -90,6 +90,8 @@ enum ms_sk_flag {
 	MS_SK_TX_SPLICE = 1 << 3,  /* sends are redirected to peer */
 	MS_SK_TX_DOWN = 1 << 4,	   /* a redirect missed: TCP for good */
 	MS_SK_SENT = 1 << 5,	   /* sk_msg saw a send */
+	MS_SK_PASSIVE = 1 << 6,	   /* accepted (for policy teardown) */
+	MS_SK_ACTIVE = 1 << 7,	   /* connected (for policy teardown) */
 };
 
 /* Counters, one slot each in ms_counters (per CPU). Go names them from this
@@ -134,6 +136,14 @@ enum ms_counter {
 	MS_C_SOCK_SKIP_ROLE_UNKNOWN, /* not an app<->sidecar or sidecar pair */
 	MS_C_SOCK_SKIP_APP,	     /* an app's end, without app-splice */
 	MS_C_SOCK_SKIP_EARLY_DATA,   /* data moved before establish (TFO) */
+	/* policy (connect4/6: egress; sk_lookup: ingress; iter/tcp: teardown) */
+	MS_C_POLICY_EGRESS_ALLOWED,
+	MS_C_POLICY_EGRESS_DENIED,
+	MS_C_POLICY_INGRESS_ALLOWED,
+	MS_C_POLICY_INGRESS_DENIED,
+	MS_C_POLICY_DENIAL_NOT_RECORDED, /* denial ring buffer full */
+	MS_C_POLICY_TORN_DOWN,		 /* live connection destroyed */
+	MS_C_POLICY_TEARDOWN_FAILED,
 	/* sk_msg */
 	MS_C_MSG_REDIRECTED,
 	MS_C_BYTES_REDIRECTED,
@@ -158,6 +168,9 @@ struct ms_pod {
 	__u16 outbound_port;
 	__u16 inbound_port;
 	__u32 listener_slot; /* ms_listeners[2*slot] IPv4, [2*slot+1] IPv6 */
+	__u32 identity;	     /* the pod's workload identity (policy) */
+	struct ms_addr ip4;  /* the pod's addresses, as connection sources */
+	struct ms_addr ip6;
 };
 
 struct ms_node {
@@ -195,6 +208,65 @@ struct ms_orig {
 	__u32 ip[4];
 	__u16 port; /* host order */
 	__u16 pad;
+};
+
+/* Policy: what the kernel knows of every workload IP (local or not). */
+struct ms_ip_info {
+	__u32 identity;	  /* source identity of connections from this IP */
+	__u32 policy_set; /* policy of connections to it; 0: none */
+};
+
+/* A compiled policy set (package policy): up to 64 atoms, one bit each. */
+struct ms_pol_set {
+	__u64 allow_mask;
+	__u64 deny_mask;
+	__u64 default_id_mask;	 /* identities without an entry */
+	__u64 default_port_mask; /* ports without an entry */
+	__u32 has_allow;	 /* an ALLOW policy exists: default deny */
+	__u32 pad;
+};
+
+struct ms_pol_id_key {
+	__u32 set;
+	__u32 identity;
+};
+
+struct ms_pol_port_key {
+	__u32 set;
+	__u16 port;
+	__u16 pad;
+};
+
+/* LPM: prefixlen counts bits from `set` on (32 + address bits). */
+struct ms_pol_prefix_key {
+	__u32 prefixlen;
+	__u32 set;
+	__u32 ip[4];
+};
+
+enum ms_denial_reason {
+	MS_DENY_RULE = 1,     /* a DENY atom matched */
+	MS_DENY_NO_ALLOW = 2, /* ALLOW policies exist, none matched */
+};
+
+enum ms_direction {
+	MS_DIR_EGRESS = 1,
+	MS_DIR_INGRESS = 2,
+	MS_DIR_TEARDOWN = 3,
+};
+
+/* One denial, for the agent's record (ms_denials). */
+struct ms_denial {
+	__u64 netns;
+	__u32 src_ip[4];
+	__u32 dst_ip[4];
+	__u64 deny_hits; /* DENY atoms that matched */
+	__u32 src_identity;
+	__u32 policy_set;
+	__u16 dst_port;
+	__u8 direction; /* enum ms_direction */
+	__u8 reason;	/* enum ms_denial_reason */
+	__u32 uid;
 };
 
 /* Per-socket state, in socket-local storage: freed with the socket. */
@@ -294,6 +366,17 @@ struct {
 	__uint(max_entries, 64 * 1024);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ms_events SEC(".maps");
+
+/* The netns cookie of the pod an iterator (ms_listener_iter, teardown.c)
+ * walks: an iterator walks the netns of the thread that runs it, which the
+ * agent entered; the agent writes its cookie here first, one run at a time. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ms_iter_netns SEC(".maps");
 
 static __always_inline __u32 listener_index(const struct ms_pod *pod,
 					    __u32 family)
@@ -485,3 +568,5 @@ static __always_inline __u32 inbound_verdict(__u64 netns,
 }
 
 char __license[] SEC("license") = "Dual BSD/GPL";
+
+#include "policy.h"

@@ -192,7 +192,14 @@ static __always_inline void established(struct bpf_sock_ops *skops)
 		return; /* not a registered pod: never touched */
 	key_from_skops(&k, skops, netns);
 
-	st = bpf_sk_storage_get(&ms_sk_state, sk, 0, 0);
+	/* Remember the direction: a policy change judges live connections
+	 * as connect (active) or sk_lookup (passive) would (teardown.c). */
+	st = bpf_sk_storage_get(&ms_sk_state, sk, 0,
+				BPF_SK_STORAGE_GET_F_CREATE);
+	if (st)
+		st->flags |= skops->op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
+				 ? MS_SK_ACTIVE
+				 : MS_SK_PASSIVE;
 	if (st && (st->flags & MS_SK_HAS_ORIG) &&
 	    skops->op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) {
 		/* A captured connect: key its original destination by the

@@ -69,6 +69,15 @@ type Datapath struct {
 	links   []link.Link
 	netns   map[uint64]string // registered pods' netns paths, by cookie
 
+	teardown     redirect.TeardownObjects
+	teardownIter *link.Iter // nil: kernel without bpf_sock_destroy
+	polMu        sync.Mutex
+	sets         map[uint32]PolicySet // kernel set ID -> set
+	nextSet      uint32
+	denials      []Denial
+	denialReader *ringbuf.Reader
+	denialsDone  chan struct{}
+
 	iterMu    sync.Mutex // one iterator run at a time (ms_iter_netns)
 	iter      *link.Iter
 	events    *ringbuf.Reader
@@ -139,6 +148,9 @@ func Open(opts Options) (_ *Datapath, err error) {
 	if err := d.openListenerWatch(); err != nil {
 		return nil, err
 	}
+	if err := d.openPolicy(load); err != nil {
+		return nil, err
+	}
 	// sk_msg first: a socket picks up the map's programs only when it is
 	// added, so the program must be there before sockops adds any.
 	if err := link.RawAttachProgram(link.RawAttachProgramOptions{
@@ -184,6 +196,16 @@ func (d *Datapath) Close() error {
 		d.iter.Close()
 		d.iter = nil
 	}
+	if d.denialReader != nil {
+		d.denialReader.Close()
+		<-d.denialsDone
+		d.denialReader = nil
+	}
+	if d.teardownIter != nil {
+		d.teardownIter.Close()
+		d.teardownIter = nil
+	}
+	d.teardown.Close()
 	for _, l := range d.links {
 		if err := l.Close(); err != nil {
 			result = multierror.Append(result, err)

@@ -3,15 +3,12 @@ package datapath
 import (
 	"errors"
 	"fmt"
-	"io"
 	"os"
-	"runtime"
 	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"github.com/cilium/ebpf/ringbuf"
-	"golang.org/x/sys/unix"
 
 	"github.com/meshsplice/meshsplice/redirect"
 )
@@ -60,51 +57,7 @@ func (d *Datapath) watchListeners(rd *ringbuf.Reader) {
 
 // syncListeners runs the listener iterator inside the pod's netns at path.
 func (d *Datapath) syncListeners(cookie uint64, path string) error {
-	d.iterMu.Lock()
-	defer d.iterMu.Unlock()
-	if err := d.capture.MsIterNetns.Update(uint32(0), cookie, ebpf.UpdateAny); err != nil {
-		return fmt.Errorf("set iterator netns: %w", err)
-	}
-	f, err := os.Open(path)
-	if err != nil {
-		return fmt.Errorf("open netns: %w", err)
-	}
-	defer f.Close()
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := os.Open("/proc/thread-self/ns/net")
-		if err != nil {
-			runtime.UnlockOSThread()
-			errc <- err
-			return
-		}
-		defer orig.Close()
-		if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("enter netns %s: %w", path, err)
-			return
-		}
-		// The iterator walks the netns of the thread that opens it.
-		err = d.runIter()
-		if unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET) == nil {
-			runtime.UnlockOSThread()
-		}
-		errc <- err
-	}()
-	return <-errc
-}
-
-func (d *Datapath) runIter() error {
-	it, err := d.iter.Open()
-	if err != nil {
-		return fmt.Errorf("open listener iterator: %w", err)
-	}
-	defer it.Close()
-	if _, err := io.Copy(io.Discard, it); err != nil {
-		return fmt.Errorf("run listener iterator: %w", err)
-	}
-	return nil
+	return d.runIterIn(cookie, path, d.iter)
 }
 
 // openListenerWatch attaches the iterator and starts following ms_events.

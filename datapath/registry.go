@@ -43,6 +43,8 @@ type Pod struct {
 	IPs []netip.Addr
 	// Traffic is what Istio says about capturing this pod's traffic.
 	Traffic istio.Traffic
+	// Identity is the pod's workload identity for policy (0: none yet).
+	Identity uint32
 }
 
 // SetNode writes the node-wide switches.
@@ -195,6 +197,14 @@ func (d *Datapath) AddPod(p Pod) error {
 		}
 	}
 	pod := podValue(t)
+	pod.Identity = p.Identity
+	for _, ip := range p.IPs {
+		if ip.Unmap().Is4() && pod.Ip4 == (redirect.CaptureMsAddr{}) {
+			pod.Ip4 = addrKey(ip)
+		} else if !ip.Unmap().Is4() && pod.Ip6 == (redirect.CaptureMsAddr{}) {
+			pod.Ip6 = addrKey(ip)
+		}
+	}
 	slot, err := d.listenerSlot(p.Cookie)
 	if err != nil {
 		return fmt.Errorf("add pod %d: %w", p.Cookie, err)
@@ -385,7 +395,7 @@ func readPods(podsMap, ipsMap, portsMap, rangesMap *ebpf.Map) ([]Pod, error) {
 	var cookie uint64
 	var pv redirect.CaptureMsPod
 	for it := podsMap.Iterate(); it.Next(&cookie, &pv); {
-		byCookie[cookie] = &Pod{Cookie: cookie, Traffic: trafficFromValue(pv)}
+		byCookie[cookie] = &Pod{Cookie: cookie, Traffic: trafficFromValue(pv), Identity: pv.Identity}
 	}
 	var a redirect.CaptureMsAddr
 	for it := ipsMap.Iterate(); it.Next(&a, &cookie); {

@@ -55,17 +55,59 @@ const (
 	CaptureMsCounterMS_C_SOCK_SKIP_ROLE_UNKNOWN     CaptureMsCounter = 31
 	CaptureMsCounterMS_C_SOCK_SKIP_APP              CaptureMsCounter = 32
 	CaptureMsCounterMS_C_SOCK_SKIP_EARLY_DATA       CaptureMsCounter = 33
-	CaptureMsCounterMS_C_MSG_REDIRECTED             CaptureMsCounter = 34
-	CaptureMsCounterMS_C_BYTES_REDIRECTED           CaptureMsCounter = 35
-	CaptureMsCounterMS_C_MSG_MISS_FIRST             CaptureMsCounter = 36
-	CaptureMsCounterMS_C_MSG_MISS_LATER             CaptureMsCounter = 37
-	CaptureMsCounterMS_C_MSG_AFTER_MISS             CaptureMsCounter = 38
-	CaptureMsCounterMS_C_BYTES_AFTER_MISS           CaptureMsCounter = 39
-	CaptureMsCounterMS_C_MSG_DRAIN                  CaptureMsCounter = 40
-	CaptureMsCounterMS_C_MSG_PASS                   CaptureMsCounter = 41
-	CaptureMsCounterMS_C_BYTES_PASS                 CaptureMsCounter = 42
-	CaptureMsCounterMS_C_MAX                        CaptureMsCounter = 43
+	CaptureMsCounterMS_C_POLICY_EGRESS_ALLOWED      CaptureMsCounter = 34
+	CaptureMsCounterMS_C_POLICY_EGRESS_DENIED       CaptureMsCounter = 35
+	CaptureMsCounterMS_C_POLICY_INGRESS_ALLOWED     CaptureMsCounter = 36
+	CaptureMsCounterMS_C_POLICY_INGRESS_DENIED      CaptureMsCounter = 37
+	CaptureMsCounterMS_C_POLICY_DENIAL_NOT_RECORDED CaptureMsCounter = 38
+	CaptureMsCounterMS_C_POLICY_TORN_DOWN           CaptureMsCounter = 39
+	CaptureMsCounterMS_C_POLICY_TEARDOWN_FAILED     CaptureMsCounter = 40
+	CaptureMsCounterMS_C_MSG_REDIRECTED             CaptureMsCounter = 41
+	CaptureMsCounterMS_C_BYTES_REDIRECTED           CaptureMsCounter = 42
+	CaptureMsCounterMS_C_MSG_MISS_FIRST             CaptureMsCounter = 43
+	CaptureMsCounterMS_C_MSG_MISS_LATER             CaptureMsCounter = 44
+	CaptureMsCounterMS_C_MSG_AFTER_MISS             CaptureMsCounter = 45
+	CaptureMsCounterMS_C_BYTES_AFTER_MISS           CaptureMsCounter = 46
+	CaptureMsCounterMS_C_MSG_DRAIN                  CaptureMsCounter = 47
+	CaptureMsCounterMS_C_MSG_PASS                   CaptureMsCounter = 48
+	CaptureMsCounterMS_C_BYTES_PASS                 CaptureMsCounter = 49
+	CaptureMsCounterMS_C_MAX                        CaptureMsCounter = 50
 )
+
+type CaptureMsDenial struct {
+	_           structs.HostLayout
+	Netns       uint64
+	SrcIp       [4]uint32
+	DstIp       [4]uint32
+	DenyHits    uint64
+	SrcIdentity uint32
+	PolicySet   uint32
+	DstPort     uint16
+	Direction   uint8
+	Reason      uint8
+	Uid         uint32
+}
+
+type CaptureMsDenialReason uint32
+
+const (
+	CaptureMsDenialReasonMS_DENY_RULE     CaptureMsDenialReason = 1
+	CaptureMsDenialReasonMS_DENY_NO_ALLOW CaptureMsDenialReason = 2
+)
+
+type CaptureMsDirection uint32
+
+const (
+	CaptureMsDirectionMS_DIR_EGRESS   CaptureMsDirection = 1
+	CaptureMsDirectionMS_DIR_INGRESS  CaptureMsDirection = 2
+	CaptureMsDirectionMS_DIR_TEARDOWN CaptureMsDirection = 3
+)
+
+type CaptureMsIpInfo struct {
+	_         structs.HostLayout
+	Identity  uint32
+	PolicySet uint32
+}
 
 type CaptureMsNode struct {
 	_     structs.HostLayout
@@ -95,6 +137,9 @@ type CaptureMsPod struct {
 	OutboundPort uint16
 	InboundPort  uint16
 	ListenerSlot uint32
+	Identity     uint32
+	Ip4          CaptureMsAddr
+	Ip6          CaptureMsAddr
 }
 
 type CaptureMsPodFlag uint32
@@ -107,6 +152,36 @@ const (
 	CaptureMsPodFlagMS_POD_INCLUDE_ALL_IN   CaptureMsPodFlag = 16
 	CaptureMsPodFlagMS_POD_INCLUDE_LOOPBACK CaptureMsPodFlag = 32
 )
+
+type CaptureMsPolIdKey struct {
+	_        structs.HostLayout
+	Set      uint32
+	Identity uint32
+}
+
+type CaptureMsPolPortKey struct {
+	_    structs.HostLayout
+	Set  uint32
+	Port uint16
+	Pad  uint16
+}
+
+type CaptureMsPolPrefixKey struct {
+	_         structs.HostLayout
+	Prefixlen uint32
+	Set       uint32
+	Ip        [4]uint32
+}
+
+type CaptureMsPolSet struct {
+	_               structs.HostLayout
+	AllowMask       uint64
+	DenyMask        uint64
+	DefaultIdMask   uint64
+	DefaultPortMask uint64
+	HasAllow        uint32
+	Pad             uint32
+}
 
 type CaptureMsPortKey struct {
 	_     structs.HostLayout
@@ -166,6 +241,8 @@ const (
 	CaptureMsSkFlagMS_SK_TX_SPLICE  CaptureMsSkFlag = 8
 	CaptureMsSkFlagMS_SK_TX_DOWN    CaptureMsSkFlag = 16
 	CaptureMsSkFlagMS_SK_SENT       CaptureMsSkFlag = 32
+	CaptureMsSkFlagMS_SK_PASSIVE    CaptureMsSkFlag = 64
+	CaptureMsSkFlagMS_SK_ACTIVE     CaptureMsSkFlag = 128
 )
 
 type CaptureMsSockKey struct {
@@ -183,13 +260,20 @@ type CaptureMsSockKey struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	CaptureMapMsCounters      = "ms_counters"
+	CaptureMapMsDenials       = "ms_denials"
 	CaptureMapMsEvents        = "ms_events"
+	CaptureMapMsIpInfo        = "ms_ip_info"
 	CaptureMapMsIterNetns     = "ms_iter_netns"
 	CaptureMapMsListeners     = "ms_listeners"
 	CaptureMapMsNodeSettings  = "ms_node_settings"
 	CaptureMapMsOrigDst       = "ms_orig_dst"
 	CaptureMapMsPodIps        = "ms_pod_ips"
 	CaptureMapMsPods          = "ms_pods"
+	CaptureMapMsPolBypass     = "ms_pol_bypass"
+	CaptureMapMsPolIds        = "ms_pol_ids"
+	CaptureMapMsPolPorts      = "ms_pol_ports"
+	CaptureMapMsPolPrefixes   = "ms_pol_prefixes"
+	CaptureMapMsPolSets       = "ms_pol_sets"
 	CaptureMapMsPorts         = "ms_ports"
 	CaptureMapMsRanges        = "ms_ranges"
 	CaptureMapMsSkState       = "ms_sk_state"
@@ -199,6 +283,7 @@ const (
 	CaptureProgMsGetsockopt   = "ms_getsockopt"
 	CaptureProgMsListenerIter = "ms_listener_iter"
 	CaptureProgMsSkLookup     = "ms_sk_lookup"
+	CaptureVarMsBtfAnchor     = "ms_btf_anchor"
 	CaptureVarMsCounterCount  = "ms_counter_count"
 )
 
@@ -256,13 +341,20 @@ type CaptureProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type CaptureMapSpecs struct {
 	MsCounters     *ebpf.MapSpec `ebpf:"ms_counters"`
+	MsDenials      *ebpf.MapSpec `ebpf:"ms_denials"`
 	MsEvents       *ebpf.MapSpec `ebpf:"ms_events"`
+	MsIpInfo       *ebpf.MapSpec `ebpf:"ms_ip_info"`
 	MsIterNetns    *ebpf.MapSpec `ebpf:"ms_iter_netns"`
 	MsListeners    *ebpf.MapSpec `ebpf:"ms_listeners"`
 	MsNodeSettings *ebpf.MapSpec `ebpf:"ms_node_settings"`
 	MsOrigDst      *ebpf.MapSpec `ebpf:"ms_orig_dst"`
 	MsPodIps       *ebpf.MapSpec `ebpf:"ms_pod_ips"`
 	MsPods         *ebpf.MapSpec `ebpf:"ms_pods"`
+	MsPolBypass    *ebpf.MapSpec `ebpf:"ms_pol_bypass"`
+	MsPolIds       *ebpf.MapSpec `ebpf:"ms_pol_ids"`
+	MsPolPorts     *ebpf.MapSpec `ebpf:"ms_pol_ports"`
+	MsPolPrefixes  *ebpf.MapSpec `ebpf:"ms_pol_prefixes"`
+	MsPolSets      *ebpf.MapSpec `ebpf:"ms_pol_sets"`
 	MsPorts        *ebpf.MapSpec `ebpf:"ms_ports"`
 	MsRanges       *ebpf.MapSpec `ebpf:"ms_ranges"`
 	MsSkState      *ebpf.MapSpec `ebpf:"ms_sk_state"`
@@ -273,6 +365,7 @@ type CaptureMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type CaptureVariableSpecs struct {
+	MsBtfAnchor    *ebpf.VariableSpec `ebpf:"ms_btf_anchor"`
 	MsCounterCount *ebpf.VariableSpec `ebpf:"ms_counter_count"`
 }
 
@@ -297,13 +390,20 @@ func (o *CaptureObjects) Close() error {
 // It can be passed to LoadCaptureObjects or ebpf.CollectionSpec.LoadAndAssign.
 type CaptureMaps struct {
 	MsCounters     *ebpf.Map `ebpf:"ms_counters"`
+	MsDenials      *ebpf.Map `ebpf:"ms_denials"`
 	MsEvents       *ebpf.Map `ebpf:"ms_events"`
+	MsIpInfo       *ebpf.Map `ebpf:"ms_ip_info"`
 	MsIterNetns    *ebpf.Map `ebpf:"ms_iter_netns"`
 	MsListeners    *ebpf.Map `ebpf:"ms_listeners"`
 	MsNodeSettings *ebpf.Map `ebpf:"ms_node_settings"`
 	MsOrigDst      *ebpf.Map `ebpf:"ms_orig_dst"`
 	MsPodIps       *ebpf.Map `ebpf:"ms_pod_ips"`
 	MsPods         *ebpf.Map `ebpf:"ms_pods"`
+	MsPolBypass    *ebpf.Map `ebpf:"ms_pol_bypass"`
+	MsPolIds       *ebpf.Map `ebpf:"ms_pol_ids"`
+	MsPolPorts     *ebpf.Map `ebpf:"ms_pol_ports"`
+	MsPolPrefixes  *ebpf.Map `ebpf:"ms_pol_prefixes"`
+	MsPolSets      *ebpf.Map `ebpf:"ms_pol_sets"`
 	MsPorts        *ebpf.Map `ebpf:"ms_ports"`
 	MsRanges       *ebpf.Map `ebpf:"ms_ranges"`
 	MsSkState      *ebpf.Map `ebpf:"ms_sk_state"`
@@ -313,13 +413,20 @@ type CaptureMaps struct {
 func (m *CaptureMaps) Close() error {
 	return _CaptureClose(
 		m.MsCounters,
+		m.MsDenials,
 		m.MsEvents,
+		m.MsIpInfo,
 		m.MsIterNetns,
 		m.MsListeners,
 		m.MsNodeSettings,
 		m.MsOrigDst,
 		m.MsPodIps,
 		m.MsPods,
+		m.MsPolBypass,
+		m.MsPolIds,
+		m.MsPolPorts,
+		m.MsPolPrefixes,
+		m.MsPolSets,
 		m.MsPorts,
 		m.MsRanges,
 		m.MsSkState,
@@ -331,6 +438,7 @@ func (m *CaptureMaps) Close() error {
 //
 // It can be passed to LoadCaptureObjects or ebpf.CollectionSpec.LoadAndAssign.
 type CaptureVariables struct {
+	MsBtfAnchor    *ebpf.Variable `ebpf:"ms_btf_anchor"`
 	MsCounterCount *ebpf.Variable `ebpf:"ms_counter_count"`
 }
 

@@ -55,17 +55,30 @@ const (
 	SpliceMsCounterMS_C_SOCK_SKIP_ROLE_UNKNOWN     SpliceMsCounter = 31
 	SpliceMsCounterMS_C_SOCK_SKIP_APP              SpliceMsCounter = 32
 	SpliceMsCounterMS_C_SOCK_SKIP_EARLY_DATA       SpliceMsCounter = 33
-	SpliceMsCounterMS_C_MSG_REDIRECTED             SpliceMsCounter = 34
-	SpliceMsCounterMS_C_BYTES_REDIRECTED           SpliceMsCounter = 35
-	SpliceMsCounterMS_C_MSG_MISS_FIRST             SpliceMsCounter = 36
-	SpliceMsCounterMS_C_MSG_MISS_LATER             SpliceMsCounter = 37
-	SpliceMsCounterMS_C_MSG_AFTER_MISS             SpliceMsCounter = 38
-	SpliceMsCounterMS_C_BYTES_AFTER_MISS           SpliceMsCounter = 39
-	SpliceMsCounterMS_C_MSG_DRAIN                  SpliceMsCounter = 40
-	SpliceMsCounterMS_C_MSG_PASS                   SpliceMsCounter = 41
-	SpliceMsCounterMS_C_BYTES_PASS                 SpliceMsCounter = 42
-	SpliceMsCounterMS_C_MAX                        SpliceMsCounter = 43
+	SpliceMsCounterMS_C_POLICY_EGRESS_ALLOWED      SpliceMsCounter = 34
+	SpliceMsCounterMS_C_POLICY_EGRESS_DENIED       SpliceMsCounter = 35
+	SpliceMsCounterMS_C_POLICY_INGRESS_ALLOWED     SpliceMsCounter = 36
+	SpliceMsCounterMS_C_POLICY_INGRESS_DENIED      SpliceMsCounter = 37
+	SpliceMsCounterMS_C_POLICY_DENIAL_NOT_RECORDED SpliceMsCounter = 38
+	SpliceMsCounterMS_C_POLICY_TORN_DOWN           SpliceMsCounter = 39
+	SpliceMsCounterMS_C_POLICY_TEARDOWN_FAILED     SpliceMsCounter = 40
+	SpliceMsCounterMS_C_MSG_REDIRECTED             SpliceMsCounter = 41
+	SpliceMsCounterMS_C_BYTES_REDIRECTED           SpliceMsCounter = 42
+	SpliceMsCounterMS_C_MSG_MISS_FIRST             SpliceMsCounter = 43
+	SpliceMsCounterMS_C_MSG_MISS_LATER             SpliceMsCounter = 44
+	SpliceMsCounterMS_C_MSG_AFTER_MISS             SpliceMsCounter = 45
+	SpliceMsCounterMS_C_BYTES_AFTER_MISS           SpliceMsCounter = 46
+	SpliceMsCounterMS_C_MSG_DRAIN                  SpliceMsCounter = 47
+	SpliceMsCounterMS_C_MSG_PASS                   SpliceMsCounter = 48
+	SpliceMsCounterMS_C_BYTES_PASS                 SpliceMsCounter = 49
+	SpliceMsCounterMS_C_MAX                        SpliceMsCounter = 50
 )
+
+type SpliceMsIpInfo struct {
+	_         structs.HostLayout
+	Identity  uint32
+	PolicySet uint32
+}
 
 type SpliceMsNode struct {
 	_     structs.HostLayout
@@ -87,6 +100,39 @@ type SpliceMsPod struct {
 	OutboundPort uint16
 	InboundPort  uint16
 	ListenerSlot uint32
+	Identity     uint32
+	Ip4          SpliceMsAddr
+	Ip6          SpliceMsAddr
+}
+
+type SpliceMsPolIdKey struct {
+	_        structs.HostLayout
+	Set      uint32
+	Identity uint32
+}
+
+type SpliceMsPolPortKey struct {
+	_    structs.HostLayout
+	Set  uint32
+	Port uint16
+	Pad  uint16
+}
+
+type SpliceMsPolPrefixKey struct {
+	_         structs.HostLayout
+	Prefixlen uint32
+	Set       uint32
+	Ip        [4]uint32
+}
+
+type SpliceMsPolSet struct {
+	_               structs.HostLayout
+	AllowMask       uint64
+	DenyMask        uint64
+	DefaultIdMask   uint64
+	DefaultPortMask uint64
+	HasAllow        uint32
+	Pad             uint32
 }
 
 type SpliceMsPortKey struct {
@@ -129,18 +175,27 @@ type SpliceMsSockKey struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	SpliceMapMsCounters     = "ms_counters"
+	SpliceMapMsDenials      = "ms_denials"
 	SpliceMapMsEvents       = "ms_events"
+	SpliceMapMsIpInfo       = "ms_ip_info"
+	SpliceMapMsIterNetns    = "ms_iter_netns"
 	SpliceMapMsListeners    = "ms_listeners"
 	SpliceMapMsNodeSettings = "ms_node_settings"
 	SpliceMapMsOrigDst      = "ms_orig_dst"
 	SpliceMapMsPodIps       = "ms_pod_ips"
 	SpliceMapMsPods         = "ms_pods"
+	SpliceMapMsPolBypass    = "ms_pol_bypass"
+	SpliceMapMsPolIds       = "ms_pol_ids"
+	SpliceMapMsPolPorts     = "ms_pol_ports"
+	SpliceMapMsPolPrefixes  = "ms_pol_prefixes"
+	SpliceMapMsPolSets      = "ms_pol_sets"
 	SpliceMapMsPorts        = "ms_ports"
 	SpliceMapMsRanges       = "ms_ranges"
 	SpliceMapMsSkState      = "ms_sk_state"
 	SpliceMapMsSocks        = "ms_socks"
 	SpliceProgMsSkMsg       = "ms_sk_msg"
 	SpliceProgMsSockops     = "ms_sockops"
+	SpliceVarMsBtfAnchor    = "ms_btf_anchor"
 	SpliceVarMsCounterCount = "ms_counter_count"
 )
 
@@ -195,12 +250,20 @@ type SpliceProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type SpliceMapSpecs struct {
 	MsCounters     *ebpf.MapSpec `ebpf:"ms_counters"`
+	MsDenials      *ebpf.MapSpec `ebpf:"ms_denials"`
 	MsEvents       *ebpf.MapSpec `ebpf:"ms_events"`
+	MsIpInfo       *ebpf.MapSpec `ebpf:"ms_ip_info"`
+	MsIterNetns    *ebpf.MapSpec `ebpf:"ms_iter_netns"`
 	MsListeners    *ebpf.MapSpec `ebpf:"ms_listeners"`
 	MsNodeSettings *ebpf.MapSpec `ebpf:"ms_node_settings"`
 	MsOrigDst      *ebpf.MapSpec `ebpf:"ms_orig_dst"`
 	MsPodIps       *ebpf.MapSpec `ebpf:"ms_pod_ips"`
 	MsPods         *ebpf.MapSpec `ebpf:"ms_pods"`
+	MsPolBypass    *ebpf.MapSpec `ebpf:"ms_pol_bypass"`
+	MsPolIds       *ebpf.MapSpec `ebpf:"ms_pol_ids"`
+	MsPolPorts     *ebpf.MapSpec `ebpf:"ms_pol_ports"`
+	MsPolPrefixes  *ebpf.MapSpec `ebpf:"ms_pol_prefixes"`
+	MsPolSets      *ebpf.MapSpec `ebpf:"ms_pol_sets"`
 	MsPorts        *ebpf.MapSpec `ebpf:"ms_ports"`
 	MsRanges       *ebpf.MapSpec `ebpf:"ms_ranges"`
 	MsSkState      *ebpf.MapSpec `ebpf:"ms_sk_state"`
@@ -211,6 +274,7 @@ type SpliceMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type SpliceVariableSpecs struct {
+	MsBtfAnchor    *ebpf.VariableSpec `ebpf:"ms_btf_anchor"`
 	MsCounterCount *ebpf.VariableSpec `ebpf:"ms_counter_count"`
 }
 
@@ -235,12 +299,20 @@ func (o *SpliceObjects) Close() error {
 // It can be passed to LoadSpliceObjects or ebpf.CollectionSpec.LoadAndAssign.
 type SpliceMaps struct {
 	MsCounters     *ebpf.Map `ebpf:"ms_counters"`
+	MsDenials      *ebpf.Map `ebpf:"ms_denials"`
 	MsEvents       *ebpf.Map `ebpf:"ms_events"`
+	MsIpInfo       *ebpf.Map `ebpf:"ms_ip_info"`
+	MsIterNetns    *ebpf.Map `ebpf:"ms_iter_netns"`
 	MsListeners    *ebpf.Map `ebpf:"ms_listeners"`
 	MsNodeSettings *ebpf.Map `ebpf:"ms_node_settings"`
 	MsOrigDst      *ebpf.Map `ebpf:"ms_orig_dst"`
 	MsPodIps       *ebpf.Map `ebpf:"ms_pod_ips"`
 	MsPods         *ebpf.Map `ebpf:"ms_pods"`
+	MsPolBypass    *ebpf.Map `ebpf:"ms_pol_bypass"`
+	MsPolIds       *ebpf.Map `ebpf:"ms_pol_ids"`
+	MsPolPorts     *ebpf.Map `ebpf:"ms_pol_ports"`
+	MsPolPrefixes  *ebpf.Map `ebpf:"ms_pol_prefixes"`
+	MsPolSets      *ebpf.Map `ebpf:"ms_pol_sets"`
 	MsPorts        *ebpf.Map `ebpf:"ms_ports"`
 	MsRanges       *ebpf.Map `ebpf:"ms_ranges"`
 	MsSkState      *ebpf.Map `ebpf:"ms_sk_state"`
@@ -250,12 +322,20 @@ type SpliceMaps struct {
 func (m *SpliceMaps) Close() error {
 	return _SpliceClose(
 		m.MsCounters,
+		m.MsDenials,
 		m.MsEvents,
+		m.MsIpInfo,
+		m.MsIterNetns,
 		m.MsListeners,
 		m.MsNodeSettings,
 		m.MsOrigDst,
 		m.MsPodIps,
 		m.MsPods,
+		m.MsPolBypass,
+		m.MsPolIds,
+		m.MsPolPorts,
+		m.MsPolPrefixes,
+		m.MsPolSets,
 		m.MsPorts,
 		m.MsRanges,
 		m.MsSkState,
@@ -267,6 +347,7 @@ func (m *SpliceMaps) Close() error {
 //
 // It can be passed to LoadSpliceObjects or ebpf.CollectionSpec.LoadAndAssign.
 type SpliceVariables struct {
+	MsBtfAnchor    *ebpf.Variable `ebpf:"ms_btf_anchor"`
 	MsCounterCount *ebpf.Variable `ebpf:"ms_counter_count"`
 }
 

@@ -1,0 +1,151 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * policy.h: the identity policy safety net's maps and verdict, shared by the
+ * enforcement points (capture.c: connect4/6 egress, sk_lookup ingress) and
+ * the teardown iterator (teardown.c). The agent compiles Istio
+ * AuthorizationPolicy into these tables (package policy, datapath/policy.go).
+ */
+#pragma once
+
+#define MS_MAX_POL_IPS	   65536
+#define MS_MAX_POL_SETS	   4096
+#define MS_MAX_POL_ENTRIES 65536
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MS_MAX_POL_IPS);
+	__type(key, struct ms_addr);
+	__type(value, struct ms_ip_info);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ms_ip_info SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MS_MAX_POL_SETS);
+	__type(key, __u32);
+	__type(value, struct ms_pol_set);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ms_pol_sets SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MS_MAX_POL_ENTRIES);
+	__type(key, struct ms_pol_id_key);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ms_pol_ids SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MS_MAX_POL_ENTRIES);
+	__type(key, struct ms_pol_port_key);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ms_pol_ports SEC(".maps");
+
+/* Ports a set never judges: the workload's sidecar ports and the inbound
+ * ports its sidecar does not capture (the sidecar could not enforce
+ * policy there, and the kernel must never deny what the sidecar allows). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MS_MAX_POL_ENTRIES);
+	__type(key, struct ms_pol_port_key);
+	__type(value, __u8);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ms_pol_bypass SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, MS_MAX_POL_ENTRIES);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct ms_pol_prefix_key);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ms_pol_prefixes SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ms_denials SEC(".maps");
+
+/*
+ * policy_denies judges a connection from (src_ip, src_identity) to
+ * (dst_ip, port) with the destination workload's compiled policy set:
+ * m = identity mask & source prefix mask & port mask; a DENY atom in m
+ * denies; with ALLOW policies, no ALLOW atom in m denies. Fills d (for the
+ * denial record) and returns its reason, 0 when allowed.
+ */
+/* Puts the types the agent reads from ms_denials into BTF (bpf2go -type);
+ * nothing reads it. */
+const volatile struct {
+	struct ms_denial denial;
+	enum ms_direction direction;
+	enum ms_denial_reason reason;
+} ms_btf_anchor;
+
+static __always_inline int policy_denies(const __u32 *src_ip, __u32 src_id,
+					 const __u32 *dst_ip, __u16 port,
+					 struct ms_denial *d)
+{
+	struct ms_pol_prefix_key pk = {};
+	struct ms_pol_port_key portk = {};
+	struct ms_pol_id_key ik = {};
+	struct ms_ip_info *dst;
+	struct ms_pol_set *ps;
+	__u64 m, *v;
+	__u32 set;
+
+	dst = bpf_map_lookup_elem(&ms_ip_info, dst_ip);
+	if (!dst || !dst->policy_set)
+		return 0;
+	set = dst->policy_set;
+	ps = bpf_map_lookup_elem(&ms_pol_sets, &set);
+	if (!ps)
+		return 0;
+	portk.set = set;
+	portk.port = port;
+	if (bpf_map_lookup_elem(&ms_pol_bypass, &portk))
+		return 0;
+	ik.set = set;
+	ik.identity = src_id;
+	v = bpf_map_lookup_elem(&ms_pol_ids, &ik);
+	m = v ? *v : ps->default_id_mask;
+	v = bpf_map_lookup_elem(&ms_pol_ports, &portk);
+	m &= v ? *v : ps->default_port_mask;
+	pk.prefixlen = 32 + 128;
+	pk.set = set;
+	__builtin_memcpy(pk.ip, src_ip, 16);
+	v = bpf_map_lookup_elem(&ms_pol_prefixes, &pk);
+	m &= v ? *v : 0;
+
+	__builtin_memcpy(d->src_ip, src_ip, 16);
+	__builtin_memcpy(d->dst_ip, dst_ip, 16);
+	d->src_identity = src_id;
+	d->policy_set = set;
+	d->dst_port = port;
+	if (m & ps->deny_mask) {
+		d->deny_hits = m & ps->deny_mask;
+		return MS_DENY_RULE;
+	}
+	if (ps->has_allow && !(m & ps->allow_mask))
+		return MS_DENY_NO_ALLOW;
+	return 0;
+}
+
+static __always_inline void record_denial(struct ms_denial *d, __u64 netns,
+					  __u8 direction, __u8 reason)
+{
+	d->netns = netns;
+	d->direction = direction;
+	d->reason = reason;
+	if (bpf_ringbuf_output(&ms_denials, d, sizeof(*d), 0))
+		count(MS_C_POLICY_DENIAL_NOT_RECORDED, 1);
+}
+
+static __always_inline __u32 identity_of(const __u32 *ip)
+{
+	struct ms_ip_info *info = bpf_map_lookup_elem(&ms_ip_info, ip);
+
+	return info ? info->identity : 0;
+}

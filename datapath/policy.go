@@ -1,0 +1,439 @@
+package datapath
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"math/bits"
+	"net/netip"
+	"os"
+	"runtime"
+	"slices"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"github.com/cilium/ebpf/ringbuf"
+	"github.com/hashicorp/go-multierror"
+	"golang.org/x/sys/unix"
+
+	"github.com/meshsplice/meshsplice/redirect"
+)
+
+// The identity policy safety net, kernel side. The agent compiles Istio
+// AuthorizationPolicy (package policy) into sets of at most 64 atoms and
+// hands them here as a Policy; the programs judge every new connection of a
+// meshed pod (egress, connect4/6, any uid, the sidecar included) and every
+// new connection to one (ingress, sk_lookup, any source) with the
+// destination workload's set, and a policy change tears down live
+// connections it now forbids (Linux >= 6.5).
+
+// PolicySet is one compiled policy set, as the kernel evaluates it:
+// m = IdentityMasks[src identity] & PrefixMasks[longest match of src IP] &
+// PortMasks[dst port]; DENY if m&DenyMask, else DENY if HasAllow and
+// m&AllowMask == 0.
+type PolicySet struct {
+	HasAllow            bool
+	AllowMask, DenyMask uint64
+	DefaultIdentityMask uint64
+	DefaultPortMask     uint64
+	IdentityMasks       map[uint32]uint64
+	// PrefixMasks must hold 0.0.0.0/0 and ::/0 (else those sources match
+	// no atom). IPv4 prefixes are IPv4, not v4-mapped.
+	PrefixMasks map[netip.Prefix]uint64
+	PortMasks   map[uint16]uint64
+	// BypassPorts are never judged: the workload's sidecar ports and the
+	// inbound ports its sidecar does not capture.
+	BypassPorts []uint16
+	// Atoms names each atom (bit i), for the denial record.
+	Atoms []string
+}
+
+// IPPolicy is what the kernel knows of one workload IP.
+type IPPolicy struct {
+	Identity uint32 // its identity as a source (0: unknown)
+	Set      int    // index into Policy.Sets of its policy as a destination; -1: none
+}
+
+// Policy is the whole kernel policy state.
+type Policy struct {
+	Sets []PolicySet
+	IPs  map[netip.Addr]IPPolicy
+}
+
+// Denial is one denied connection, as the kernel recorded it.
+type Denial struct {
+	Time        time.Time  `json:"time"`
+	Direction   string     `json:"direction"` // egress, ingress, teardown
+	Reason      string     `json:"reason"`    // deny-rule, no-allow-rule
+	Src         netip.Addr `json:"src"`
+	Dst         netip.Addr `json:"dst"`
+	Port        uint16     `json:"port"`
+	SrcIdentity uint32     `json:"src_identity"`
+	UID         uint32     `json:"uid,omitempty"` // egress: the process's uid
+	Netns       uint64     `json:"netns_cookie"`
+	// Policies are the atoms that decided (for a DENY rule) or every
+	// ALLOW atom of the set (none matched).
+	Policies []string `json:"policies"`
+}
+
+const maxDenials = 256
+
+// SetPolicy replaces the kernel's policy state. New sets are written
+// before any IP points at them and old ones removed after, so a new
+// connection is always judged by one complete set, old or new.
+func (d *Datapath) SetPolicy(p Policy) error {
+	d.polMu.Lock()
+	defer d.polMu.Unlock()
+	ids := make([]uint32, len(p.Sets))
+	newSets := map[uint32]PolicySet{}
+	for i, s := range p.Sets {
+		d.nextSet++
+		if d.nextSet == 0 {
+			d.nextSet = 1
+		}
+		ids[i] = d.nextSet
+		if err := d.writeSet(ids[i], s); err != nil {
+			d.deleteSets([]uint32{ids[i]})
+			return err
+		}
+		newSets[ids[i]] = s
+	}
+	// Point the IPs at the new sets.
+	for ip, ipp := range p.IPs {
+		v := redirect.CaptureMsIpInfo{Identity: ipp.Identity}
+		if ipp.Set >= 0 && ipp.Set < len(ids) {
+			v.PolicySet = ids[ipp.Set]
+		}
+		k := addrKey(ip)
+		if err := d.capture.MsIpInfo.Update(&k, &v, ebpf.UpdateAny); err != nil {
+			return fmt.Errorf("policy: ip %s: %w", ip, err)
+		}
+	}
+	// Forget IPs no longer known, then the old sets.
+	var result *multierror.Error
+	var k redirect.CaptureMsAddr
+	var v redirect.CaptureMsIpInfo
+	var stale []redirect.CaptureMsAddr
+	for it := d.capture.MsIpInfo.Iterate(); it.Next(&k, &v); {
+		if _, ok := p.IPs[addrFromKey(k)]; !ok {
+			stale = append(stale, k)
+		}
+	}
+	for _, k := range stale {
+		if err := d.capture.MsIpInfo.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			result = multierror.Append(result, err)
+		}
+	}
+	var old []uint32
+	for id := range d.sets {
+		old = append(old, id)
+	}
+	if err := d.deleteSets(old); err != nil {
+		result = multierror.Append(result, err)
+	}
+	d.sets = newSets
+	return result.ErrorOrNil()
+}
+
+func (d *Datapath) writeSet(id uint32, s PolicySet) error {
+	one := uint8(1)
+	for identity, m := range s.IdentityMasks {
+		k := redirect.CaptureMsPolIdKey{Set: id, Identity: identity}
+		if err := d.capture.MsPolIds.Update(&k, &m, ebpf.UpdateAny); err != nil {
+			return fmt.Errorf("policy set %d: identity %d: %w", id, identity, err)
+		}
+	}
+	for port, m := range s.PortMasks {
+		k := redirect.CaptureMsPolPortKey{Set: id, Port: port}
+		if err := d.capture.MsPolPorts.Update(&k, &m, ebpf.UpdateAny); err != nil {
+			return fmt.Errorf("policy set %d: port %d: %w", id, port, err)
+		}
+	}
+	for _, port := range s.BypassPorts {
+		k := redirect.CaptureMsPolPortKey{Set: id, Port: port}
+		if err := d.capture.MsPolBypass.Update(&k, &one, ebpf.UpdateAny); err != nil {
+			return fmt.Errorf("policy set %d: bypass port %d: %w", id, port, err)
+		}
+	}
+	for pfx, m := range s.PrefixMasks {
+		k := polPrefixKey(id, pfx)
+		if err := d.capture.MsPolPrefixes.Update(&k, &m, ebpf.UpdateAny); err != nil {
+			return fmt.Errorf("policy set %d: prefix %s: %w", id, pfx, err)
+		}
+	}
+	v := redirect.CaptureMsPolSet{
+		AllowMask: s.AllowMask, DenyMask: s.DenyMask,
+		DefaultIdMask: s.DefaultIdentityMask, DefaultPortMask: s.DefaultPortMask,
+	}
+	if s.HasAllow {
+		v.HasAllow = 1
+	}
+	if err := d.capture.MsPolSets.Update(&id, &v, ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("policy set %d: %w", id, err)
+	}
+	return nil
+}
+
+// deleteSets removes every entry of the given set IDs.
+func (d *Datapath) deleteSets(ids []uint32) error {
+	if len(ids) == 0 {
+		return nil
+	}
+	gone := map[uint32]bool{}
+	for _, id := range ids {
+		gone[id] = true
+	}
+	var result *multierror.Error
+	del := func(m *ebpf.Map, keys []any) {
+		for _, k := range keys {
+			if err := m.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+				result = multierror.Append(result, err)
+			}
+		}
+	}
+	var ik redirect.CaptureMsPolIdKey
+	var pk redirect.CaptureMsPolPortKey
+	var xk redirect.CaptureMsPolPrefixKey
+	var m64 uint64
+	var m8 uint8
+	var keys []any
+	for it := d.capture.MsPolIds.Iterate(); it.Next(&ik, &m64); {
+		if gone[ik.Set] {
+			k := ik
+			keys = append(keys, &k)
+		}
+	}
+	del(d.capture.MsPolIds, keys)
+	keys = nil
+	for it := d.capture.MsPolPorts.Iterate(); it.Next(&pk, &m64); {
+		if gone[pk.Set] {
+			k := pk
+			keys = append(keys, &k)
+		}
+	}
+	del(d.capture.MsPolPorts, keys)
+	keys = nil
+	for it := d.capture.MsPolBypass.Iterate(); it.Next(&pk, &m8); {
+		if gone[pk.Set] {
+			k := pk
+			keys = append(keys, &k)
+		}
+	}
+	del(d.capture.MsPolBypass, keys)
+	keys = nil
+	for it := d.capture.MsPolPrefixes.Iterate(); it.Next(&xk, &m64); {
+		if gone[xk.Set] {
+			k := xk
+			keys = append(keys, &k)
+		}
+	}
+	del(d.capture.MsPolPrefixes, keys)
+	for id := range gone {
+		if err := d.capture.MsPolSets.Delete(&id); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			result = multierror.Append(result, err)
+		}
+	}
+	return result.ErrorOrNil()
+}
+
+// polPrefixKey: 32 fixed bits (the set), then the 128-bit address prefix,
+// IPv4 as part of ::ffff:0:0/96.
+func polPrefixKey(set uint32, p netip.Prefix) redirect.CaptureMsPolPrefixKey {
+	bits := p.Bits()
+	if p.Addr().Is4() {
+		bits += 96
+	}
+	return redirect.CaptureMsPolPrefixKey{Prefixlen: uint32(32 + bits), Set: set, Ip: addrKey(p.Masked().Addr()).Ip}
+}
+
+// TeardownSupported reports whether this kernel can close live connections
+// on a policy change (bpf_sock_destroy, Linux >= 6.5).
+func (d *Datapath) TeardownSupported() bool { return d.teardownIter != nil }
+
+// TeardownForbidden closes, in every registered pod, the established
+// connections the current policy forbids, and returns how many. On kernels
+// without bpf_sock_destroy it returns ErrTeardownUnsupported: there, live
+// connections outlive a policy change (new ones are judged at once).
+func (d *Datapath) TeardownForbidden() (int, error) {
+	if d.teardownIter == nil {
+		return 0, ErrTeardownUnsupported
+	}
+	before, err := d.Counters()
+	if err != nil {
+		return 0, err
+	}
+	d.mu.Lock()
+	pods := make(map[uint64]string, len(d.netns))
+	for c, p := range d.netns {
+		pods[c] = p
+	}
+	d.mu.Unlock()
+	var result *multierror.Error
+	for cookie, path := range pods {
+		if err := d.runIterIn(cookie, path, d.teardownIter); err != nil {
+			result = multierror.Append(result, err)
+		}
+	}
+	after, err := d.Counters()
+	if err != nil {
+		return 0, err
+	}
+	return int(after.Sub(before)["policy.torn_down"]), result.ErrorOrNil()
+}
+
+// ErrTeardownUnsupported: the kernel cannot destroy sockets from BPF.
+var ErrTeardownUnsupported = errors.New("closing live connections on a policy change needs Linux >= 6.5 (bpf_sock_destroy)")
+
+// runIterIn runs an iterator inside the pod's netns at path (an iterator
+// walks the netns of the thread that opens it), with the pod's cookie in
+// ms_iter_netns.
+func (d *Datapath) runIterIn(cookie uint64, path string, it *link.Iter) error {
+	d.iterMu.Lock()
+	defer d.iterMu.Unlock()
+	if err := d.capture.MsIterNetns.Update(uint32(0), cookie, ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("set iterator netns: %w", err)
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return fmt.Errorf("open netns: %w", err)
+	}
+	defer f.Close()
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		orig, err := os.Open("/proc/thread-self/ns/net")
+		if err != nil {
+			runtime.UnlockOSThread()
+			errc <- err
+			return
+		}
+		defer orig.Close()
+		if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
+			runtime.UnlockOSThread()
+			errc <- fmt.Errorf("enter netns %s: %w", path, err)
+			return
+		}
+		err = readIter(it)
+		if unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET) == nil {
+			runtime.UnlockOSThread()
+		}
+		errc <- err
+	}()
+	return <-errc
+}
+
+func readIter(it *link.Iter) error {
+	r, err := it.Open()
+	if err != nil {
+		return fmt.Errorf("open iterator: %w", err)
+	}
+	defer r.Close()
+	if _, err := io.Copy(io.Discard, r); err != nil {
+		return fmt.Errorf("run iterator: %w", err)
+	}
+	return nil
+}
+
+// openPolicy loads the teardown iterator when the kernel has
+// bpf_sock_destroy, and starts reading denial records.
+func (d *Datapath) openPolicy(load *ebpf.CollectionOptions) error {
+	if err := redirect.LoadTeardownObjects(&d.teardown, load); err != nil {
+		d.log.Warn("live connections will not be closed on a policy change", "reason", ErrTeardownUnsupported, "error", err)
+	} else if it, err := link.AttachIter(link.IterOptions{Program: d.teardown.MsPolicyTeardown}); err != nil {
+		d.log.Warn("live connections will not be closed on a policy change", "error", err)
+	} else {
+		d.teardownIter = it
+	}
+	// Sets of an earlier agent: removed at the next SetPolicy, and their
+	// IDs never reused meanwhile.
+	d.sets = map[uint32]PolicySet{}
+	var id uint32
+	var v redirect.CaptureMsPolSet
+	for it := d.capture.MsPolSets.Iterate(); it.Next(&id, &v); {
+		d.sets[id] = PolicySet{}
+		d.nextSet = max(d.nextSet, id)
+	}
+	rd, err := ringbuf.NewReader(d.capture.MsDenials)
+	if err != nil {
+		return fmt.Errorf("read ms_denials: %w", err)
+	}
+	d.denialReader = rd
+	d.denialsDone = make(chan struct{})
+	go d.readDenials(rd)
+	return nil
+}
+
+func (d *Datapath) readDenials(rd *ringbuf.Reader) {
+	defer close(d.denialsDone)
+	for {
+		rec, err := rd.Read()
+		if errors.Is(err, os.ErrClosed) {
+			return
+		}
+		if err != nil {
+			continue
+		}
+		var raw redirect.CaptureMsDenial
+		if err := binary.Read(bytes.NewReader(rec.RawSample), binary.NativeEndian, &raw); err != nil {
+			continue
+		}
+		dn := d.decodeDenial(raw)
+		d.polMu.Lock()
+		d.denials = append(d.denials, dn)
+		if len(d.denials) > maxDenials {
+			d.denials = slices.Delete(d.denials, 0, len(d.denials)-maxDenials)
+		}
+		d.polMu.Unlock()
+		d.log.Info("connection denied by policy", "direction", dn.Direction, "src", dn.Src, "dst", dn.Dst,
+			"port", dn.Port, "reason", dn.Reason, "policies", dn.Policies)
+	}
+}
+
+func (d *Datapath) decodeDenial(raw redirect.CaptureMsDenial) Denial {
+	dn := Denial{
+		Time:        time.Now(),
+		Src:         addrFromKey(redirect.CaptureMsAddr{Ip: raw.SrcIp}),
+		Dst:         addrFromKey(redirect.CaptureMsAddr{Ip: raw.DstIp}),
+		Port:        raw.DstPort,
+		SrcIdentity: raw.SrcIdentity,
+		UID:         raw.Uid,
+		Netns:       raw.Netns,
+	}
+	switch redirect.CaptureMsDirection(raw.Direction) {
+	case redirect.CaptureMsDirectionMS_DIR_EGRESS:
+		dn.Direction = "egress"
+	case redirect.CaptureMsDirectionMS_DIR_INGRESS:
+		dn.Direction = "ingress"
+	case redirect.CaptureMsDirectionMS_DIR_TEARDOWN:
+		dn.Direction = "teardown"
+	}
+	d.polMu.Lock()
+	set, ok := d.sets[raw.PolicySet]
+	d.polMu.Unlock()
+	mask := raw.DenyHits
+	dn.Reason = "deny-rule"
+	if redirect.CaptureMsDenialReason(raw.Reason) == redirect.CaptureMsDenialReasonMS_DENY_NO_ALLOW {
+		dn.Reason = "no-allow-rule"
+		if ok {
+			mask = set.AllowMask
+		}
+	}
+	for mask != 0 {
+		i := bits.TrailingZeros64(mask)
+		mask &^= 1 << i
+		if ok && i < len(set.Atoms) {
+			dn.Policies = append(dn.Policies, set.Atoms[i])
+		}
+	}
+	return dn
+}
+
+// Denials returns the most recent denials (at most 256), oldest first.
+func (d *Datapath) Denials() []Denial {
+	d.polMu.Lock()
+	defer d.polMu.Unlock()
+	return slices.Clone(d.denials)
+}
