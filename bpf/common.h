@@ -267,6 +267,7 @@ struct ms_denial {
 	__u8 direction; /* enum ms_direction */
 	__u8 reason;	/* enum ms_denial_reason */
 	__u32 uid;
+	__u64 time_ns; /* CLOCK_BOOTTIME */
 };
 
 /* Per-socket state, in socket-local storage: freed with the socket. */

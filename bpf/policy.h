@@ -69,6 +69,26 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ms_denials SEC(".maps");
 
+/* The last MS_DENIAL_LOG denials, round robin, for `meshsplice status` on
+ * a node without the agent: slot 0 of ms_denial_seq counts them all. */
+#define MS_DENIAL_LOG 64
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, MS_DENIAL_LOG);
+	__type(key, __u32);
+	__type(value, struct ms_denial);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ms_denial_log SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ms_denial_seq SEC(".maps");
+
 /*
  * policy_denies judges a connection from (src_ip, src_identity) to
  * (dst_ip, port) with the destination workload's compiled policy set:
@@ -136,11 +156,23 @@ static __always_inline int policy_denies(const __u32 *src_ip, __u32 src_id,
 static __always_inline void record_denial(struct ms_denial *d, __u64 netns,
 					  __u8 direction, __u8 reason)
 {
+	__u32 zero = 0, slot;
+	struct ms_denial *log;
+	__u64 *seq;
+
 	d->netns = netns;
 	d->direction = direction;
 	d->reason = reason;
+	d->time_ns = bpf_ktime_get_boot_ns();
 	if (bpf_ringbuf_output(&ms_denials, d, sizeof(*d), 0))
 		count(MS_C_POLICY_DENIAL_NOT_RECORDED, 1);
+	seq = bpf_map_lookup_elem(&ms_denial_seq, &zero);
+	if (!seq)
+		return;
+	slot = __sync_fetch_and_add(seq, 1) % MS_DENIAL_LOG;
+	log = bpf_map_lookup_elem(&ms_denial_log, &slot);
+	if (log)
+		__builtin_memcpy(log, d, sizeof(*d));
 }
 
 static __always_inline __u32 identity_of(const __u32 *ip)

@@ -74,9 +74,14 @@ type Denial struct {
 	SrcIdentity uint32     `json:"src_identity"`
 	UID         uint32     `json:"uid,omitempty"` // egress: the process's uid
 	Netns       uint64     `json:"netns_cookie"`
+	// PolicySet and DenyHits are the kernel's view: the set that judged
+	// and the DENY atoms (bits) that matched.
+	PolicySet uint32 `json:"policy_set"`
+	DenyHits  uint64 `json:"deny_hits,omitempty"`
 	// Policies are the atoms that decided (for a DENY rule) or every
-	// ALLOW atom of the set (none matched).
-	Policies []string `json:"policies"`
+	// ALLOW atom of the set (none matched); only the agent that compiled
+	// the set can name them.
+	Policies []string `json:"policies,omitempty"`
 }
 
 const maxDenials = 256
@@ -393,8 +398,33 @@ func (d *Datapath) readDenials(rd *ringbuf.Reader) {
 }
 
 func (d *Datapath) decodeDenial(raw redirect.CaptureMsDenial) Denial {
+	dn := rawDenial(raw)
+	d.polMu.Lock()
+	set, ok := d.sets[raw.PolicySet]
+	d.polMu.Unlock()
+	mask := raw.DenyHits
+	if dn.Reason == "no-allow-rule" {
+		mask = 0
+		if ok {
+			mask = set.AllowMask
+		}
+	}
+	for mask != 0 {
+		i := bits.TrailingZeros64(mask)
+		mask &^= 1 << i
+		if ok && i < len(set.Atoms) {
+			dn.Policies = append(dn.Policies, set.Atoms[i])
+		}
+	}
+	return dn
+}
+
+// rawDenial decodes what the kernel recorded.
+func rawDenial(raw redirect.CaptureMsDenial) Denial {
 	dn := Denial{
-		Time:        time.Now(),
+		Time:        bootToWall(raw.TimeNs),
+		PolicySet:   raw.PolicySet,
+		DenyHits:    raw.DenyHits,
 		Src:         addrFromKey(redirect.CaptureMsAddr{Ip: raw.SrcIp}),
 		Dst:         addrFromKey(redirect.CaptureMsAddr{Ip: raw.DstIp}),
 		Port:        raw.DstPort,
@@ -410,25 +440,43 @@ func (d *Datapath) decodeDenial(raw redirect.CaptureMsDenial) Denial {
 	case redirect.CaptureMsDirectionMS_DIR_TEARDOWN:
 		dn.Direction = "teardown"
 	}
-	d.polMu.Lock()
-	set, ok := d.sets[raw.PolicySet]
-	d.polMu.Unlock()
-	mask := raw.DenyHits
 	dn.Reason = "deny-rule"
 	if redirect.CaptureMsDenialReason(raw.Reason) == redirect.CaptureMsDenialReasonMS_DENY_NO_ALLOW {
 		dn.Reason = "no-allow-rule"
-		if ok {
-			mask = set.AllowMask
-		}
-	}
-	for mask != 0 {
-		i := bits.TrailingZeros64(mask)
-		mask &^= 1 << i
-		if ok && i < len(set.Atoms) {
-			dn.Policies = append(dn.Policies, set.Atoms[i])
-		}
 	}
 	return dn
+}
+
+// bootToWall converts a CLOCK_BOOTTIME reading to wall-clock time.
+func bootToWall(ns uint64) time.Time {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_BOOTTIME, &ts); err != nil || ns == 0 {
+		return time.Now()
+	}
+	return time.Now().Add(-time.Duration(ts.Nano() - int64(ns)))
+}
+
+// readDenialLog reads the kernel's round-robin log of recent denials,
+// oldest first.
+func readDenialLog(logMap, seqMap *ebpf.Map) ([]Denial, error) {
+	var seq uint64
+	if err := seqMap.Lookup(uint32(0), &seq); err != nil {
+		return nil, fmt.Errorf("read denial count: %w", err)
+	}
+	n := uint64(logMap.MaxEntries())
+	start := uint64(0)
+	if seq > n {
+		start = seq - n
+	}
+	var out []Denial
+	for i := start; i < seq; i++ {
+		var raw redirect.CaptureMsDenial
+		if err := logMap.Lookup(uint32(i%n), &raw); err != nil {
+			return nil, fmt.Errorf("read denial log: %w", err)
+		}
+		out = append(out, rawDenial(raw))
+	}
+	return out, nil
 }
 
 // Denials returns the most recent denials (at most 256), oldest first.

@@ -35,6 +35,8 @@ type Status struct {
 	Counters Counters     `json:"counters"`
 	// SplicedSockets is the number of sockets in the splice map now.
 	SplicedSockets int `json:"spliced_sockets"`
+	// RecentDenials are the last connections policy denied (at most 64).
+	RecentDenials []Denial `json:"recent_denials"`
 }
 
 // Inspect reads the status of the datapath pinned at pinDir. It returns an
@@ -52,6 +54,7 @@ func Inspect(pinDir string) (*Status, error) {
 		redirect.CaptureMapMsPods, redirect.CaptureMapMsPodIps, redirect.CaptureMapMsPorts,
 		redirect.CaptureMapMsRanges, redirect.CaptureMapMsNodeSettings,
 		redirect.CaptureMapMsCounters, redirect.CaptureMapMsSocks,
+		redirect.CaptureMapMsDenialLog, redirect.CaptureMapMsDenialSeq,
 	} {
 		m, err := ebpf.LoadPinnedMap(filepath.Join(mapDir(pinDir), name), &ebpf.LoadPinOptions{ReadOnly: true})
 		if err != nil {
@@ -84,6 +87,9 @@ func Inspect(pinDir string) (*Status, error) {
 	var val uint64
 	for it := maps[redirect.CaptureMapMsSocks].Iterate(); it.Next(&key, &val); {
 		st.SplicedSockets++
+	}
+	if st.RecentDenials, err = readDenialLog(maps[redirect.CaptureMapMsDenialLog], maps[redirect.CaptureMapMsDenialSeq]); err != nil {
+		return nil, err
 	}
 	st.Links = inspectLinks(pinDir)
 	return st, nil

@@ -135,6 +135,13 @@ func TestKernelPolicy(t *testing.T) {
 	if !found {
 		t.Fatalf("no denial record for the sidecar's connect to db: %+v", d)
 	}
+	st, err := datapath.Inspect(m.pin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(st.RecentDenials) != len(d) || st.RecentDenials[0].Dst != d[0].Dst || st.RecentDenials[0].Time.Sub(d[0].Time).Abs() > time.Second {
+		t.Fatalf("status denials %+v\ndiffer from the agent's %+v", st.RecentDenials, d)
+	}
 	c := m.counters()
 	if c["policy.egress_denied"] < 4 || c["policy.ingress_denied"] < 2 {
 		t.Fatalf("policy counters: %v", nonZero(c))

@@ -86,6 +86,7 @@ type CaptureMsDenial struct {
 	Direction   uint8
 	Reason      uint8
 	Uid         uint32
+	TimeNs      uint64
 }
 
 type CaptureMsDenialReason uint32
@@ -260,6 +261,8 @@ type CaptureMsSockKey struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	CaptureMapMsCounters      = "ms_counters"
+	CaptureMapMsDenialLog     = "ms_denial_log"
+	CaptureMapMsDenialSeq     = "ms_denial_seq"
 	CaptureMapMsDenials       = "ms_denials"
 	CaptureMapMsEvents        = "ms_events"
 	CaptureMapMsIpInfo        = "ms_ip_info"
@@ -341,6 +344,8 @@ type CaptureProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type CaptureMapSpecs struct {
 	MsCounters     *ebpf.MapSpec `ebpf:"ms_counters"`
+	MsDenialLog    *ebpf.MapSpec `ebpf:"ms_denial_log"`
+	MsDenialSeq    *ebpf.MapSpec `ebpf:"ms_denial_seq"`
 	MsDenials      *ebpf.MapSpec `ebpf:"ms_denials"`
 	MsEvents       *ebpf.MapSpec `ebpf:"ms_events"`
 	MsIpInfo       *ebpf.MapSpec `ebpf:"ms_ip_info"`
@@ -390,6 +395,8 @@ func (o *CaptureObjects) Close() error {
 // It can be passed to LoadCaptureObjects or ebpf.CollectionSpec.LoadAndAssign.
 type CaptureMaps struct {
 	MsCounters     *ebpf.Map `ebpf:"ms_counters"`
+	MsDenialLog    *ebpf.Map `ebpf:"ms_denial_log"`
+	MsDenialSeq    *ebpf.Map `ebpf:"ms_denial_seq"`
 	MsDenials      *ebpf.Map `ebpf:"ms_denials"`
 	MsEvents       *ebpf.Map `ebpf:"ms_events"`
 	MsIpInfo       *ebpf.Map `ebpf:"ms_ip_info"`
@@ -413,6 +420,8 @@ type CaptureMaps struct {
 func (m *CaptureMaps) Close() error {
 	return _CaptureClose(
 		m.MsCounters,
+		m.MsDenialLog,
+		m.MsDenialSeq,
 		m.MsDenials,
 		m.MsEvents,
 		m.MsIpInfo,

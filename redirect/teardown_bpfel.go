@@ -17,6 +17,8 @@ import (
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	TeardownMapMsCounters        = "ms_counters"
+	TeardownMapMsDenialLog       = "ms_denial_log"
+	TeardownMapMsDenialSeq       = "ms_denial_seq"
 	TeardownMapMsDenials         = "ms_denials"
 	TeardownMapMsEvents          = "ms_events"
 	TeardownMapMsIpInfo          = "ms_ip_info"
@@ -90,6 +92,8 @@ type TeardownProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type TeardownMapSpecs struct {
 	MsCounters     *ebpf.MapSpec `ebpf:"ms_counters"`
+	MsDenialLog    *ebpf.MapSpec `ebpf:"ms_denial_log"`
+	MsDenialSeq    *ebpf.MapSpec `ebpf:"ms_denial_seq"`
 	MsDenials      *ebpf.MapSpec `ebpf:"ms_denials"`
 	MsEvents       *ebpf.MapSpec `ebpf:"ms_events"`
 	MsIpInfo       *ebpf.MapSpec `ebpf:"ms_ip_info"`
@@ -139,6 +143,8 @@ func (o *TeardownObjects) Close() error {
 // It can be passed to LoadTeardownObjects or ebpf.CollectionSpec.LoadAndAssign.
 type TeardownMaps struct {
 	MsCounters     *ebpf.Map `ebpf:"ms_counters"`
+	MsDenialLog    *ebpf.Map `ebpf:"ms_denial_log"`
+	MsDenialSeq    *ebpf.Map `ebpf:"ms_denial_seq"`
 	MsDenials      *ebpf.Map `ebpf:"ms_denials"`
 	MsEvents       *ebpf.Map `ebpf:"ms_events"`
 	MsIpInfo       *ebpf.Map `ebpf:"ms_ip_info"`
@@ -162,6 +168,8 @@ type TeardownMaps struct {
 func (m *TeardownMaps) Close() error {
 	return _TeardownClose(
 		m.MsCounters,
+		m.MsDenialLog,
+		m.MsDenialSeq,
 		m.MsDenials,
 		m.MsEvents,
 		m.MsIpInfo,

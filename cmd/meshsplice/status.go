@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
+	"net/netip"
 	"os"
 	"sort"
 	"strings"
@@ -44,6 +45,13 @@ func runStatus(_ context.Context, args []string) error {
 	fmt.Fprintf(w, "\nLINK\tPROGRAM\tATTACHED\n")
 	for _, l := range st.Links {
 		fmt.Fprintf(w, "%s\t%s (id %d)\t%v\n", l.Name, l.Program, l.ProgramID, l.Attached)
+	}
+	if len(st.RecentDenials) > 0 {
+		fmt.Fprintf(w, "\nRECENT DENIALS\tDIRECTION\tSOURCE (IDENTITY)\tDESTINATION\tREASON\tPOLICY SET\n")
+		for _, d := range st.RecentDenials {
+			fmt.Fprintf(w, "%s\t%s\t%s (%d)\t%s\t%s\t%d\n", d.Time.Format(time.TimeOnly), d.Direction, d.Src, d.SrcIdentity,
+				netip.AddrPortFrom(d.Dst, d.Port), d.Reason, d.PolicySet)
+		}
 	}
 	fmt.Fprintf(w, "\nCOUNTER\tVALUE\n")
 	names := make([]string, 0, len(st.Counters))
