@@ -24,6 +24,12 @@ import (
 // users pass it in RuntimeConf.CapabilityArgs and cnitool users in CAP_ARGS.
 const PodAnnotationsCapability = "io.kubernetes.cri.pod-annotations"
 
+// PodLabelsCapability is the runtimeConfig key under which a standalone
+// caller passes the pod's labels (AuthorizationPolicy selectors match them).
+// Kubernetes runtimes do not pass labels: there the agent reads them from
+// the API server.
+const PodLabelsCapability = "io.meshsplice.pod-labels"
+
 // UnreachablePolicy says what ADD does when the agent cannot be reached.
 type UnreachablePolicy string
 
@@ -65,6 +71,7 @@ type NetConf struct {
 	// config declares.
 	RuntimeConfig struct {
 		PodAnnotations map[string]string `json:"io.kubernetes.cri.pod-annotations,omitempty"`
+		PodLabels      map[string]string `json:"io.meshsplice.pod-labels,omitempty"`
 	} `json:"runtimeConfig"`
 }
 
@@ -83,6 +90,8 @@ type Config struct {
 	// Annotations are the pod's annotations: the config's defaults with
 	// the runtime's pod annotations on top.
 	Annotations map[string]string
+	// Labels are the pod's labels (PodLabelsCapability), if passed.
+	Labels map[string]string
 	// PrevResult is the previous plugin's result in the config's version,
 	// nil when there is none.
 	PrevResult types.Result
@@ -159,6 +168,7 @@ func ParseConfig(stdin []byte) (*Config, error) {
 	if err := version.ParsePrevResult(&nc.PluginConf); err != nil {
 		return nil, types.NewError(types.ErrDecodingFailure, fmt.Sprintf("meshsplice-cni: %v", err), "")
 	}
+	c.Labels = nc.RuntimeConfig.PodLabels
 	c.PrevResult = nc.PrevResult
 	return c, nil
 }

@@ -70,6 +70,12 @@
 //
 //	CAP_ARGS='{"io.kubernetes.cri.pod-annotations": {"sidecar.istio.io/status": "{}"}}'
 //
+// A standalone caller passes the pod's labels, which AuthorizationPolicy
+// selectors match, the same way under "io.meshsplice.pod-labels"
+// ([PodLabelsCapability]; declare it in "capabilities" too). Kubernetes
+// runtimes do not pass labels: on Kubernetes the agent reads them from the
+// API server.
+//
 // The config's "annotations" are defaults under the pod's own, key by key.
 // JSON in the capability keeps annotation values intact (they may contain
 // ";" and "=", which CNI_ARGS cannot carry).

@@ -203,6 +203,7 @@ func registration(conf *Config, args *skel.CmdArgs) (api.PodRegistration, error)
 		PodUID:         pa.uid,
 		ServiceAccount: pa.serviceAccount,
 		Annotations:    conf.Annotations,
+		Labels:         conf.Labels,
 		Network:        conf.Network,
 	}
 	if err := reg.Validate(); err != nil {

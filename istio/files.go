@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"sort"
@@ -17,6 +18,7 @@ import (
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 	meshv1alpha1 "istio.io/api/mesh/v1alpha1"
+	networkingv1 "istio.io/client-go/pkg/apis/networking/v1"
 	securityv1 "istio.io/client-go/pkg/apis/security/v1"
 	"sigs.k8s.io/yaml"
 )
@@ -31,7 +33,10 @@ import (
 //     defaultConfig), as in istiod's --meshConfig file;
 //   - the meshsplice ConfigMap (metadata.name: meshsplice) with the node
 //     switches (data.capture, data.splice: "enabled" / "disabled");
-//   - security.istio.io/v1 (and v1beta1) AuthorizationPolicy.
+//   - security.istio.io/v1 (and v1beta1) AuthorizationPolicy;
+//   - networking.istio.io WorkloadEntry (workloads that are not pods of
+//     this node: address, labels, serviceAccount) and v1 Service (name and
+//     spec.selector), which policy selectors and targetRefs need.
 //
 // Other kinds are ignored with a warning. The folder is polled (Interval):
 // edits take effect without a restart, once the folder has held still for
@@ -226,6 +231,34 @@ func loadDoc(cfg *Config, doc []byte, where string, meshSeen *string) error {
 			ap.Namespace = "default"
 		}
 		cfg.AuthorizationPolicies = append(cfg.AuthorizationPolicies, ap)
+		return nil
+	case tm.Kind == "WorkloadEntry" && strings.HasPrefix(tm.APIVersion, "networking.istio.io/"):
+		we := &networkingv1.WorkloadEntry{}
+		if err := json.Unmarshal(js, we); err != nil {
+			return fmt.Errorf("WorkloadEntry %s/%s: %w", tm.Metadata.Namespace, tm.Metadata.Name, err)
+		}
+		if we.Namespace == "" {
+			we.Namespace = "default"
+		}
+		if _, err := netip.ParseAddr(we.Spec.GetAddress()); err != nil {
+			return fmt.Errorf("WorkloadEntry %s/%s: spec.address %q is not an IP address", we.Namespace, we.Name, we.Spec.GetAddress())
+		}
+		cfg.WorkloadEntries = append(cfg.WorkloadEntries, we)
+		return nil
+	case tm.Kind == "Service" && tm.APIVersion == "v1":
+		var svc struct {
+			Metadata struct{ Name, Namespace string } `json:"metadata"`
+			Spec     struct {
+				Selector map[string]string `json:"selector"`
+			} `json:"spec"`
+		}
+		if err := json.Unmarshal(js, &svc); err != nil {
+			return fmt.Errorf("Service %s: %w", tm.Metadata.Name, err)
+		}
+		if svc.Metadata.Namespace == "" {
+			svc.Metadata.Namespace = "default"
+		}
+		cfg.Services = append(cfg.Services, Service{Namespace: svc.Metadata.Namespace, Name: svc.Metadata.Name, Selector: svc.Spec.Selector})
 		return nil
 	default:
 		cfg.Sources = append(cfg.Sources, fmt.Sprintf("ignored %s %s: %s", tm.Kind, tm.Metadata.Name, where))

@@ -80,6 +80,36 @@ func TestLoad(t *testing.T) {
 				}
 			},
 		},
+		{
+			name: "workload entry and service",
+			files: map[string]string{"w.yaml": `apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: vm1, namespace: shop}
+spec:
+  address: 10.9.0.7
+  serviceAccount: legacy
+  labels: {app: legacy}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: shop}
+spec:
+  selector: {app: db}
+`},
+			check: func(t *testing.T, c Config) {
+				if len(c.WorkloadEntries) != 1 || c.WorkloadEntries[0].Spec.GetServiceAccount() != "legacy" ||
+					c.WorkloadEntries[0].Spec.GetAddress() != "10.9.0.7" {
+					t.Fatalf("workload entries: %v", c.WorkloadEntries)
+				}
+				if len(c.Services) != 1 || c.Services[0].Selector["app"] != "db" || c.Services[0].Namespace != "shop" {
+					t.Fatalf("services: %v", c.Services)
+				}
+				if c.RootNamespace() != "istio-system" {
+					t.Fatal(c.RootNamespace())
+				}
+			},
+		},
+		{name: "workload entry without address", files: map[string]string{"w.yaml": "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: vm1}\nspec: {address: vm.example.com}\n"}, wantErr: "is not an IP address"},
 		{name: "bad yaml", files: map[string]string{"x.yaml": "a: [b"}, wantErr: "x.yaml (document 1): not valid YAML"},
 		{name: "two mesh configs", files: map[string]string{"a.yaml": "trustDomain: a\n", "b.yaml": "trustDomain: b\n"}, wantErr: "a second mesh config"},
 		{name: "unknown mesh field", files: map[string]string{"a.yaml": "trustDomian: a\n"}, wantErr: "MeshConfig"},

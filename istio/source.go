@@ -5,6 +5,7 @@ import (
 	"fmt"
 
 	meshv1alpha1 "istio.io/api/mesh/v1alpha1"
+	networkingv1 "istio.io/client-go/pkg/apis/networking/v1"
 	securityv1 "istio.io/client-go/pkg/apis/security/v1"
 )
 
@@ -18,8 +19,21 @@ type Config struct {
 	Node NodeSwitches
 	// AuthorizationPolicies are the security.istio.io/v1 policies.
 	AuthorizationPolicies []*securityv1.AuthorizationPolicy
+	// WorkloadEntries are workloads outside this node's pods (VMs, pods of
+	// other nodes in standalone mode): their addresses, identities and
+	// labels, for policy.
+	WorkloadEntries []*networkingv1.WorkloadEntry
+	// Services are Kubernetes Services (name and selector), for policy
+	// targetRefs.
+	Services []Service
 	// Sources names where each part came from, for status and logs.
 	Sources []string
+}
+
+// Service is a Kubernetes Service as policy needs it.
+type Service struct {
+	Namespace, Name string
+	Selector        map[string]string
 }
 
 // NodeSwitches are meshsplice's own switches, from the data of a ConfigMap
@@ -69,6 +83,15 @@ func (c Config) TrustDomain() string {
 // invalid it reports the error and keeps the last good Config.
 type Source interface {
 	Run(ctx context.Context, updates chan<- Config) error
+}
+
+// RootNamespace is the mesh's root namespace (policies there apply
+// mesh-wide; default istio-system).
+func (c Config) RootNamespace() string {
+	if ns := c.Mesh.GetRootNamespace(); ns != "" {
+		return ns
+	}
+	return "istio-system"
 }
 
 // DefaultMeshConfig returns Istio's defaults for the fields meshsplice

@@ -122,6 +122,9 @@ type PodRegistration struct {
 	// (sidecar.istio.io/*, traffic.sidecar.istio.io/*) and meshsplice's
 	// own switches (meshsplice.io/*).
 	Annotations map[string]string `json:"annotations,omitempty"`
+	// Labels are the pod's labels, which AuthorizationPolicy selectors
+	// match (standalone: from the io.meshsplice.pod-labels capability).
+	Labels map[string]string `json:"labels,omitempty"`
 	// Network is the name of the CNI network the pod was added to.
 	Network string `json:"network,omitempty"`
 }
