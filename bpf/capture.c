@@ -54,6 +54,7 @@ static __always_inline int capture_connect(struct bpf_sock_addr *ctx,
 	struct ms_denial d = {};
 	struct ms_pod *pod;
 	struct ms_sk *st;
+	const __u32 *src;
 	__u64 ugid;
 	__u32 verdict;
 	int reason;
@@ -68,10 +69,10 @@ static __always_inline int capture_connect(struct bpf_sock_addr *ctx,
 	 * compromised sidecar still cannot reach what policy forbids. Not
 	 * for the sidecar's inbound passthrough (bound to 127.0.0.6 / ::6),
 	 * which delivers a connection sk_lookup judged already. */
-	if (!addr_is_loopback(dst) && !bound_to_passthrough(ctx->sk)) {
-		reason =
-		    policy_denies(addr_is_v4(dst) ? pod->ip4.ip : pod->ip6.ip,
-				  pod->identity, dst, port, &d);
+	src = addr_is_v4(dst) ? pod->ip4.ip : pod->ip6.ip;
+	if (!addr_is_loopback(dst) && !bound_to_passthrough(ctx->sk) &&
+	    egress_judged(src, dst, port)) {
+		reason = policy_denies(src, pod->identity, dst, port, &d);
 		if (reason) {
 			d.uid = (__u32)ugid;
 			record_denial(&d, netns, MS_DIR_EGRESS, reason);

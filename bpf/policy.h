@@ -175,6 +175,27 @@ static __always_inline void record_denial(struct ms_denial *d, __u64 netns,
 		__builtin_memcpy(log, d, sizeof(*d));
 }
 
+/* egress_judged: a connection to dst:port is judged by dst's policy unless
+ * dst is a pod of this node whose sidecar would not capture it (its own
+ * ports, excluded or not included inbound ports): that sidecar could not
+ * enforce policy there, so neither does the kernel. For workloads of other
+ * nodes the set's bypass ports stand for that. */
+static __always_inline int egress_judged(const __u32 *src, const __u32 *dst,
+					 __u16 port)
+{
+	struct ms_pod *dst_pod;
+	__u64 *dst_netns;
+
+	dst_netns = bpf_map_lookup_elem(&ms_pod_ips, dst);
+	if (!dst_netns)
+		return 1;
+	dst_pod = bpf_map_lookup_elem(&ms_pods, dst_netns);
+	if (!dst_pod)
+		return 1;
+	return inbound_verdict(*dst_netns, dst_pod, port, src) ==
+	       MS_C_INBOUND_CAPTURED;
+}
+
 static __always_inline __u32 identity_of(const __u32 *ip)
 {
 	struct ms_ip_info *info = bpf_map_lookup_elem(&ms_ip_info, ip);

@@ -99,7 +99,8 @@ int ms_policy_teardown(struct bpf_iter__tcp___ms *ctx)
 				       local.ip, lport, &d);
 	} else if (flags & MS_SK_ACTIVE) {
 		/* Connected: judged as connect judges a new one. */
-		if (addr_is_loopback(remote.ip))
+		if (addr_is_loopback(remote.ip) ||
+		    !egress_judged(local.ip, remote.ip, rport))
 			return 0;
 		reason = policy_denies(local.ip, pod->identity, remote.ip,
 				       rport, &d);

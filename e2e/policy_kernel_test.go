@@ -9,6 +9,7 @@ import (
 
 	"github.com/meshsplice/meshsplice/datapath"
 	"github.com/meshsplice/meshsplice/internal/testnet"
+	"github.com/meshsplice/meshsplice/istio"
 )
 
 // allowFrom is a hand-compiled policy set: ALLOW from the given identities,
@@ -60,12 +61,19 @@ func TestKernelPolicy(t *testing.T) {
 	if _, err := dbExtra.WaitEvent(waitFor, "ready"); err != nil {
 		t.Fatal(err)
 	}
+	// cache's sidecar does not capture 6379: policy cannot be enforced
+	// there by the sidecar, so the kernel must not either.
+	cache := m.addPod(nodeA, "cache", injected(istio.AnnotationExcludeInboundPorts, "6379"))
+	cacheExtra := m.start(cache, "cache-app2", appUID, "echo", "--port", "6379")
+	if _, err := cacheExtra.WaitEvent(waitFor, "ready"); err != nil {
+		t.Fatal(err)
+	}
 	remoteBackend := m.addPod(nodeB, "rbackend", nil)   // another node: unmeshed here, known identity
 	remoteFrontend := m.addPod(nodeB, "rfrontend", nil) // likewise
 	outsider := m.addPod(nodeA, "outsider", nil)        // no identity at all
 
-	const idFrontend, idBackend, idDB = 1, 2, 3
-	ident := map[*meshPod]uint32{frontend: idFrontend, backend: idBackend, db: idDB}
+	const idFrontend, idBackend, idDB, idCache = 1, 2, 3, 4
+	ident := map[*meshPod]uint32{frontend: idFrontend, backend: idBackend, db: idDB, cache: idCache}
 	for p, id := range ident {
 		if err := m.dp.AddPod(datapath.Pod{NetnsPath: p.NS.Path(), Cookie: p.Cookie,
 			IPs: []netip.Addr{p.IPv4, p.IPv6}, Traffic: p.Traffic, Identity: id}); err != nil {
@@ -76,6 +84,7 @@ func TestKernelPolicy(t *testing.T) {
 		Sets: []datapath.PolicySet{
 			allowFrom("shop/backend-allow-frontend", idFrontend),
 			allowFrom("shop/db-allow-backend", idBackend),
+			allowFrom("shop/cache-allow-nobody"),
 		},
 		IPs: map[netip.Addr]datapath.IPPolicy{},
 	}
@@ -86,6 +95,7 @@ func TestKernelPolicy(t *testing.T) {
 	set(frontend, idFrontend, -1)
 	set(backend, idBackend, 0)
 	set(db, idDB, 1)
+	set(cache, idCache, 2)
 	set(remoteBackend, idBackend, -1)
 	set(remoteFrontend, idFrontend, -1)
 	if err := m.dp.SetPolicy(pol); err != nil {
@@ -110,6 +120,9 @@ func TestKernelPolicy(t *testing.T) {
 		{"remote frontend (node B) -> db", remoteFrontend, appUID, to(db, appPort), "connection refused"},
 		{"outsider without identity -> db", outsider, appUID, to(db, appPort), "connection refused"},
 		{"outsider -> frontend (no policy)", outsider, appUID, to(frontend, appPort), ""},
+		{"frontend -> cache, a captured port", frontend, appUID, to(cache, appPort), "operation not permitted"},
+		{"frontend -> cache, a port its sidecar does not capture", frontend, appUID, to(cache, 6379), ""},
+		{"outsider -> cache, a port its sidecar does not capture", outsider, appUID, to(cache, 6379), ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			start := time.Now()

@@ -74,6 +74,21 @@ const (
 	SpliceMsCounterMS_C_MAX                        SpliceMsCounter = 50
 )
 
+type SpliceMsDenial struct {
+	_           structs.HostLayout
+	Netns       uint64
+	SrcIp       [4]uint32
+	DstIp       [4]uint32
+	DenyHits    uint64
+	SrcIdentity uint32
+	PolicySet   uint32
+	DstPort     uint16
+	Direction   uint8
+	Reason      uint8
+	Uid         uint32
+	TimeNs      uint64
+}
+
 type SpliceMsIpInfo struct {
 	_         structs.HostLayout
 	Identity  uint32
@@ -175,6 +190,8 @@ type SpliceMsSockKey struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	SpliceMapMsCounters     = "ms_counters"
+	SpliceMapMsDenialLog    = "ms_denial_log"
+	SpliceMapMsDenialSeq    = "ms_denial_seq"
 	SpliceMapMsDenials      = "ms_denials"
 	SpliceMapMsEvents       = "ms_events"
 	SpliceMapMsIpInfo       = "ms_ip_info"
@@ -250,6 +267,8 @@ type SpliceProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type SpliceMapSpecs struct {
 	MsCounters     *ebpf.MapSpec `ebpf:"ms_counters"`
+	MsDenialLog    *ebpf.MapSpec `ebpf:"ms_denial_log"`
+	MsDenialSeq    *ebpf.MapSpec `ebpf:"ms_denial_seq"`
 	MsDenials      *ebpf.MapSpec `ebpf:"ms_denials"`
 	MsEvents       *ebpf.MapSpec `ebpf:"ms_events"`
 	MsIpInfo       *ebpf.MapSpec `ebpf:"ms_ip_info"`
@@ -299,6 +318,8 @@ func (o *SpliceObjects) Close() error {
 // It can be passed to LoadSpliceObjects or ebpf.CollectionSpec.LoadAndAssign.
 type SpliceMaps struct {
 	MsCounters     *ebpf.Map `ebpf:"ms_counters"`
+	MsDenialLog    *ebpf.Map `ebpf:"ms_denial_log"`
+	MsDenialSeq    *ebpf.Map `ebpf:"ms_denial_seq"`
 	MsDenials      *ebpf.Map `ebpf:"ms_denials"`
 	MsEvents       *ebpf.Map `ebpf:"ms_events"`
 	MsIpInfo       *ebpf.Map `ebpf:"ms_ip_info"`
@@ -322,6 +343,8 @@ type SpliceMaps struct {
 func (m *SpliceMaps) Close() error {
 	return _SpliceClose(
 		m.MsCounters,
+		m.MsDenialLog,
+		m.MsDenialSeq,
 		m.MsDenials,
 		m.MsEvents,
 		m.MsIpInfo,
