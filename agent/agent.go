@@ -29,6 +29,7 @@ import (
 	"github.com/meshsplice/meshsplice/agent/api"
 	"github.com/meshsplice/meshsplice/datapath"
 	"github.com/meshsplice/meshsplice/istio"
+	"github.com/meshsplice/meshsplice/policy"
 	"github.com/meshsplice/meshsplice/redirect"
 )
 
@@ -63,9 +64,14 @@ type Agent struct {
 	mu     sync.Mutex
 	pods   map[string]*pod // by container ID
 	istio  istio.Config
+	ids    *policy.Allocator // workload identities, stable across restarts
+	policy policy.Result     // the policy the kernel holds
 	ready  bool
 	loaded chan struct{} // closed once the first Istio config arrived
 }
+
+// podReg is a pod's registration, as the CNI plugin sent it.
+type podReg = api.PodRegistration
 
 type pod struct {
 	Reg      api.PodRegistration `json:"registration"`
@@ -109,6 +115,10 @@ func New(cfg Config) (*Agent, error) {
 	}
 	a := &Agent{cfg: cfg, log: cfg.Log, dp: dp, pods: map[string]*pod{}, loaded: make(chan struct{}),
 		istio: istio.Config{Mesh: istio.DefaultMeshConfig(), Node: istio.NodeSwitches{Capture: true, Splice: true}}}
+	if err := a.loadIdentities(); err != nil {
+		dp.Close()
+		return nil, err
+	}
 	if err := a.loadState(); err != nil {
 		dp.Close()
 		return nil, err
@@ -214,6 +224,9 @@ func (a *Agent) applyConfig(c istio.Config) {
 	if err := result.ErrorOrNil(); err != nil {
 		a.log.Error("reconcile pods with the new config", "error", err)
 	}
+	if err := a.reconcilePolicy(true); err != nil {
+		a.log.Error("authorization policy not applied; the kernel keeps the previous one", "error", err)
+	}
 	a.log.Info("istio config applied", "node", node, "pods", len(a.pods),
 		"authorization_policies", len(c.AuthorizationPolicies), "sources", c.Sources)
 	select {
@@ -236,7 +249,8 @@ func (a *Agent) programPod(p *pod) error {
 			return err
 		}
 	}
-	return a.dp.AddPod(datapath.Pod{NetnsPath: p.Reg.Netns, Cookie: p.Cookie, IPs: p.Reg.IPs, Traffic: tr})
+	return a.dp.AddPod(datapath.Pod{NetnsPath: p.Reg.Netns, Cookie: p.Cookie, IPs: p.Reg.IPs, Traffic: tr,
+		Identity: a.podIdentity(p)})
 }
 
 // AddPod implements api.Registry.
@@ -270,6 +284,10 @@ func (a *Agent) AddPod(_ context.Context, req api.PodRegistration) (api.PodStatu
 	}
 	for _, w := range p.Warnings {
 		a.log.Warn("pod settings", "pod", req.String(), "warning", w)
+	}
+	// The pod's own policy set and its identity as a source.
+	if err := a.reconcilePolicy(false); err != nil {
+		a.log.Error("authorization policy not applied; the kernel keeps the previous one", "error", err)
 	}
 	return statusOf(p), nil
 }
@@ -315,6 +333,9 @@ func (a *Agent) RemovePod(_ context.Context, containerID string) error {
 	}
 	delete(a.pods, containerID)
 	a.log.Info("pod unregistered", "pod", p.Reg.String())
+	if err := a.reconcilePolicy(false); err != nil {
+		a.log.Error("authorization policy not applied; the kernel keeps the previous one", "error", err)
+	}
 	return a.saveState()
 }
 

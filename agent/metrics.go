@@ -17,6 +17,7 @@ import (
 //	/metrics  Prometheus: meshsplice_datapath_events_total{program,event}
 //	          (every kernel counter), meshsplice_pods{capture,splice}
 //	/pods     the registered pods as JSON
+//	/denials  the most recent connections policy denied, with the policies
 func (a *Agent) metricsHandler() http.Handler {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
@@ -34,6 +35,10 @@ func (a *Agent) metricsHandler() http.Handler {
 	mux.HandleFunc("/pods", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
 		json.NewEncoder(w).Encode(a.Pods())
+	})
+	mux.HandleFunc("/denials", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		json.NewEncoder(w).Encode(a.dp.Denials())
 	})
 	return mux
 }

@@ -104,6 +104,16 @@ func (a *agentProc) get(path string) string {
 	return string(b)
 }
 
+// denials reads the agent's /denials.
+func (a *agentProc) denials() []datapath.Denial {
+	a.t.Helper()
+	var d []datapath.Denial
+	if err := json.Unmarshal([]byte(a.get("/denials")), &d); err != nil {
+		a.t.Fatalf("/denials: %v", err)
+	}
+	return d
+}
+
 // status runs `meshsplice status --json`.
 func (a *agentProc) status(pin string) datapath.Status {
 	a.t.Helper()

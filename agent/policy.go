@@ -1,0 +1,181 @@
+package agent
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+
+	"github.com/meshsplice/meshsplice/datapath"
+	"github.com/meshsplice/meshsplice/istio"
+	"github.com/meshsplice/meshsplice/policy"
+)
+
+// The identity policy safety net, agent side: compile the Istio
+// AuthorizationPolicies for every known workload (the node's pods and the
+// WorkloadEntries of the config) and hand the result to the datapath, then
+// close live connections the change now forbids.
+
+// spiffeID is a workload's identity.
+func spiffeID(trustDomain, namespace, serviceAccount string) string {
+	if serviceAccount == "" {
+		serviceAccount = "default"
+	}
+	return fmt.Sprintf("spiffe://%s/ns/%s/sa/%s", trustDomain, namespace, serviceAccount)
+}
+
+func podNamespace(r podReg) string {
+	if r.PodNamespace != "" {
+		return r.PodNamespace
+	}
+	return "default"
+}
+
+func podName(r podReg) string {
+	if r.PodName != "" {
+		return r.PodName
+	}
+	return r.ContainerID
+}
+
+func (a *Agent) identitiesPath() string { return filepath.Join(a.cfg.StateDir, "identities.json") }
+
+// loadIdentities restores the identity numbers of an earlier agent, so
+// that the kernel's identities stay stable across restarts.
+func (a *Agent) loadIdentities() error {
+	a.ids = policy.NewAllocator()
+	b, err := os.ReadFile(a.identitiesPath())
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("load identities: %w", err)
+	}
+	if err := a.ids.Load(bytes.NewReader(b)); err != nil {
+		return fmt.Errorf("load identities from %s: %w", a.identitiesPath(), err)
+	}
+	return nil
+}
+
+func (a *Agent) saveIdentities() error {
+	var buf bytes.Buffer
+	if err := a.ids.Save(&buf); err != nil {
+		return err
+	}
+	tmp := a.identitiesPath() + ".tmp"
+	if err := os.WriteFile(tmp, buf.Bytes(), 0o600); err != nil {
+		return fmt.Errorf("save identities: %w", err)
+	}
+	return os.Rename(tmp, a.identitiesPath())
+}
+
+// podIdentity is the identity number of a registered pod.
+func (a *Agent) podIdentity(p *pod) uint32 {
+	return uint32(a.ids.ID(spiffeID(a.istio.TrustDomain(), podNamespace(p.Reg), p.Reg.ServiceAccount)))
+}
+
+// bypassPorts are never judged by the kernel: the sidecar's own ports,
+// which Istio's authorization does not cover.
+func bypassPorts() []uint16 {
+	return slices.Clone(istio.ProxyPorts)
+}
+
+// reconcilePolicy compiles and installs the policy. Called with a.mu held.
+func (a *Agent) reconcilePolicy(teardown bool) error {
+	in := policy.Input{
+		TrustDomain:   a.istio.TrustDomain(),
+		RootNamespace: a.istio.RootNamespace(),
+		Policies:      a.istio.AuthorizationPolicies,
+	}
+	if m := a.istio.Mesh; m != nil {
+		in.TrustDomainAliases = m.GetTrustDomainAliases()
+	}
+	ipWorkload := map[netip.Addr]string{}
+	for _, p := range a.pods {
+		w := policy.Workload{Namespace: podNamespace(p.Reg), Name: podName(p.Reg),
+			ServiceAccount: p.Reg.ServiceAccount, Labels: p.Reg.Labels, IPs: p.Reg.IPs}
+		in.Workloads = append(in.Workloads, w)
+		for _, ip := range p.Reg.IPs {
+			ipWorkload[ip.Unmap()] = w.Key()
+		}
+	}
+	for _, we := range a.istio.WorkloadEntries {
+		addr, err := netip.ParseAddr(we.Spec.GetAddress())
+		if err != nil {
+			continue // the source validated it; never here
+		}
+		w := policy.Workload{Namespace: we.Namespace, Name: "workloadentry/" + we.Name,
+			ServiceAccount: we.Spec.GetServiceAccount(), Labels: we.Spec.GetLabels(), IPs: []netip.Addr{addr}}
+		in.Workloads = append(in.Workloads, w)
+		ipWorkload[addr.Unmap()] = w.Key()
+	}
+	for _, s := range a.istio.Services {
+		in.Services = append(in.Services, policy.Service{Namespace: s.Namespace, Name: s.Name, Selector: s.Selector})
+	}
+	res, err := policy.Compile(in, a.ids)
+	if err != nil {
+		return fmt.Errorf("compile authorization policies: %w", err)
+	}
+	for _, w := range res.Warnings {
+		a.log.Warn("authorization policy", "warning", w)
+	}
+	for _, ig := range res.Ignored {
+		a.log.Info("authorization policy left to the sidecar", "why", ig)
+	}
+	for w, why := range res.Unenforced {
+		a.log.Warn("no kernel policy for a workload; its sidecar still enforces", "workload", w, "why", why)
+	}
+
+	dp := datapath.Policy{IPs: map[netip.Addr]datapath.IPPolicy{}}
+	for _, s := range res.Sets {
+		dp.Sets = append(dp.Sets, kernelSet(s))
+	}
+	for ip, id := range res.IPIdentity {
+		set := -1
+		if i, ok := res.WorkloadSet[ipWorkload[ip.Unmap()]]; ok {
+			set = i
+		}
+		dp.IPs[ip] = datapath.IPPolicy{Identity: uint32(id), Set: set}
+	}
+	if err := a.dp.SetPolicy(dp); err != nil {
+		return err
+	}
+	a.policy = res
+	if err := a.saveIdentities(); err != nil {
+		return err
+	}
+	if teardown {
+		n, err := a.dp.TeardownForbidden()
+		switch {
+		case errors.Is(err, datapath.ErrTeardownUnsupported):
+			a.log.Warn("live connections that the new policy forbids stay open until they close", "why", err)
+		case err != nil:
+			return err
+		case n > 0:
+			a.log.Info("closed live connections the new policy forbids", "connections", n)
+		}
+	}
+	return nil
+}
+
+// kernelSet converts a compiled set to the datapath's form.
+func kernelSet(s policy.PolicySet) datapath.PolicySet {
+	k := datapath.PolicySet{
+		HasAllow: s.HasAllow, AllowMask: s.AllowMask, DenyMask: s.DenyMask,
+		DefaultIdentityMask: s.DefaultIdentityMask, DefaultPortMask: s.DefaultPortMask,
+		IdentityMasks: make(map[uint32]uint64, len(s.IdentityMasks)),
+		PrefixMasks:   s.PrefixMasks,
+		PortMasks:     s.PortMasks,
+		BypassPorts:   bypassPorts(),
+	}
+	for id, m := range s.IdentityMasks {
+		k.IdentityMasks[uint32(id)] = m
+	}
+	for _, at := range s.Atoms {
+		k.Atoms = append(k.Atoms, fmt.Sprintf("%s %s (rule %d)", at.Action, at.Policy, at.Rule))
+	}
+	return k
+}
