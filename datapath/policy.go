@@ -9,7 +9,6 @@ import (
 	"math/bits"
 	"net/netip"
 	"os"
-	"runtime"
 	"slices"
 	"time"
 
@@ -19,6 +18,7 @@ import (
 	"github.com/hashicorp/go-multierror"
 	"golang.org/x/sys/unix"
 
+	"github.com/meshsplice/meshsplice/internal/netnsutil"
 	"github.com/meshsplice/meshsplice/redirect"
 )
 
@@ -301,33 +301,8 @@ func (d *Datapath) runIterIn(cookie uint64, path string, it *link.Iter) error {
 	if err := d.capture.MsIterNetns.Update(uint32(0), cookie, ebpf.UpdateAny); err != nil {
 		return fmt.Errorf("set iterator netns: %w", err)
 	}
-	f, err := os.Open(path)
-	if err != nil {
-		return fmt.Errorf("open netns: %w", err)
-	}
-	defer f.Close()
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := os.Open("/proc/thread-self/ns/net")
-		if err != nil {
-			runtime.UnlockOSThread()
-			errc <- err
-			return
-		}
-		defer orig.Close()
-		if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("enter netns %s: %w", path, err)
-			return
-		}
-		err = readIter(it)
-		if unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET) == nil {
-			runtime.UnlockOSThread()
-		}
-		errc <- err
-	}()
-	return <-errc
+	// The iterator walks the netns of the thread that opens it.
+	return netnsutil.Do(path, func() error { return readIter(it) })
 }
 
 func readIter(it *link.Iter) error {

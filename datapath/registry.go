@@ -7,7 +7,6 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"runtime"
 	"slices"
 	"strconv"
 
@@ -16,6 +15,7 @@ import (
 	"github.com/hashicorp/go-multierror"
 	"golang.org/x/sys/unix"
 
+	"github.com/meshsplice/meshsplice/internal/netnsutil"
 	"github.com/meshsplice/meshsplice/istio"
 	"github.com/meshsplice/meshsplice/redirect"
 )
@@ -95,49 +95,20 @@ func (d *Datapath) Node() (NodeSettings, error) {
 // NetnsCookie returns the cookie of the network namespace at path, the same
 // value bpf_get_netns_cookie() gives inside it.
 func NetnsCookie(path string) (uint64, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return 0, fmt.Errorf("open netns: %w", err)
-	}
-	defer f.Close()
-	type result struct {
-		cookie uint64
-		err    error
-	}
-	ch := make(chan result, 1)
-	go func() {
-		// A thread that entered another netns must not run other
-		// goroutines afterwards unless it got back: locked, and left
-		// locked (so Go discards it) if restoring fails.
-		runtime.LockOSThread()
-		orig, err := os.Open("/proc/thread-self/ns/net")
-		if err != nil {
-			runtime.UnlockOSThread()
-			ch <- result{err: err}
-			return
-		}
-		defer orig.Close()
-		if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
-			runtime.UnlockOSThread()
-			ch <- result{err: fmt.Errorf("enter netns %s: %w", path, err)}
-			return
-		}
+	var cookie uint64
+	err := netnsutil.Do(path, func() error {
 		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
-		var cookie uint64
-		if err == nil {
-			cookie, err = unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
-			unix.Close(fd)
+		if err != nil {
+			return err
 		}
-		if unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET) == nil {
-			runtime.UnlockOSThread()
-		}
-		ch <- result{cookie, err}
-	}()
-	r := <-ch
-	if r.err != nil {
-		return 0, fmt.Errorf("netns cookie of %s: %w", path, r.err)
+		defer unix.Close(fd)
+		cookie, err = unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
+		return err
+	})
+	if err != nil {
+		return 0, fmt.Errorf("netns cookie of %s: %w", path, err)
 	}
-	return r.cookie, nil
+	return cookie, nil
 }
 
 // AddPod registers a pod, or updates it in place when its namespace is

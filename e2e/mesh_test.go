@@ -25,7 +25,7 @@ import (
 const (
 	appUID  = 1000
 	appPort = 8080
-	waitFor = 3 * time.Second
+	waitFor = 10 * time.Second
 )
 
 var (

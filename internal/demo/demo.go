@@ -21,7 +21,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"slices"
 	"sort"
 	"strings"
@@ -37,6 +36,7 @@ import (
 	"github.com/meshsplice/meshsplice/baseline"
 	"github.com/meshsplice/meshsplice/datapath"
 	"github.com/meshsplice/meshsplice/internal/cgroups"
+	"github.com/meshsplice/meshsplice/internal/netnsutil"
 )
 
 // Options configure Run.
@@ -743,40 +743,10 @@ func leftovers() []string {
 	return left
 }
 
-// inNetns runs fn on a thread inside the netns at path (and so do the
-// processes it starts, which is how the CNI plugins end up creating the
-// bridge in the demo's node namespace rather than the host's).
-func inNetns(path string, fn func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := os.Open("/proc/thread-self/ns/net")
-		if err != nil {
-			runtime.UnlockOSThread()
-			errc <- err
-			return
-		}
-		defer orig.Close()
-		target, err := os.Open(path)
-		if err != nil {
-			runtime.UnlockOSThread()
-			errc <- err
-			return
-		}
-		defer target.Close()
-		if err := unix.Setns(int(target.Fd()), unix.CLONE_NEWNET); err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("enter %s: %w", path, err)
-			return
-		}
-		err = fn()
-		if unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET) == nil {
-			runtime.UnlockOSThread()
-		}
-		errc <- err
-	}()
-	return <-errc
-}
+// inNetns runs fn inside the netns at path; processes it starts (the CNI
+// plugins) inherit it, which is how the bridge ends up in the demo's node
+// namespace rather than the host's.
+func inNetns(path string, fn func() error) error { return netnsutil.Do(path, fn) }
 
 func sleep(ctx context.Context, d time.Duration) error {
 	select {
