@@ -108,9 +108,9 @@ type PortMatch uint8
 
 // The three forms of an atom's port condition.
 const (
-	AnyPort   PortMatch = iota // every port; Ports is empty
-	InPorts                    // the port is one of Ports
-	NotInPorts                 // the port is none of Ports
+	AnyPort    PortMatch = iota // every port; Ports is empty
+	InPorts                     // the port is one of Ports
+	NotInPorts                  // the port is none of Ports
 )
 
 // Atom is one (rule x source x operation) combination of a policy: a
