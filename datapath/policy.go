@@ -348,6 +348,8 @@ func (d *Datapath) openPolicy(load *ebpf.CollectionOptions) error {
 
 func (d *Datapath) readDenials(rd *ringbuf.Reader) {
 	defer close(d.denialsDone)
+	var logWindow time.Time
+	var logged, suppressed int
 	for {
 		rec, err := rd.Read()
 		if errors.Is(err, os.ErrClosed) {
@@ -367,8 +369,21 @@ func (d *Datapath) readDenials(rd *ringbuf.Reader) {
 			d.denials = slices.Delete(d.denials, 0, len(d.denials)-maxDenials)
 		}
 		d.polMu.Unlock()
-		d.log.Info("connection denied by policy", "direction", dn.Direction, "src", dn.Src, "dst", dn.Dst,
-			"port", dn.Port, "reason", dn.Reason, "policies", dn.Policies)
+		// At most 10 log lines a second: a scan of forbidden ports must
+		// not flood the log (every denial is counted and recorded).
+		if now := time.Now(); now.Sub(logWindow) > time.Second {
+			if suppressed > 0 {
+				d.log.Info("denials not logged (rate limit)", "count", suppressed)
+			}
+			logWindow, logged, suppressed = now, 0, 0
+		}
+		if logged < 10 {
+			logged++
+			d.log.Info("connection denied by policy", "direction", dn.Direction, "src", dn.Src, "dst", dn.Dst,
+				"port", dn.Port, "reason", dn.Reason, "policies", dn.Policies)
+		} else {
+			suppressed++
+		}
 	}
 }
 
