@@ -21,6 +21,7 @@ type command struct {
 var commands = []command{
 	{"agent", "run the node agent (datapath, pod registry, Istio config, metrics)", runAgent},
 	{"status", "show the registered pods and the kernel counters", runStatus},
+	{"check", "tell whether this node can run meshsplice (the kernel's verdict on every program)", runCheck},
 	{"uninstall", "detach and unpin everything (works without the agent)", runUninstall},
 	{"demo", "run the standalone demo: a local mesh of netns pods, captured and spliced", runDemo},
 }
