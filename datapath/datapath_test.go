@@ -78,3 +78,14 @@ func TestOpenUpdateDetach(t *testing.T) {
 		t.Fatalf("pin dir left behind: %v %v", err, entries)
 	}
 }
+
+// TestProbe: this kernel (6.18) must load every program, the optional
+// teardown iterator included (bpf_sock_destroy is in 6.5).
+func TestProbe(t *testing.T) {
+	testnet.RequireRoot(t)
+	for _, r := range datapath.Probe() {
+		if !r.OK {
+			t.Errorf("%s: %s", r.Name, r.Detail)
+		}
+	}
+}
