@@ -9,6 +9,7 @@ import (
 	"strings"
 
 	securityv1beta1 "istio.io/api/security/v1beta1"
+	typev1beta1 "istio.io/api/type/v1beta1"
 	securityv1 "istio.io/client-go/pkg/apis/security/v1"
 )
 
@@ -40,6 +41,9 @@ type compiler struct {
 	tds      trustDomains
 	universe []identity // sorted by id; universe[0] is the unknown source
 	services map[string]Service
+	// matchCache holds, per matcher kind, namespace and value, the
+	// members of the universe the value matches.
+	matchCache map[string][]bool
 }
 
 // Compile translates the ALLOW and DENY AuthorizationPolicies of in into a
@@ -58,9 +62,10 @@ func Compile(in Input, ids Identities) (Result, error) {
 		in.RootNamespace = DefaultRootNamespace
 	}
 	c := &compiler{
-		in:       in,
-		tds:      append(trustDomains{in.TrustDomain}, in.TrustDomainAliases...),
-		services: map[string]Service{},
+		in:         in,
+		tds:        append(trustDomains{in.TrustDomain}, in.TrustDomainAliases...),
+		services:   map[string]Service{},
+		matchCache: map[string][]bool{},
 	}
 	res := Result{
 		WorkloadSet: map[string]int{},
@@ -90,7 +95,7 @@ func Compile(in Input, ids Identities) (Result, error) {
 			}
 			switch {
 			case cp.invalid != nil:
-				bad = append(bad, fmt.Sprintf("%s: %v", cp.key, cp.invalid))
+				bad = append(bad, cp.key+": "+oneLine(cp.invalid))
 			case cp.action == Deny:
 				deny = append(deny, cp)
 			default:
@@ -231,7 +236,7 @@ func (c *compiler) policies(res *Result) []*compiled {
 		}
 		if err := validate(spec); err != nil {
 			if action == Deny {
-				ignore(fmt.Sprintf("%v: %v; the kernel does not enforce it", ErrInvalidPolicy, err))
+				ignore(fmt.Sprintf("%v: %s; the kernel does not enforce it", ErrInvalidPolicy, oneLine(err)))
 				continue
 			}
 			out = append(out, &compiled{p: p, idx: i, key: key, action: action, invalid: err})
@@ -248,16 +253,17 @@ func (c *compiler) policies(res *Result) []*compiled {
 	return out
 }
 
-func targetRefs(spec *securityv1beta1.AuthorizationPolicy) []string {
+// oneLine is the message of an errors.Join on one line.
+func oneLine(err error) string { return strings.ReplaceAll(err.Error(), "\n", "; ") }
+
+// targetRefs is the policy's targetRefs or, without them, its legacy
+// targetRef (Istio's GetTargetRefs).
+func targetRefs(spec *securityv1beta1.AuthorizationPolicy) []*typev1beta1.PolicyTargetReference {
 	refs := spec.GetTargetRefs()
 	if len(refs) == 0 && spec.GetTargetRef() != nil {
-		refs = append(refs, spec.GetTargetRef())
+		refs = []*typev1beta1.PolicyTargetReference{spec.GetTargetRef()}
 	}
-	var out []string
-	for _, r := range refs {
-		out = append(out, r.GetGroup()+"/"+r.GetKind()+"/"+r.GetName())
-	}
-	return out
+	return refs
 }
 
 // applies reports whether p is in w's scope: Istio's
@@ -269,11 +275,7 @@ func (c *compiler) applies(p *securityv1.AuthorizationPolicy, w Workload) bool {
 		return false
 	}
 	spec := &p.Spec
-	refs := spec.GetTargetRefs()
-	if len(refs) == 0 && spec.GetTargetRef() != nil {
-		refs = append(refs, spec.GetTargetRef())
-	}
-	if len(refs) > 0 {
+	if refs := targetRefs(spec); len(refs) > 0 {
 		if !c.in.ServiceTargetRefs || p.Namespace != w.Namespace {
 			return false
 		}
@@ -312,9 +314,11 @@ type cond struct {
 	portNot []uint16
 }
 
+// idPred is one identity field or when key: in holds, per member of the
+// universe, whether one of the values matches; negate is for the not- form.
 type idPred struct {
 	desc   string
-	match  idMatcher
+	in     []bool
 	negate bool
 }
 
@@ -328,21 +332,64 @@ func (c cond) and(o cond) cond {
 	}
 }
 
+// matcherKind names the identity matchers; with the policy namespace (for
+// service accounts) and the value it keys the match cache.
+type matcherKind string
+
+const (
+	principalKind      matcherKind = "principals"
+	namespaceKind      matcherKind = "namespaces"
+	serviceAccountKind matcherKind = "serviceAccounts"
+	trustDomainKind    matcherKind = "trustDomains"
+)
+
+// matches returns, per member of the universe, whether value matches it.
+// Values repeat across rules and policies, and a regular expression per
+// identity is costly, so results are cached.
+func (c *compiler) matches(kind matcherKind, ns, value string) []bool {
+	if kind != serviceAccountKind {
+		ns = "" // only a service account depends on the policy's namespace
+	}
+	key := string(kind) + "\x00" + ns + "\x00" + value
+	if in, ok := c.matchCache[key]; ok {
+		return in
+	}
+	var m idMatcher
+	switch kind {
+	case principalKind:
+		m = principalMatcher(value)
+	case namespaceKind:
+		m = namespaceMatcher(value)
+	case serviceAccountKind:
+		m = serviceAccountMatcher(ns, value)
+	case trustDomainKind:
+		m = trustDomainMatcher(value)
+	}
+	in := make([]bool, len(c.universe))
+	for i, u := range c.universe {
+		in[i] = m(u.spiffe)
+	}
+	c.matchCache[key] = in
+	return in
+}
+
 // identityField adds the condition of one identity field (values and
-// not-values) to c.
-func (c *cond) identityField(name string, values, notValues []string, matcher func(string) idMatcher) {
-	mk := func(vs []string) idMatcher {
-		ms := make([]idMatcher, len(vs))
-		for i, v := range vs {
-			ms[i] = matcher(v)
+// not-values) to k.
+func (c *compiler) identityField(k *cond, name string, kind matcherKind, ns string, values, notValues []string) {
+	union := func(vs []string) []bool {
+		out := make([]bool, len(c.universe))
+		for _, v := range vs {
+			for i, m := range c.matches(kind, ns, v) {
+				out[i] = out[i] || m
+			}
 		}
-		return anyOf(ms)
+		return out
 	}
 	if len(values) > 0 {
-		c.ids = append(c.ids, idPred{desc: fmt.Sprintf("%s [%s]", name, strings.Join(values, ", ")), match: mk(values)})
+		k.ids = append(k.ids, idPred{desc: fmt.Sprintf("%s [%s]", name, strings.Join(values, ", ")), in: union(values)})
 	}
 	if len(notValues) > 0 {
-		c.ids = append(c.ids, idPred{desc: fmt.Sprintf("not %s [%s]", name, strings.Join(notValues, ", ")), match: mk(notValues), negate: true})
+		k.ids = append(k.ids, idPred{desc: fmt.Sprintf("not %s [%s]", name, strings.Join(notValues, ", ")), in: union(notValues), negate: true})
 	}
 }
 
@@ -386,14 +433,13 @@ func mustPorts(vs []string) []uint16 {
 	return out
 }
 
-// The fields and when keys the kernel cannot see: they need the request
-// (HTTP, JWT, TLS SNI) or an address other than the connection's source.
-var (
-	l4WhenKeys = map[string]bool{
-		"source.ip": true, "source.namespace": true, "source.principal": true,
-		"source.serviceAccount": true, "source.trustDomain": true, "destination.port": true,
-	}
-)
+// l4WhenKeys are the when keys the kernel can judge. The others need the
+// request (HTTP, JWT, TLS SNI, filter metadata) or an address other than the
+// connection's source (remote.ip, destination.ip).
+var l4WhenKeys = map[string]bool{
+	"source.ip": true, "source.namespace": true, "source.principal": true,
+	"source.serviceAccount": true, "source.trustDomain": true, "destination.port": true,
+}
 
 func sourceL7(s *securityv1beta1.Source) []string {
 	var out []string
@@ -431,10 +477,10 @@ func operationL7(o *securityv1beta1.Operation) []string {
 // source is the L4 condition of a from.source (L7 fields are not read).
 func (c *compiler) source(ns string, s *securityv1beta1.Source) cond {
 	var k cond
-	k.identityField("principals", c.tds.rewritePrincipals(s.GetPrincipals()), c.tds.rewritePrincipals(s.GetNotPrincipals()), principalMatcher)
-	k.identityField("namespaces", s.GetNamespaces(), s.GetNotNamespaces(), namespaceMatcher)
-	k.identityField("serviceAccounts", s.GetServiceAccounts(), s.GetNotServiceAccounts(), func(v string) idMatcher { return serviceAccountMatcher(ns, v) })
-	k.identityField("trustDomains", c.tds.expandTrustDomains(s.GetTrustDomains()), c.tds.expandTrustDomains(s.GetNotTrustDomains()), trustDomainMatcher)
+	c.identityField(&k, "principals", principalKind, ns, c.tds.rewritePrincipals(s.GetPrincipals()), c.tds.rewritePrincipals(s.GetNotPrincipals()))
+	c.identityField(&k, "namespaces", namespaceKind, ns, s.GetNamespaces(), s.GetNotNamespaces())
+	c.identityField(&k, "serviceAccounts", serviceAccountKind, ns, s.GetServiceAccounts(), s.GetNotServiceAccounts())
+	c.identityField(&k, "trustDomains", trustDomainKind, ns, c.tds.expandTrustDomains(s.GetTrustDomains()), c.tds.expandTrustDomains(s.GetNotTrustDomains()))
 	k.ipField(s.GetIpBlocks(), s.GetNotIpBlocks())
 	return k
 }
@@ -447,13 +493,13 @@ func (c *compiler) when(ns string, w *securityv1beta1.Condition) cond {
 	case "source.ip":
 		k.ipField(vs, nvs)
 	case "source.namespace":
-		k.identityField("source.namespace", vs, nvs, namespaceMatcher)
+		c.identityField(&k, "source.namespace", namespaceKind, ns, vs, nvs)
 	case "source.principal":
-		k.identityField("source.principal", c.tds.rewritePrincipals(vs), c.tds.rewritePrincipals(nvs), principalMatcher)
+		c.identityField(&k, "source.principal", principalKind, ns, c.tds.rewritePrincipals(vs), c.tds.rewritePrincipals(nvs))
 	case "source.serviceAccount":
-		k.identityField("source.serviceAccount", vs, nvs, func(v string) idMatcher { return serviceAccountMatcher(ns, v) })
+		c.identityField(&k, "source.serviceAccount", serviceAccountKind, ns, vs, nvs)
 	case "source.trustDomain":
-		k.identityField("source.trustDomain", c.tds.expandTrustDomains(vs), c.tds.expandTrustDomains(nvs), trustDomainMatcher)
+		c.identityField(&k, "source.trustDomain", trustDomainKind, ns, c.tds.expandTrustDomains(vs), c.tds.expandTrustDomains(nvs))
 	case "destination.port":
 		k.portField(vs, nvs)
 	}
@@ -478,10 +524,10 @@ func (c *compiler) translate(p *securityv1.AuthorizationPolicy, key string, acti
 		}
 		if len(l7) > 0 {
 			if action == Deny {
-				note("rule %d: when %s is not visible in the kernel: the rule is not enforced", ri, strings.Join(l7, ", "))
+				note("rule %d: when %s: not visible in the kernel, the rule is not enforced", ri, strings.Join(l7, ", "))
 				continue
 			}
-			note("rule %d: when %s dropped: allowed for its L4 part", ri, strings.Join(l7, ", "))
+			note("rule %d: when %s: not visible in the kernel, dropped (the kernel allows more)", ri, strings.Join(l7, ", "))
 		}
 
 		type part struct {
@@ -496,10 +542,10 @@ func (c *compiler) translate(p *securityv1.AuthorizationPolicy, key string, acti
 			s := from.GetSource()
 			if l7 := sourceL7(s); len(l7) > 0 {
 				if action == Deny {
-					note("rule %d source %d: %s is not visible in the kernel: not enforced", ri, si, strings.Join(l7, ", "))
+					note("rule %d source %d: %s: not visible in the kernel, not enforced", ri, si, strings.Join(l7, ", "))
 					continue
 				}
-				note("rule %d source %d: %s dropped: allowed for its L4 part", ri, si, strings.Join(l7, ", "))
+				note("rule %d source %d: %s: not visible in the kernel, dropped (the kernel allows more)", ri, si, strings.Join(l7, ", "))
 			}
 			sources = append(sources, part{idx: si, k: c.source(p.Namespace, s)})
 		}
@@ -511,10 +557,10 @@ func (c *compiler) translate(p *securityv1.AuthorizationPolicy, key string, acti
 			o := to.GetOperation()
 			if l7 := operationL7(o); len(l7) > 0 {
 				if action == Deny {
-					note("rule %d operation %d: %s is not visible in the kernel: not enforced", ri, oi, strings.Join(l7, ", "))
+					note("rule %d operation %d: %s: not visible in the kernel, not enforced", ri, oi, strings.Join(l7, ", "))
 					continue
 				}
-				note("rule %d operation %d: %s dropped: allowed for its L4 part", ri, oi, strings.Join(l7, ", "))
+				note("rule %d operation %d: %s: not visible in the kernel, dropped (the kernel allows more)", ri, oi, strings.Join(l7, ", "))
 			}
 			var k cond
 			k.portField(o.GetPorts(), o.GetNotPorts())
@@ -538,10 +584,10 @@ func (c *compiler) translate(p *securityv1.AuthorizationPolicy, key string, acti
 // atom resolves a condition over the identity universe and normalizes its
 // address and port parts; ok is false when it can match nothing.
 func (c *compiler) atom(k cond) (a Atom, ok bool) {
-	for _, u := range c.universe {
+	for i, u := range c.universe {
 		match := true
 		for _, p := range k.ids {
-			if p.match(u.spiffe) == p.negate {
+			if p.in[i] == p.negate {
 				match = false
 				break
 			}

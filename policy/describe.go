@@ -22,14 +22,15 @@ func IdentityName(spiffe string) string {
 
 func (c *compiler) describeIdentities(set []IdentityID, preds []idPred) string {
 	var resolved string
-	in := map[IdentityID]bool{}
-	for _, id := range set {
-		in[id] = true
-	}
 	var members, others []string
+	unknownIn := false
+	// set and the universe are both sorted by number.
+	j := 0
 	for _, u := range c.universe {
-		if in[u.id] {
+		if j < len(set) && set[j] == u.id {
+			j++
 			members = append(members, IdentityName(u.spiffe))
+			unknownIn = unknownIn || u.id == UnknownIdentity
 		} else {
 			others = append(others, IdentityName(u.spiffe))
 		}
@@ -37,7 +38,7 @@ func (c *compiler) describeIdentities(set []IdentityID, preds []idPred) string {
 	switch {
 	case len(others) == 0:
 		resolved = "any source"
-	case len(others) == 1 && !in[UnknownIdentity]:
+	case len(others) == 1 && !unknownIn:
 		resolved = "any known identity"
 	case len(others) < len(members):
 		resolved = "any source but " + list(others)

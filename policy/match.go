@@ -55,6 +55,11 @@ func regexMatcher(re string) idMatcher {
 // turned into ".*". A '*' can therefore span '/': "*a" matches every
 // identity through its "/sa/" segment. The kernel follows the sidecar.
 func namespaceMatcher(v string) idMatcher {
+	if !strings.Contains(v, "*") {
+		// ".*/ns/NS/.*" is a substring test.
+		sub := "/ns/" + v + "/"
+		return func(s string) bool { return strings.Contains(s, sub) }
+	}
 	parts := strings.Split(v, "*")
 	for i, p := range parts {
 		parts[i] = regexp.QuoteMeta(p)
@@ -83,18 +88,6 @@ func trustDomainMatcher(v string) idMatcher {
 	default:
 		a, b, _ := strings.Cut(v, "*")
 		return regexMatcher("spiffe://" + regexp.QuoteMeta(a) + "[^/]*" + regexp.QuoteMeta(b) + "/.*")
-	}
-}
-
-// anyOf is true when one of ms is.
-func anyOf(ms []idMatcher) idMatcher {
-	return func(s string) bool {
-		for _, m := range ms {
-			if m(s) {
-				return true
-			}
-		}
-		return false
 	}
 }
 

@@ -93,6 +93,7 @@ const (
 	Deny
 )
 
+// String is the action as policies spell it.
 func (a Action) String() string {
 	switch a {
 	case Allow:
@@ -179,7 +180,9 @@ type Result struct {
 	Sets []PolicySet
 	// WorkloadSet maps every workload's "namespace/name" to its index in
 	// Sets, or to -1 when the kernel enforces nothing for it (no ALLOW or
-	// DENY policy applies, or Unenforced says why not).
+	// DENY policy applies, or Unenforced says why not). A set may have no
+	// atoms: when all the DENY rules of a workload are L7, it allows
+	// everything and its NotEnforced says why.
 	WorkloadSet map[string]int
 	// Unenforced says why a workload that policies apply to has no kernel
 	// policy; the reasons wrap ErrTooManyAtoms or ErrInvalidPolicy.
