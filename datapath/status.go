@@ -35,6 +35,10 @@ type Status struct {
 	Counters Counters     `json:"counters"`
 	// SplicedSockets is the number of sockets in the splice map now.
 	SplicedSockets int `json:"spliced_sockets"`
+	// OrigDstEntries is the number of captured connections whose original
+	// destination the kernel keeps for SO_ORIGINAL_DST now (one per open
+	// captured connection: each is removed when its socket closes).
+	OrigDstEntries int `json:"orig_dst_entries"`
 	// RecentDenials are the last connections policy denied (at most 64).
 	RecentDenials []Denial `json:"recent_denials"`
 }
@@ -54,7 +58,7 @@ func Inspect(pinDir string) (*Status, error) {
 		redirect.CaptureMapMsPods, redirect.CaptureMapMsPodIps, redirect.CaptureMapMsPorts,
 		redirect.CaptureMapMsRanges, redirect.CaptureMapMsNodeSettings,
 		redirect.CaptureMapMsCounters, redirect.CaptureMapMsSocks,
-		redirect.CaptureMapMsDenialLog, redirect.CaptureMapMsDenialSeq,
+		redirect.CaptureMapMsDenialLog, redirect.CaptureMapMsDenialSeq, redirect.CaptureMapMsOrigDst,
 	} {
 		m, err := ebpf.LoadPinnedMap(filepath.Join(mapDir(pinDir), name), &ebpf.LoadPinOptions{ReadOnly: true})
 		if err != nil {
@@ -87,6 +91,10 @@ func Inspect(pinDir string) (*Status, error) {
 	var val uint64
 	for it := maps[redirect.CaptureMapMsSocks].Iterate(); it.Next(&key, &val); {
 		st.SplicedSockets++
+	}
+	var orig redirect.CaptureMsOrig
+	for it := maps[redirect.CaptureMapMsOrigDst].Iterate(); it.Next(&key, &orig); {
+		st.OrigDstEntries++
 	}
 	if st.RecentDenials, err = readDenialLog(maps[redirect.CaptureMapMsDenialLog], maps[redirect.CaptureMapMsDenialSeq]); err != nil {
 		return nil, err

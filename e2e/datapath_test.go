@@ -125,6 +125,12 @@ func TestSidecarToSidecar(t *testing.T) {
 				wire := uint64(messages * (size + 12))
 				checkSpliceAccounting(t, d, hops*wire, 0)
 				noIptablesRules(t, client, server)
+
+				// Closed connections leave nothing in the kernel tables.
+				eventually(t, "the splice map and the original destinations to empty", func() bool {
+					st, err := datapath.Inspect(m.pin)
+					return err == nil && st.SplicedSockets == 0 && st.OrigDstEntries == 0
+				})
 			})
 		}
 	}
