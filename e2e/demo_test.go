@@ -39,7 +39,7 @@ func TestDemo(t *testing.T) {
 		t.Fatalf("demo failed: %v", err)
 	}
 	for _, want := range []string{"captured by connect4/6: 1, by sk_lookup (inbound): 1; iptables rules in the pods: 0",
-		"sockets spliced: 2", "Istio iptables", "nothing left"} {
+		"sockets spliced: 2", "Istio iptables", "refused at connect(): [dial: dial tcp", "nothing left"} {
 		if !strings.Contains(string(out), want) {
 			t.Errorf("demo output lacks %q", want)
 		}

@@ -118,6 +118,7 @@ func Run(ctx context.Context, opts Options) (err error) {
 		{"starting sidecars (uid 1337) and echo apps (uid 1000)", w.startWorkloads},
 		{"sending traffic frontend -> backend through both sidecars", w.traffic},
 		{"timing the same requests: no sidecars, Istio iptables, meshsplice", w.compare},
+		{"identity policy: an AuthorizationPolicy enforced in the kernel, sidecar included", w.policy},
 	}
 	for _, s := range steps {
 		if err := ctx.Err(); err != nil {
@@ -275,7 +276,7 @@ const conflist = `{
     {"type": "bridge", "bridge": "msdemo0", "isGateway": true, "ipMasq": false,
      "ipam": {"type": "host-local", "ranges": [[{"subnet": "%s"}]], "dataDir": "%s"}},
     {"type": "meshsplice-cni", "agentSocket": "%s", "agentUnreachable": "fail",
-     "capabilities": {"io.kubernetes.cri.pod-annotations": true}}
+     "capabilities": {"io.kubernetes.cri.pod-annotations": true, "io.meshsplice.pod-labels": true}}
   ]
 }`
 
@@ -303,8 +304,11 @@ func (w *world) createPods(ctx context.Context) error {
 		p := &pod{name: name, netns: "/run/netns/" + ns}
 		p.rt = &libcni.RuntimeConf{
 			ContainerID: prefix + "-" + name, NetNS: p.netns, IfName: "eth0",
-			Args:           [][2]string{{"IgnoreUnknown", "1"}, {"K8S_POD_NAME", name}, {"K8S_POD_NAMESPACE", "demo"}, {"K8S_POD_SERVICE_ACCOUNT", name}},
-			CapabilityArgs: map[string]any{"io.kubernetes.cri.pod-annotations": annotations},
+			Args: [][2]string{{"IgnoreUnknown", "1"}, {"K8S_POD_NAME", name}, {"K8S_POD_NAMESPACE", "demo"}, {"K8S_POD_SERVICE_ACCOUNT", name}},
+			CapabilityArgs: map[string]any{
+				"io.kubernetes.cri.pod-annotations": annotations,
+				"io.meshsplice.pod-labels":          map[string]string{"app": name},
+			},
 		}
 		var res *cnitypes100.Result
 		err := inNetns("/run/netns/"+node, func() error {
@@ -502,6 +506,77 @@ func median(v []float64) float64 {
 	s := slices.Clone(v)
 	sort.Float64s(s)
 	return s[len(s)/2]
+}
+
+const demoPolicy = `apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: frontend-from-gateway
+  namespace: demo
+spec:
+  selector:
+    matchLabels:
+      app: frontend
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/demo/sa/gateway"]
+    to:
+    - operation:
+        methods: ["GET"]
+`
+
+// policy writes an AuthorizationPolicy into the agent's folder: frontend
+// accepts only the (absent) gateway. backend's sidecar, uid 1337, then
+// tries to reach frontend, as a compromised sidecar would: the kernel
+// refuses the connect itself.
+func (w *world) policy(ctx context.Context) error {
+	front, back := w.pods[0], w.pods[1]
+	if err := os.WriteFile(filepath.Join(w.config, "policy.yaml"), []byte(demoPolicy), 0o644); err != nil {
+		return err
+	}
+	w.info("wrote %s: frontend accepts only spiffe://cluster.local/ns/demo/sa/gateway (GET: L7, so L4 allow in the kernel)", filepath.Join(w.config, "policy.yaml"))
+	target := netip.AddrPortFrom(front.ip, appPort)
+	deadline := time.Now().Add(10 * time.Second)
+	var got string
+	for {
+		c, err := w.start(back, back.name+"-attacker", proxyUID, "client", "--target", target.String(), "--messages", "1", "--timeout", "2s")
+		if err != nil {
+			return err
+		}
+		ev, err := c.waitEvent(ctx, "result", 20*time.Second)
+		c.wait()
+		if err != nil {
+			return err
+		}
+		if ok, _ := ev["ok"].(bool); !ok {
+			got = fmt.Sprint(ev["errors"])
+			if strings.Contains(got, "operation not permitted") {
+				break
+			}
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("the policy did not take effect within 10s (last result: %v)", ev)
+		}
+		if err := sleep(ctx, 100*time.Millisecond); err != nil {
+			return err
+		}
+	}
+	w.ok("backend's sidecar (uid 1337) -> frontend:%d refused at connect(): %s", appPort, got)
+	if _, err := w.runClient(ctx, front, netip.AddrPortFrom(back.ip, appPort), "--messages", "10"); err != nil {
+		return fmt.Errorf("frontend -> backend must still work: %w", err)
+	}
+	w.ok("frontend -> backend still works (no policy there)")
+	st, err := datapath.Inspect(w.pinDir)
+	if err != nil {
+		return err
+	}
+	if n := len(st.RecentDenials); n > 0 {
+		d := st.RecentDenials[n-1]
+		w.info("meshsplice status: %s denial %s -> %s, identity %d, %s", d.Direction, d.Src, netip.AddrPortFrom(d.Dst, d.Port), d.SrcIdentity, d.Reason)
+	}
+	return os.Remove(filepath.Join(w.config, "policy.yaml"))
 }
 
 type clientResult struct {
