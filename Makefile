@@ -6,7 +6,7 @@ BIN := bin
 TEST_FLAGS ?= -count=1 -timeout 20m
 
 
-.PHONY: all build demo-bins generate check-generated test unit lint demo bench clean
+.PHONY: all build demo-bins generate check-generated test unit lint demo bench bench-bins clean
 
 all: build
 
@@ -46,8 +46,20 @@ demo: demo-bins
 	@if [ "$$(id -u)" != 0 ]; then echo "make demo needs root (network namespaces, cgroups, BPF)"; exit 1; fi
 	$(BIN)/meshsplice demo --bin-dir $(BIN)
 
-bench: build
-	$(BIN)/meshsplice bench
+# bench-bins builds what `meshsplice bench` runs in its pods: the test
+# sidecar/echo/sink/load client (mstest) and fortio, Istio's load tool,
+# built from its own module (tools/fortio/go.mod) so that its dependencies
+# stay out of ours.
+bench-bins: build
+	$(GO) build -o $(BIN)/mstest ./e2e/mstest
+	$(GO) build -C tools/fortio -o $(CURDIR)/$(BIN)/fortio fortio.org/fortio
+
+# bench runs the full benchmark (15-30 minutes; BENCH_FLAGS=--quick for a
+# one-minute smoke run) and prints the table; see docs/benchmarks.md.
+BENCH_FLAGS ?=
+bench: bench-bins
+	@if [ "$$(id -u)" != 0 ]; then echo "make bench needs root (network namespaces, cgroups, BPF)"; exit 1; fi
+	$(BIN)/meshsplice bench --bin-dir $(BIN) $(BENCH_FLAGS)
 
 clean:
 	rm -rf $(BIN)

@@ -24,6 +24,7 @@ var commands = []command{
 	{"check", "tell whether this node can run meshsplice (the kernel's verdict on every program)", runCheck},
 	{"uninstall", "detach and unpin everything (works without the agent)", runUninstall},
 	{"demo", "run the standalone demo: a local mesh of netns pods, captured and spliced", runDemo},
+	{"bench", "measure latency, req/s and CPU per request against Istio's iptables capture", runBench},
 }
 
 func usage() {

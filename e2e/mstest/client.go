@@ -90,6 +90,13 @@ type clientConfig struct {
 	timeout   time.Duration
 	seed      uint64
 	v4mapped  bool
+
+	// Load mode (load.go).
+	duration  time.Duration
+	warmup    time.Duration
+	rate      float64
+	stream    bool
+	reconnect bool
 }
 
 // runClient connects to an echo server, sends framed messages of
@@ -109,6 +116,11 @@ func runClient(args []string) int {
 	fs.DurationVar(&cfg.timeout, "timeout", 10*time.Second, "timeout of dialing and of each read or write")
 	fs.Uint64Var(&cfg.seed, "seed", 1, "payload seed")
 	fs.BoolVar(&cfg.v4mapped, "v4mapped", false, "connect to an IPv4 target from an AF_INET6 socket, to ::ffff:a.b.c.d (Go would use AF_INET)")
+	fs.DurationVar(&cfg.duration, "duration", 0, "load mode: measure for this long (after --warmup) instead of sending --messages, and print an aggregate event")
+	fs.DurationVar(&cfg.warmup, "warmup", 0, "load mode: exchange this long before the measurement window starts")
+	fs.Float64Var(&cfg.rate, "rate", 0, "load mode: exchanges per second over all connections (0: as fast as possible)")
+	fs.BoolVar(&cfg.stream, "stream", false, "load mode: write --size-byte chunks without waiting, to an mstest sink server")
+	fs.BoolVar(&cfg.reconnect, "reconnect", false, "load mode: a new connection for every exchange (connection rate)")
 	if code, ok := parseFlags(fs, args); !ok {
 		return code
 	}
@@ -118,6 +130,14 @@ func runClient(args []string) int {
 	}
 	if cfg.messages < 0 || cfg.size < 0 || cfg.conns < 1 {
 		logf("client: --messages and --size must be >= 0 and --conns >= 1")
+		return 2
+	}
+	if cfg.duration <= 0 && (cfg.warmup != 0 || cfg.rate != 0 || cfg.stream || cfg.reconnect) {
+		logf("client: --warmup, --rate, --stream and --reconnect need --duration")
+		return 2
+	}
+	if cfg.warmup < 0 || cfg.rate < 0 {
+		logf("client: --warmup and --rate must be >= 0")
 		return 2
 	}
 	var src net.Addr
@@ -132,6 +152,10 @@ func runClient(args []string) int {
 			}
 			src = &net.TCPAddr{IP: ip.AsSlice()}
 		}
+	}
+
+	if cfg.duration > 0 {
+		return runLoad(cfg, src)
 	}
 
 	var mu sync.Mutex

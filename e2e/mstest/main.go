@@ -1,7 +1,8 @@
 // Command mstest holds the test programs of meshsplice's end-to-end tests:
 // a minimal Envoy-like sidecar, TCP echo servers reading their sockets in
-// different ways (read(2), splice(2), FIONREAD polling) and a verifying
-// client.
+// different ways (read(2), splice(2), FIONREAD polling), a sink, and a
+// verifying client that doubles as the load generator of meshsplice bench
+// (client --duration: see load.go).
 //
 // Usage:
 //
@@ -9,7 +10,9 @@
 //	mstest echo --port P
 //	mstest splice-server --port P
 //	mstest fionread-server --port P
+//	mstest sink --port P
 //	mstest client --target IP:PORT [--messages N] [--size S] [--pipelined] [--conns C] ...
+//	mstest client --target IP:PORT --duration D [--warmup W] [--rate R] [--stream|--reconnect] ...
 //
 // Every subcommand prints one JSON object per line on standard output, one
 // per event, each with an "event" field, and diagnostics on standard error.
@@ -45,6 +48,7 @@ func main() {
 		"echo":            runEcho,
 		"splice-server":   runSpliceServer,
 		"fionread-server": runFionreadServer,
+		"sink":            runSink,
 		"client":          runClient,
 	}
 	cmd, ok := cmds[os.Args[1]]
@@ -66,6 +70,7 @@ subcommands:
   echo             TCP echo server (read/write loop)
   splice-server    TCP echo server reading with splice(2)
   fionread-server  TCP echo server polling ioctl(FIONREAD) before reads
+  sink             TCP server that discards what it reads and answers the byte count at EOF
   client           verifying client for the echo servers
 
 Run "mstest SUBCOMMAND -h" for its flags.`)

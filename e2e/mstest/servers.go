@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"flag"
 	"fmt"
@@ -19,7 +20,7 @@ type readyEvent struct {
 	Event string `json:"event"` // "ready"
 	Port  int    `json:"port"`
 	Addr  string `json:"addr"`
-	Mode  string `json:"mode"` // "echo", "splice", "fionread"
+	Mode  string `json:"mode"` // "echo", "splice", "fionread", "sink"
 }
 
 // acceptEvent is printed by the echo servers for each accepted connection.
@@ -55,11 +56,13 @@ type closeEvent struct {
 type serverFlags struct {
 	port   int
 	v4only bool
+	quiet  bool
 }
 
 func (f *serverFlags) register(fs *flag.FlagSet) {
 	fs.IntVar(&f.port, "port", 0, "TCP port to listen on (required; dual-stack [::]:PORT)")
 	fs.BoolVar(&f.v4only, "listen-v4only", false, "listen on 0.0.0.0 instead of dual-stack [::]")
+	fs.BoolVar(&f.quiet, "quiet", false, "print no accept events, and close events only for failed connections (benchmarks: thousands of connections)")
 }
 
 // serve listens according to sf, prints the ready event and runs handle for
@@ -107,8 +110,13 @@ func serve(name, mode string, args []string, extra func(fs *flag.FlagSet), handl
 		tc := c.(*net.TCPConn)
 		wg.Go(func() {
 			defer tc.Close()
-			emit(acceptEvent{Event: "accept", ID: id, Peer: addrString(tc.RemoteAddr()), Local: addrString(tc.LocalAddr()), V4Mapped: isV4Mapped(tc.RemoteAddr())})
+			if !sf.quiet {
+				emit(acceptEvent{Event: "accept", ID: id, Peer: addrString(tc.RemoteAddr()), Local: addrString(tc.LocalAddr()), V4Mapped: isV4Mapped(tc.RemoteAddr())})
+			}
 			ev := handle(id, tc)
+			if sf.quiet && ev.Error == "" {
+				return
+			}
 			ev.Event, ev.ID = "close", id
 			ev.Peer, ev.Local = addrString(tc.RemoteAddr()), addrString(tc.LocalAddr())
 			emit(ev)
@@ -133,6 +141,34 @@ func runEcho(args []string) int {
 			}
 			if errors.Is(err, io.EOF) {
 				if err := c.CloseWrite(); err != nil {
+					ev.Error = fmt.Sprintf("close write: %v", err)
+				}
+				return ev
+			}
+			if err != nil {
+				ev.Error = fmt.Sprintf("read: %v", err)
+				return ev
+			}
+		}
+	})
+}
+
+// runSink reads and discards until EOF, then writes the number of bytes it
+// received (8 bytes, big-endian) and closes: the other end of the client's
+// --stream load mode.
+func runSink(args []string) int {
+	return serve("sink", "sink", args, nil, func(_ uint64, c *net.TCPConn) closeEvent {
+		var ev closeEvent
+		buf := make([]byte, 256<<10)
+		for {
+			n, err := c.Read(buf)
+			ev.Bytes += int64(n)
+			if errors.Is(err, io.EOF) {
+				var cnt [8]byte
+				binary.BigEndian.PutUint64(cnt[:], uint64(ev.Bytes))
+				if _, err := c.Write(cnt[:]); err != nil {
+					ev.Error = fmt.Sprintf("write count: %v", err)
+				} else if err := c.CloseWrite(); err != nil {
 					ev.Error = fmt.Sprintf("close write: %v", err)
 				}
 				return ev

@@ -73,6 +73,7 @@ type sidecarCloseEvent struct {
 }
 
 type sidecar struct {
+	quiet                     bool
 	outboundPort, inboundPort int
 	dialTimeout               time.Duration
 	inboundV4                 netip.Addr
@@ -94,10 +95,11 @@ func runSidecar(args []string) int {
 	dialTimeout := fs.Duration("dial-timeout", 5*time.Second, "timeout for connecting to the original destination")
 	inV4 := fs.String("inbound-source-v4", "127.0.0.6", "source address of inbound upstream connections over IPv4")
 	inV6 := fs.String("inbound-source-v6", "::6", "source address of inbound upstream connections over IPv6 (falls back to none, with a warning event, when it cannot be bound)")
+	quiet := fs.Bool("quiet", false, "print no accept, upstream and close events, only errors and warnings (benchmarks: thousands of connections)")
 	if code, ok := parseFlags(fs, args); !ok {
 		return code
 	}
-	sc := &sidecar{dialTimeout: *dialTimeout, outboundPort: *outPort, inboundPort: *inPort}
+	sc := &sidecar{dialTimeout: *dialTimeout, outboundPort: *outPort, inboundPort: *inPort, quiet: *quiet}
 	var err error
 	if sc.inboundV4, err = netip.ParseAddr(*inV4); err != nil || !sc.inboundV4.Is4() {
 		logf("sidecar: bad --inbound-source-v4 %q", *inV4)
@@ -173,7 +175,9 @@ func (sc *sidecar) handle(listener string, down *net.TCPConn) {
 		fail("orig_dst", od.String(), errors.New("original destination is a sidecar listener port (connection was not redirected)"))
 		return
 	}
-	emit(sidecarAcceptEvent{Event: "accept", ID: id, Listener: listener, OrigDst: od.String(), Peer: peer, Local: local, V4Mapped: isV4Mapped(down.RemoteAddr())})
+	if !sc.quiet {
+		emit(sidecarAcceptEvent{Event: "accept", ID: id, Listener: listener, OrigDst: od.String(), Peer: peer, Local: local, V4Mapped: isV4Mapped(down.RemoteAddr())})
+	}
 
 	d := net.Dialer{Timeout: sc.dialTimeout}
 	if listener == "inbound" {
@@ -195,7 +199,9 @@ func (sc *sidecar) handle(listener string, down *net.TCPConn) {
 	}
 	up := c.(*net.TCPConn)
 	defer up.Close()
-	emit(upstreamEvent{Event: "upstream", ID: id, Listener: listener, OrigDst: od.String(), Local: addrString(up.LocalAddr()), Remote: addrString(up.RemoteAddr())})
+	if !sc.quiet {
+		emit(upstreamEvent{Event: "upstream", ID: id, Listener: listener, OrigDst: od.String(), Local: addrString(up.LocalAddr()), Remote: addrString(up.RemoteAddr())})
+	}
 
 	ev := sidecarCloseEvent{Event: "close", ID: id, Listener: listener, OrigDst: od.String()}
 	var err1 error
@@ -203,7 +209,9 @@ func (sc *sidecar) handle(listener string, down *net.TCPConn) {
 	if err1 != nil {
 		ev.Error = err1.Error()
 	}
-	emit(ev)
+	if !sc.quiet || ev.Error != "" {
+		emit(ev)
+	}
 }
 
 // proxy copies bytes both ways between down and up with explicit read/write

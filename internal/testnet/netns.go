@@ -8,12 +8,13 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
-	"sync"
 	"testing"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/meshsplice/meshsplice/internal/lab"
 )
 
 // NetNSDir is where named network namespaces are bind-mounted, as with
@@ -230,77 +231,14 @@ func (ns *NetNS) Run(tb testing.TB, args ...string) string {
 	return string(out)
 }
 
-var netnsDirMu sync.Mutex
-
-// prepareNetNSDir creates /run/netns and makes it a shared mount point, the
-// same way iproute2 does, so that namespace mounts propagate between mount
-// namespaces.
-func prepareNetNSDir() error {
-	netnsDirMu.Lock()
-	defer netnsDirMu.Unlock()
-	if err := os.MkdirAll(NetNSDir, 0o755); err != nil {
-		return fmt.Errorf("create %s: %w", NetNSDir, err)
-	}
-	madeMount := false
-	for {
-		err := unix.Mount("", NetNSDir, "none", unix.MS_SHARED|unix.MS_REC, "")
-		if err == nil {
-			return nil
-		}
-		if !errors.Is(err, unix.EINVAL) || madeMount {
-			return fmt.Errorf("make %s a shared mount: %w", NetNSDir, err)
-		}
-		if err := unix.Mount(NetNSDir, NetNSDir, "none", unix.MS_BIND|unix.MS_REC, ""); err != nil {
-			return fmt.Errorf("bind mount %s onto itself: %w", NetNSDir, err)
-		}
-		madeMount = true
-	}
-}
-
 func createNetNS(prefix string) (*NetNS, error) {
-	if err := prepareNetNSDir(); err != nil {
+	name := Prefix + prefix + "-" + randomSuffix(6)
+	ns, err := lab.CreateNetns(name)
+	if err != nil {
 		return nil, err
 	}
-	name := Prefix + prefix + "-" + randomSuffix(6)
-	path := filepath.Join(NetNSDir, name)
-	f, err := os.OpenFile(path, os.O_RDONLY|os.O_CREATE|os.O_EXCL, 0)
-	if err != nil {
-		return nil, fmt.Errorf("create netns file: %w", err)
-	}
-	f.Close()
-	recordCreated(path)
-
-	errc := make(chan error, 1)
-	go func() {
-		// The thread is never unlocked: after unshare it lives in the new
-		// namespace, and the runtime terminates it when this goroutine
-		// exits, so no other goroutine ever runs there.
-		runtime.LockOSThread()
-		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
-			errc <- fmt.Errorf("unshare netns: %w", err)
-			return
-		}
-		src := fmt.Sprintf("/proc/self/task/%d/ns/net", unix.Gettid())
-		if err := unix.Mount(src, path, "none", unix.MS_BIND, ""); err != nil {
-			errc <- fmt.Errorf("bind mount netns: %w", err)
-			return
-		}
-		errc <- nil
-	}()
-	if err := <-errc; err != nil {
-		_ = os.Remove(path)
-		return nil, fmt.Errorf("create netns %s: %w", name, err)
-	}
-	return &NetNS{name: name, path: path}, nil
+	recordCreated(ns.Path)
+	return &NetNS{name: ns.Name, path: ns.Path}, nil
 }
 
-func (ns *NetNS) remove() error {
-	var errs []error
-	if err := unix.Unmount(ns.path, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
-		errs = append(errs, fmt.Errorf("unmount netns %s: %w", ns.name, err))
-	}
-	if err := os.Remove(ns.path); err != nil && !errors.Is(err, os.ErrNotExist) {
-		errs = append(errs, fmt.Errorf("remove netns %s: %w", ns.name, err))
-	}
-	return errors.Join(errs...)
-}
+func (ns *NetNS) remove() error { return lab.RemoveNetns(ns.path) }
