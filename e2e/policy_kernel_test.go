@@ -164,9 +164,9 @@ func TestKernelPolicy(t *testing.T) {
 	if !m.dp.TeardownSupported() {
 		t.Fatalf("this kernel has bpf_sock_destroy (6.18): teardown must load")
 	}
+	seen := len(acceptEvents(db.Sidecar, "inbound")) // before the stream can connect
 	stream := m.start(backend, "backend-stream", appUID, "client", "--target", to(db, appPort).String(),
 		"--messages", "100000", "--size", "100", "--interval", "1ms", "--timeout", "5s")
-	seen := len(acceptEvents(db.Sidecar, "inbound"))
 	eventually(t, "the stream reaching db", func() bool { return len(acceptEvents(db.Sidecar, "inbound")) > seen })
 	time.Sleep(100 * time.Millisecond)
 	pol.Sets[1] = allowFrom("shop/db-allow-nobody")
