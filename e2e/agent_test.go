@@ -238,7 +238,9 @@ func TestAgentProcess(t *testing.T) {
 		t.Fatalf("pods after DEL: %+v", st.Pods)
 	}
 	before = counters()
+	seen := len(acceptsOf(server.App))
 	m.client(client, appUID, target, "--messages", "20")
+	waitAccepts(t, server.App, "", seen+1)
 	if d := counters().Sub(before); d["sk_lookup.meshed"] != 0 || d["connect.captured"] != 1 {
 		t.Fatalf("after DEL the server pod was touched: %v", nonZero(d))
 	}

@@ -81,11 +81,11 @@ func TestSidecarToSidecar(t *testing.T) {
 
 				// Capture: the app's connect went to its sidecar, which
 				// learnt the original destination.
-				out := acceptEvents(client.Sidecar, "outbound")
+				out := waitAccepts(t, client.Sidecar, "outbound", 1)
 				if len(out) != 1 || origDst(out[0].Str("orig_dst")) != target {
 					t.Fatalf("client sidecar outbound accepts = %v, want one with orig_dst %s", out, target)
 				}
-				in := acceptEvents(server.Sidecar, "inbound")
+				in := waitAccepts(t, server.Sidecar, "inbound", 1)
 				if len(in) != 1 || origDst(in[0].Str("orig_dst")) != target {
 					t.Fatalf("server sidecar inbound accepts = %v, want one with orig_dst %s", in, target)
 				}
@@ -290,6 +290,27 @@ func TestSameLoopbackTupleInTwoPods(t *testing.T) {
 	checkSpliceAccounting(t, d, 2*6*5000*(512+12), 0)
 }
 
+// waitAccepts waits until p printed at least n accept events (of listener,
+// or any for ""): its stdout is read asynchronously, so a line printed
+// before the client finished may not have been read yet.
+func waitAccepts(t *testing.T, p *testnet.Proc, listener string, n int) []testnet.Event {
+	t.Helper()
+	var evs []testnet.Event
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		evs = evs[:0]
+		for _, ev := range p.Events() {
+			if ev.Str("event") == "accept" && (listener == "" || ev.Str("listener") == listener) {
+				evs = append(evs, ev)
+			}
+		}
+		if len(evs) >= n || time.Now().After(deadline) {
+			return evs
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
 // acceptsOf returns the accept events of an echo app, by peer address.
 func acceptsOf(p *testnet.Proc) []string {
 	var peers []string
@@ -341,6 +362,7 @@ func TestExclusionsGoStraightOut(t *testing.T) {
 			seen := len(acceptsOf(tc.app))
 			m.client(tc.from, tc.uid, tc.to, "--messages", "5")
 			d := m.counters().Sub(before)
+			waitAccepts(t, tc.app, "", seen+1)
 			peers := acceptsOf(tc.app)
 			if len(peers) != seen+1 {
 				t.Fatalf("server app accepted %d new connections, want 1", len(peers)-seen)
@@ -383,10 +405,11 @@ func TestInboundExclusions(t *testing.T) {
 	if d["sk_lookup.skip_excluded_port"] != 1 || d["sk_lookup.captured"] != 1 {
 		t.Fatalf("sk_lookup counters: %v", nonZero(d))
 	}
+	waitAccepts(t, extra, "", 1)
 	if peers := acceptsOf(extra); len(peers) != 1 || origDst(peers[0]).Addr() != client.IPv4 {
 		t.Fatalf("excluded port app saw %v, want the client directly", peers)
 	}
-	if in := acceptEvents(server.Sidecar, "inbound"); len(in) != 1 ||
+	if in := waitAccepts(t, server.Sidecar, "inbound", 1); len(in) != 1 ||
 		origDst(in[0].Str("orig_dst")) != netip.AddrPortFrom(server.IPv4, appPort) {
 		t.Fatalf("server sidecar inbound accepts: %v", in)
 	}
@@ -538,7 +561,7 @@ func TestV4MappedAndV4OnlySockets(t *testing.T) {
 		t.Fatalf("client socket %s -> %s, want a v4-mapped loopback pair", res.Str("local"), res.Str("remote"))
 	}
 	d := m.counters().Sub(before)
-	if out := acceptEvents(client.Sidecar, "outbound"); len(out) != 1 || origDst(out[0].Str("orig_dst")) != target {
+	if out := waitAccepts(t, client.Sidecar, "outbound", 1); len(out) != 1 || origDst(out[0].Str("orig_dst")) != target {
 		t.Fatalf("outbound accepts: %v", out)
 	}
 	if d["connect.captured"] != 1 || d["sockops.sock_inserted"] != 6 {
