@@ -238,12 +238,7 @@ func TestFallbackMidStreamKeepsOrder(t *testing.T) {
 	if err := m.dp.SetNodeDrain(true); err != nil {
 		t.Fatal(err)
 	}
-	if err := c.WaitTimeout(60 * time.Second); err != nil {
-		t.Fatalf("client: %v\n%s", err, strings.Join(c.Lines(), "\n"))
-	}
-	if sum, err := c.WaitEvent(time.Second, "summary"); err != nil || !sum.Bool("ok") {
-		t.Fatalf("stream broken by the fallback: %v\n%s", err, strings.Join(c.Lines(), "\n"))
-	}
+	finishedOK(t, c, "stream broken by the fallback")
 	d := m.counters().Sub(before)
 	wire := uint64(messages * (size + 12))
 	checkSpliceAccounting(t, d, 6*wire, 0)
@@ -288,6 +283,18 @@ func TestSameLoopbackTupleInTwoPods(t *testing.T) {
 		t.Fatal("nothing was spliced")
 	}
 	checkSpliceAccounting(t, d, 2*6*5000*(512+12), 0)
+}
+
+// finishedOK waits for a client started with m.start and fails the test
+// (saying what) unless every one of its messages came back intact.
+func finishedOK(t *testing.T, c *testnet.Proc, what string) {
+	t.Helper()
+	if err := c.WaitTimeout(60 * time.Second); err != nil {
+		t.Fatalf("%s: %v\n%s", what, err, strings.Join(c.Lines(), "\n"))
+	}
+	if sum, err := c.WaitEvent(time.Second, "summary"); err != nil || !sum.Bool("ok") {
+		t.Fatalf("%s: %v %v", what, err, sum)
+	}
 }
 
 // waitAccepts waits until p printed at least n accept events (of listener,
@@ -534,12 +541,7 @@ func TestDetachLeavesNothing(t *testing.T) {
 	if _, err := os.Stat(m.pin); !os.IsNotExist(err) {
 		t.Fatalf("pin dir still there: %v", err)
 	}
-	if err := c.WaitTimeout(60 * time.Second); err != nil {
-		t.Fatalf("live connection broken by detach: %v\n%s", err, strings.Join(c.Lines(), "\n"))
-	}
-	if sum, err := c.WaitEvent(time.Second, "summary"); err != nil || !sum.Bool("ok") {
-		t.Fatalf("live connection broken by detach: %v %v", err, sum)
-	}
+	finishedOK(t, c, "live connection broken by detach")
 }
 
 // TestV4MappedAndV4OnlySockets: a dual-stack C-style app (AF_INET6 socket
@@ -618,12 +620,7 @@ func TestAgentGoneAndUpgradeInPlace(t *testing.T) {
 	}
 	m.dp = dp
 	m.client(client, appUID, target, "--messages", "50")
-	if err := stream.WaitTimeout(60 * time.Second); err != nil {
-		t.Fatalf("stream broken: %v\n%s", err, strings.Join(stream.Lines(), "\n"))
-	}
-	if sum, err := stream.WaitEvent(time.Second, "summary"); err != nil || !sum.Bool("ok") {
-		t.Fatalf("stream broken: %v %v", err, sum)
-	}
+	finishedOK(t, stream, "stream broken")
 }
 
 // TestManyNewConnections: the case where a redirect can miss its peer, the
@@ -735,10 +732,5 @@ func TestSwitchesNeverBreakLiveConnections(t *testing.T) {
 	if d := m.counters().Sub(before); d["sk_lookup.captured"] != 0 {
 		t.Fatalf("node capture off, server still captured inbound: %v", nonZero(d))
 	}
-	if err := stream.WaitTimeout(60 * time.Second); err != nil {
-		t.Fatalf("live stream broken: %v\n%s", err, strings.Join(stream.Lines(), "\n"))
-	}
-	if sum, err := stream.WaitEvent(time.Second, "summary"); err != nil || !sum.Bool("ok") {
-		t.Fatalf("live stream broken: %v %v", err, sum)
-	}
+	finishedOK(t, stream, "live stream broken")
 }

@@ -12,6 +12,8 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/meshsplice/meshsplice/internal/netnsutil"
 )
 
 // NetnsDir is where named network namespaces are bind-mounted, as with
@@ -133,37 +135,7 @@ func RemoveNetns(path string) error {
 // belong to the namespace; goroutines it starts do not run there. If the
 // thread cannot return to its namespace it is left locked, so the Go
 // runtime ends it rather than reuse it (containernetworking/plugins pkg/ns).
-func (ns *Netns) Do(fn func() error) error {
-	target, err := netns.GetFromPath(ns.Path)
-	if err != nil {
-		return fmt.Errorf("open netns %s: %w", ns.Name, err)
-	}
-	defer target.Close()
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("get current netns: %w", err)
-			return
-		}
-		defer orig.Close()
-		if err := netns.Set(target); err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("enter netns %s: %w", ns.Name, err)
-			return
-		}
-		fnErr := fn()
-		if err := netns.Set(orig); err != nil {
-			errc <- errors.Join(fnErr, fmt.Errorf("restore netns after %s: %w", ns.Name, err))
-			return
-		}
-		runtime.UnlockOSThread()
-		errc <- fnErr
-	}()
-	return <-errc
-}
+func (ns *Netns) Do(fn func() error) error { return netnsutil.Do(ns.Path, fn) }
 
 // Sysctl sets a sysctl of the namespace, e.g. net.ipv4.ip_forward.
 func (ns *Netns) Sysctl(key, value string) error {

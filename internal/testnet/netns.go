@@ -1,12 +1,10 @@
 package testnet
 
 import (
-	"errors"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"testing"
 
@@ -15,6 +13,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/meshsplice/meshsplice/internal/lab"
+	"github.com/meshsplice/meshsplice/internal/netnsutil"
 )
 
 // NetNSDir is where named network namespaces are bind-mounted, as with
@@ -88,38 +87,7 @@ func (ns *NetNS) String() string { return ns.name }
 // left locked so that the Go runtime terminates it instead of reusing a
 // thread in the wrong namespace (see containernetworking/plugins pkg/ns).
 func (ns *NetNS) Do(fn func() error) error {
-	target, err := netns.GetFromPath(ns.path)
-	if err != nil {
-		return fmt.Errorf("open netns %s: %w", ns.name, err)
-	}
-	defer target.Close()
-
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("get current netns: %w", err)
-			return
-		}
-		defer orig.Close()
-		if err := netns.Set(target); err != nil {
-			// setns failed, so the thread is still in orig.
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("enter netns %s: %w", ns.name, err)
-			return
-		}
-		fnErr := callRecover(fn)
-		if err := netns.Set(orig); err != nil {
-			// Leave the thread locked: it dies with this goroutine.
-			errc <- errors.Join(fnErr, fmt.Errorf("restore netns after %s: %w", ns.name, err))
-			return
-		}
-		runtime.UnlockOSThread()
-		errc <- fnErr
-	}()
-	return <-errc
+	return netnsutil.Do(ns.path, func() error { return callRecover(fn) })
 }
 
 func callRecover(fn func() error) (err error) {
