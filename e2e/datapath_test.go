@@ -734,3 +734,56 @@ func TestSwitchesNeverBreakLiveConnections(t *testing.T) {
 	}
 	finishedOK(t, stream, "live stream broken")
 }
+
+// TestKernelFollowsIstioCaptureRules: the connect programs decide exactly
+// as istio.Traffic.CaptureOutbound (the rules of istio-iptables, in Go) for
+// a pod with every outbound setting used at once, for IPv4, IPv6, ports,
+// ranges, loopback and the proxy's uid.
+func TestKernelFollowsIstioCaptureRules(t *testing.T) {
+	m := newMesh(t)
+	node := testnet.NewBridgeNet(t, testnet.BridgeNetOpts{})
+	server := m.addPod(node, "server", nil)
+	for _, port := range []string{"9090", "5432", "7000"} {
+		p := m.start(server, "server-"+port, appUID, "echo", "--port", port)
+		if _, err := p.WaitEvent(waitFor, "ready"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ann := injected(
+		istio.AnnotationIncludeOutboundIPRanges, server.IPv4.String()+"/32,"+node.PrefixV6.String(),
+		istio.AnnotationExcludeOutboundIPRanges, server.IPv6.String()+"/128",
+		istio.AnnotationIncludeOutboundPorts, "7000",
+		istio.AnnotationExcludeOutboundPorts, "5432",
+	)
+	client := m.addPod(node, "client", ann)
+	other := netip.MustParseAddr("10.0.0.1") // in no include range: a non-routable elsewhere
+	cases := []struct {
+		dst netip.AddrPort
+		uid int
+	}{
+		{netip.AddrPortFrom(server.IPv4, appPort), appUID},
+		{netip.AddrPortFrom(server.IPv4, 5432), appUID},
+		{netip.AddrPortFrom(server.IPv4, 7000), appUID},
+		{netip.AddrPortFrom(server.IPv4, 9090), appUID},
+		{netip.AddrPortFrom(server.IPv4, appPort), 1337},
+		{netip.AddrPortFrom(server.IPv6, appPort), appUID},
+		{netip.AddrPortFrom(server.IPv6, 7000), appUID},
+		{netip.AddrPortFrom(node.GatewayV6, appPort), appUID},
+		{netip.AddrPortFrom(other, appPort), appUID},
+		{netip.AddrPortFrom(other, 7000), appUID},
+		{netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), appPort), appUID},
+		{netip.AddrPortFrom(netip.MustParseAddr("::1"), appPort), appUID},
+	}
+	for _, tc := range cases {
+		want, reason := client.Traffic.CaptureOutbound(tc.dst, uint32(tc.uid), uint32(tc.uid))
+		t.Run(fmt.Sprintf("%s uid %d", tc.dst, tc.uid), func(t *testing.T) {
+			before := m.counters()
+			c := m.start(client, "probe", tc.uid, "client", "--target", tc.dst.String(), "--messages", "1", "--timeout", "1s")
+			c.WaitTimeout(20 * time.Second)
+			got := m.counters().Sub(before)["connect.captured"] == 1
+			if got != want {
+				t.Fatalf("kernel captured=%v, istio.CaptureOutbound says %v (%s)", got, want, reason)
+			}
+		})
+	}
+}
