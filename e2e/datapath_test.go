@@ -787,3 +787,39 @@ func TestKernelFollowsIstioCaptureRules(t *testing.T) {
 		})
 	}
 }
+
+// TestKernelFollowsIstioInboundRules: sk_lookup decides exactly as
+// istio.Traffic.CaptureInbound for pods with "*" plus exclusions and with
+// an explicit port list, over IPv4 and IPv6.
+func TestKernelFollowsIstioInboundRules(t *testing.T) {
+	m := newMesh(t)
+	node := testnet.NewBridgeNet(t, testnet.BridgeNetOpts{})
+	star := m.addPod(node, "star", injected(istio.AnnotationExcludeInboundPorts, "9090"))
+	list := m.addPod(node, "list", injected(istio.AnnotationIncludeInboundPorts, "8080,7000"))
+	for _, p := range []*meshPod{star, list} {
+		for _, port := range []string{"9090", "7000", "15020"} {
+			e := m.start(p, p.Name+"-"+port, appUID, "echo", "--port", port)
+			if _, err := e.WaitEvent(waitFor, "ready"); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	client := m.addPod(node, "client", nil)
+	for _, p := range []*meshPod{star, list} {
+		for _, port := range []uint16{appPort, 7000, 9090, 15020, 15006} {
+			for _, ip := range []netip.Addr{p.IPv4, p.IPv6} {
+				dst := netip.AddrPortFrom(ip, port)
+				want, reason := p.Traffic.CaptureInbound(dst, client.addr(ip.Is6()))
+				t.Run(fmt.Sprintf("%s %s", p.Name, dst), func(t *testing.T) {
+					before := m.counters()
+					c := m.start(client, "probe", appUID, "client", "--target", dst.String(), "--messages", "1", "--timeout", "2s")
+					c.WaitTimeout(20 * time.Second)
+					d := m.counters().Sub(before)
+					if got := d["sk_lookup.captured"] == 1; got != want {
+						t.Fatalf("kernel captured=%v, istio.CaptureInbound says %v (%s): %v", got, want, reason, nonZero(d))
+					}
+				})
+			}
+		}
+	}
+}
