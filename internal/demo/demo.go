@@ -126,6 +126,10 @@ func Run(ctx context.Context, opts Options) (err error) {
 		}
 		w.step(s.name)
 		if err := s.fn(ctx); err != nil {
+			if ctx.Err() != nil {
+				fmt.Fprintf(w.out, "    interrupted\n")
+				return fmt.Errorf("interrupted: %w", ctx.Err())
+			}
 			w.fail(err)
 			return err
 		}
