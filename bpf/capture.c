@@ -70,9 +70,8 @@ static __always_inline int capture_connect(struct bpf_sock_addr *ctx,
 	 * for the sidecar's inbound passthrough (bound to 127.0.0.6 / ::6),
 	 * which delivers a connection sk_lookup judged already. */
 	src = addr_is_v4(dst) ? pod->ip4.ip : pod->ip6.ip;
-	if (!addr_is_loopback(dst) && !bound_to_passthrough(ctx->sk) &&
-	    egress_judged(src, dst, port)) {
-		reason = policy_denies(src, pod->identity, dst, port, &d);
+	if (!addr_is_loopback(dst) && !bound_to_passthrough(ctx->sk)) {
+		reason = policy_denies(src, pod->identity, dst, port, 1, &d);
 		if (reason) {
 			d.uid = (__u32)ugid;
 			record_denial(&d, netns, MS_DIR_EGRESS, reason);
@@ -347,7 +346,8 @@ int ms_sk_lookup(struct bpf_sk_lookup *ctx)
 	}
 	/* Policy, for any source, meshed or not, local or remote: judged by
 	 * its identity (the IP's workload; 0 if none). RST at once. */
-	reason = policy_denies(src.ip, identity_of(src.ip), dst.ip, port, &d);
+	reason =
+	    policy_denies(src.ip, identity_of(src.ip), dst.ip, port, 0, &d);
 	if (reason) {
 		record_denial(&d, *netns, MS_DIR_INGRESS, reason);
 		count(MS_C_POLICY_INGRESS_DENIED, 1);

@@ -89,9 +89,32 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ms_denial_seq SEC(".maps");
 
+/* egress_judged: a connection to dst:port is judged by dst's policy unless
+ * dst is a pod of this node whose sidecar would not capture it (its own
+ * ports, excluded or not included inbound ports): that sidecar could not
+ * enforce policy there, so neither does the kernel. For workloads of other
+ * nodes the set's bypass ports stand for that. */
+static __always_inline int egress_judged(const __u32 *src, const __u32 *dst,
+					 __u16 port)
+{
+	struct ms_pod *dst_pod;
+	__u64 *dst_netns;
+
+	dst_netns = bpf_map_lookup_elem(&ms_pod_ips, dst);
+	if (!dst_netns)
+		return 1;
+	dst_pod = bpf_map_lookup_elem(&ms_pods, dst_netns);
+	if (!dst_pod)
+		return 1;
+	return inbound_verdict(*dst_netns, dst_pod, port, src) ==
+	       MS_C_INBOUND_CAPTURED;
+}
+
 /*
  * policy_denies judges a connection from (src_ip, src_identity) to
- * (dst_ip, port) with the destination workload's compiled policy set:
+ * (dst_ip, port) with the destination workload's compiled policy set
+ * (egress: a connect or connected socket of a meshed pod, judged only where
+ * the destination's sidecar would judge it, see egress_judged):
  * m = identity mask & source prefix mask & port mask; a DENY atom in m
  * denies; with ALLOW policies, no ALLOW atom in m denies. Fills d (for the
  * denial record) and returns its reason, 0 when allowed.
@@ -106,7 +129,7 @@ const volatile struct {
 
 static __always_inline int policy_denies(const __u32 *src_ip, __u32 src_id,
 					 const __u32 *dst_ip, __u16 port,
-					 struct ms_denial *d)
+					 int egress, struct ms_denial *d)
 {
 	struct ms_pol_prefix_key pk = {};
 	struct ms_pol_port_key portk = {};
@@ -118,6 +141,9 @@ static __always_inline int policy_denies(const __u32 *src_ip, __u32 src_id,
 
 	dst = bpf_map_lookup_elem(&ms_ip_info, dst_ip);
 	if (!dst || !dst->policy_set)
+		return 0;
+	/* Only once the destination has a policy: most have none. */
+	if (egress && !egress_judged(src_ip, dst_ip, port))
 		return 0;
 	set = dst->policy_set;
 	ps = bpf_map_lookup_elem(&ms_pol_sets, &set);
@@ -173,27 +199,6 @@ static __always_inline void record_denial(struct ms_denial *d, __u64 netns,
 	log = bpf_map_lookup_elem(&ms_denial_log, &slot);
 	if (log)
 		__builtin_memcpy(log, d, sizeof(*d));
-}
-
-/* egress_judged: a connection to dst:port is judged by dst's policy unless
- * dst is a pod of this node whose sidecar would not capture it (its own
- * ports, excluded or not included inbound ports): that sidecar could not
- * enforce policy there, so neither does the kernel. For workloads of other
- * nodes the set's bypass ports stand for that. */
-static __always_inline int egress_judged(const __u32 *src, const __u32 *dst,
-					 __u16 port)
-{
-	struct ms_pod *dst_pod;
-	__u64 *dst_netns;
-
-	dst_netns = bpf_map_lookup_elem(&ms_pod_ips, dst);
-	if (!dst_netns)
-		return 1;
-	dst_pod = bpf_map_lookup_elem(&ms_pods, dst_netns);
-	if (!dst_pod)
-		return 1;
-	return inbound_verdict(*dst_netns, dst_pod, port, src) ==
-	       MS_C_INBOUND_CAPTURED;
 }
 
 static __always_inline __u32 identity_of(const __u32 *ip)

@@ -96,14 +96,13 @@ int ms_policy_teardown(struct bpf_iter__tcp___ms *ctx)
 		    MS_C_INBOUND_CAPTURED)
 			return 0;
 		reason = policy_denies(remote.ip, identity_of(remote.ip),
-				       local.ip, lport, &d);
+				       local.ip, lport, 0, &d);
 	} else if (flags & MS_SK_ACTIVE) {
 		/* Connected: judged as connect judges a new one. */
-		if (addr_is_loopback(remote.ip) ||
-		    !egress_judged(local.ip, remote.ip, rport))
+		if (addr_is_loopback(remote.ip))
 			return 0;
 		reason = policy_denies(local.ip, pod->identity, remote.ip,
-				       rport, &d);
+				       rport, 1, &d);
 	} else {
 		return 0;
 	}
