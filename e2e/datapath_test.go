@@ -217,11 +217,7 @@ func TestPipelinedStreams(t *testing.T) {
 // in flight in both directions. The checksummed, ordered echo must still
 // verify, and the accounting must show both paths were used.
 func TestFallbackMidStreamKeepsOrder(t *testing.T) {
-	m := newMesh(t)
-	node := testnet.NewBridgeNet(t, testnet.BridgeNetOpts{})
-	ann := injected(istio.AnnotationAppSplice, "true")
-	client := m.addPod(node, "client", ann)
-	server := m.addPod(node, "server", ann)
+	m, client, server := newSplicedPair(t)
 	before := m.counters()
 	const messages, size = 20000, 200
 	target := netip.AddrPortFrom(server.IPv4, appPort)
@@ -283,6 +279,23 @@ func TestSameLoopbackTupleInTwoPods(t *testing.T) {
 		t.Fatal("nothing was spliced")
 	}
 	checkSpliceAccounting(t, d, 2*6*5000*(512+12), 0)
+}
+
+// newSplicedPair is a mesh with two pods on one node, client and server,
+// every hop spliced (app-splice).
+func newSplicedPair(t *testing.T) (*mesh, *meshPod, *meshPod) {
+	t.Helper()
+	m := newMesh(t)
+	node := testnet.NewBridgeNet(t, testnet.BridgeNetOpts{})
+	ann := injected(istio.AnnotationAppSplice, "true")
+	return m, m.addPod(node, "client", ann), m.addPod(node, "server", ann)
+}
+
+// startStream starts a long pipelined, checksummed stream (about 1-3 s)
+// from p to target; finishedOK checks it.
+func (m *mesh) startStream(p *meshPod, target netip.AddrPort) *testnet.Proc {
+	return m.start(p, p.Name+"-stream", appUID, "client", "--target", target.String(), "--pipelined",
+		"--messages", "20000", "--size", "100", "--interval", "20us")
 }
 
 // finishedOK waits for a client started with m.start and fails the test
@@ -506,14 +519,9 @@ func TestSpliceAndFionreadReaders(t *testing.T) {
 // cgroup or to any pod's netns, and nothing is pinned; live connections
 // that were spliced keep working over TCP.
 func TestDetachLeavesNothing(t *testing.T) {
-	m := newMesh(t)
-	node := testnet.NewBridgeNet(t, testnet.BridgeNetOpts{})
-	ann := injected(istio.AnnotationAppSplice, "true")
-	client := m.addPod(node, "client", ann)
-	server := m.addPod(node, "server", ann)
+	m, client, server := newSplicedPair(t)
 	target := netip.AddrPortFrom(server.IPv4, appPort)
-	c := m.start(client, "client-stream", appUID, "client", "--target", target.String(), "--pipelined",
-		"--messages", "20000", "--size", "100", "--interval", "20us")
+	c := m.startStream(client, target)
 	time.Sleep(300 * time.Millisecond)
 
 	// The agent is gone (its Go handles closed); then uninstall.
@@ -577,14 +585,9 @@ func TestV4MappedAndV4OnlySockets(t *testing.T) {
 // spliced; a new agent reopening the pins updates the programs in place
 // while a spliced stream is running, and that stream never notices.
 func TestAgentGoneAndUpgradeInPlace(t *testing.T) {
-	m := newMesh(t)
-	node := testnet.NewBridgeNet(t, testnet.BridgeNetOpts{})
-	ann := injected(istio.AnnotationAppSplice, "true")
-	client := m.addPod(node, "client", ann)
-	server := m.addPod(node, "server", ann)
+	m, client, server := newSplicedPair(t)
 	target := netip.AddrPortFrom(server.IPv4, appPort)
-	stream := m.start(client, "client-stream", appUID, "client", "--target", target.String(), "--pipelined",
-		"--messages", "20000", "--size", "100", "--interval", "20us")
+	stream := m.startStream(client, target)
 	if _, err := server.Sidecar.WaitEvent(waitFor, "upstream"); err != nil {
 		t.Fatal(err)
 	}
@@ -628,11 +631,7 @@ func TestAgentGoneAndUpgradeInPlace(t *testing.T) {
 // the other CPU. Hundreds of connections each send at once after connect;
 // every byte must arrive, and the accounting says how many streams fell back.
 func TestManyNewConnections(t *testing.T) {
-	m := newMesh(t)
-	node := testnet.NewBridgeNet(t, testnet.BridgeNetOpts{})
-	ann := injected(istio.AnnotationAppSplice, "true")
-	client := m.addPod(node, "client", ann)
-	server := m.addPod(node, "server", ann)
+	m, client, server := newSplicedPair(t)
 	before := m.counters()
 	const rounds, conns = 5, 64
 	for range rounds {
@@ -689,13 +688,9 @@ func TestMPTCPSidecarListener(t *testing.T) {
 // node switches go off. New connections follow the switches at once; the
 // live streams finish intact.
 func TestSwitchesNeverBreakLiveConnections(t *testing.T) {
-	m := newMesh(t)
-	node := testnet.NewBridgeNet(t, testnet.BridgeNetOpts{})
-	client := m.addPod(node, "client", injected(istio.AnnotationAppSplice, "true"))
-	server := m.addPod(node, "server", injected(istio.AnnotationAppSplice, "true"))
+	m, client, server := newSplicedPair(t)
 	target := netip.AddrPortFrom(server.IPv4, appPort)
-	stream := m.start(client, "client-stream", appUID, "client", "--target", target.String(), "--pipelined",
-		"--messages", "20000", "--size", "100", "--interval", "20us")
+	stream := m.startStream(client, target)
 	if _, err := server.Sidecar.WaitEvent(waitFor, "upstream"); err != nil {
 		t.Fatal(err)
 	}
