@@ -339,7 +339,6 @@ func (d *Datapath) updateNetnsLinks() error {
 	if err != nil {
 		return fmt.Errorf("list netns links: %w", err)
 	}
-	var result *multierror.Error
 	for _, e := range entries {
 		pin := filepath.Join(netnsLinkDir(d.pinDir), e.Name())
 		l, err := link.LoadPinnedLink(pin, nil)
@@ -353,7 +352,7 @@ func (d *Datapath) updateNetnsLinks() error {
 		}
 		l.Close()
 	}
-	return result.ErrorOrNil()
+	return nil
 }
 
 // Pods lists the registered pods as the kernel tables hold them.
