@@ -160,7 +160,7 @@ func (w *world) preflight(ctx context.Context) error {
 	}
 	for _, tool := range []string{"ip", "nsenter", "taskset", "iptables-restore"} {
 		if _, err := exec.LookPath(tool); err != nil {
-			return fmt.Errorf("missing %s: apt-get install iproute2 util-linux iptables", tool)
+			return fmt.Errorf("missing %s: hack/deps.sh demo (which make demo runs) installs it", tool)
 		}
 	}
 	root, err := cgroups.Mount()
