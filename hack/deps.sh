@@ -32,7 +32,8 @@ test,demo,bench  apt util-linux      nsenter, taskset, setpriv: run programs in 
 test,demo,bench  apt iptables        iptables-nft-restore/-save: Istio's own sidecar rules, the baseline
 test             apt nftables        nft: the baseline tests check that no nat hook is left
 test             apt git             the repository tests read git ls-files
-test             go  cnitool=github.com/containernetworking/cni/cnitool@v1.3.1  the cni/README.md cnitool example, run by a test
+test             apt curl            the cni/README.md curl examples, run by cni/readme_test.go
+test             go  cnitool=github.com/containernetworking/cni/cnitool@v1.3.1  the cni/README.md cnitool example, run by cni/readme_test.go
 lint             apt clang-format-19 make lint checks the BPF C's format
 generate         apt clang-19        make generate, check-generated: compile the BPF C (bpf2go)
 generate         apt llvm-19         llvm-strip for bpf2go
