@@ -97,21 +97,29 @@ func readHead(t *testing.T, path string) []byte {
 	return head[:n]
 }
 
-// TestNoCompiledBinaries fails when git tracks a compiled program: a clone
-// carries sources only (built programs go to bin/, see .gitignore). The
-// committed BPF objects are the one exception, by design.
-func TestNoCompiledBinaries(t *testing.T) {
+// tracked returns the module root and the files git tracks there; it skips
+// the test outside a git checkout.
+func tracked(t *testing.T) (root string, files []string) {
+	t.Helper()
 	root, err := Root()
 	if err != nil {
 		t.Fatal(err)
 	}
-	files, err := TrackedFiles(root)
+	files, err = TrackedFiles(root)
 	if errors.Is(err, ErrNotGit) {
 		t.Skipf("%s: %v", root, err)
 	}
 	if err != nil {
 		t.Fatal(err)
 	}
+	return root, files
+}
+
+// TestNoCompiledBinaries fails when git tracks a compiled program: a clone
+// carries sources only (built programs go to bin/, see .gitignore). The
+// committed BPF objects are the one exception, by design.
+func TestNoCompiledBinaries(t *testing.T) {
+	root, files := tracked(t)
 	for _, f := range files {
 		path := filepath.Join(root, f)
 		if st, err := os.Lstat(path); err != nil || !st.Mode().IsRegular() {

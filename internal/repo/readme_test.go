@@ -135,17 +135,7 @@ func makeTargets(t *testing.T, root string) (targets, vars []string) {
 // written by the test runBy names. The agent's flag table in README.md is
 // checked too.
 func TestREADMECommands(t *testing.T) {
-	root, err := Root()
-	if err != nil {
-		t.Fatal(err)
-	}
-	files, err := TrackedFiles(root)
-	if errors.Is(err, ErrNotGit) {
-		t.Skipf("%s: %v", root, err)
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
+	root, files := tracked(t)
 	c := loadCLI(t, root)
 	targets, vars := makeTargets(t, root)
 	checked := 0
