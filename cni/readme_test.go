@@ -5,10 +5,12 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
 
 	"github.com/meshsplice/meshsplice/agent/api/apitest"
+	"github.com/meshsplice/meshsplice/cni"
 	"github.com/meshsplice/meshsplice/internal/repo"
 	"github.com/meshsplice/meshsplice/internal/testnet"
 )
@@ -156,5 +158,68 @@ func TestREADMECnitool(t *testing.T) {
 	}
 	if n := len(reg.Pods()); n != 0 {
 		t.Errorf("the agent holds %d pods after the README's DELETE", n)
+	}
+}
+
+// TestREADMEConfigs: the meshsplice-cni network configs both READMEs show
+// are valid for the plugin (ParseConfig) and name only fields it knows,
+// and the capabilities they declare are the plugin's.
+func TestREADMEConfigs(t *testing.T) {
+	known := map[string]bool{"type": true, "name": true, "cniVersion": true, "capabilities": true}
+	typ := reflect.TypeFor[cni.NetConf]()
+	for i := range typ.NumField() {
+		if name, _, _ := strings.Cut(typ.Field(i).Tag.Get("json"), ","); name != "" {
+			known[name] = true
+		}
+	}
+	caps := map[string]bool{cni.PodAnnotationsCapability: true, cni.PodLabelsCapability: true}
+	n := 0
+	for _, file := range []string{"README.md", "../README.md"} {
+		md, err := os.ReadFile(file)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, b := range repo.CodeBlocks(string(md)) {
+			if b.Lang != "json" || !strings.Contains(b.Text, `"meshsplice-cni"`) {
+				continue
+			}
+			var doc struct {
+				Plugins []map[string]any `json:"plugins"`
+			}
+			if err := json.Unmarshal([]byte(b.Text), &doc); err != nil {
+				t.Errorf("%s:%d: %v", file, b.Line, err)
+				continue
+			}
+			var conf map[string]any
+			if err := json.Unmarshal([]byte(b.Text), &conf); err != nil {
+				t.Fatal(err)
+			}
+			for _, p := range doc.Plugins {
+				if p["type"] == "meshsplice-cni" {
+					conf = p
+				}
+			}
+			n++
+			for k := range conf {
+				if !known[k] {
+					t.Errorf("%s:%d: meshsplice-cni has no config field %q", file, b.Line, k)
+				}
+			}
+			if c, ok := conf["capabilities"].(map[string]any); ok {
+				for k := range c {
+					if !caps[k] {
+						t.Errorf("%s:%d: meshsplice-cni has no capability %q", file, b.Line, k)
+					}
+				}
+			}
+			conf["cniVersion"], conf["name"] = "1.1.0", "readme"
+			raw, _ := json.Marshal(conf)
+			if _, err := cni.ParseConfig(raw); err != nil {
+				t.Errorf("%s:%d: %v", file, b.Line, err)
+			}
+		}
+	}
+	if n < 2 {
+		t.Errorf("found %d meshsplice-cni configs in the READMEs, want 2 or more", n)
 	}
 }
