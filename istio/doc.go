@@ -5,7 +5,10 @@
 // [Traffic.CaptureInbound]). The BPF programs mirror these two functions;
 // tests compare the two.
 //
-// The package is pure: no I/O, standard library only.
+// Traffic parsing and the capture decisions are pure (no I/O). The
+// configuration Sources read the rest of Istio's configuration: [FileSource]
+// from a folder of YAML (standalone), [KubeSource] from the Kubernetes API
+// server (informers).
 //
 // # Which pods are captured
 //
@@ -19,6 +22,12 @@
 //     and TPROXY are treated alike);
 //   - meshsplice.io/capture is not "disabled". A disabled pod is left to
 //     whatever Istio itself does (istio-init or istio-cni iptables).
+//
+// On Kubernetes, [ClassifyPod] asks more of a pod, as Istio would: the
+// istio-proxy sidecar is there (a container, or a native sidecar: an init
+// container with restartPolicy: Always), the injecting revision is the one
+// the agent follows, the interception mode is REDIRECT (TPROXY is left to
+// Istio), and no istio-init container means Istio's own iptables capture it.
 //
 // meshsplice.io/splice: "disabled" keeps capture but turns sockmap splicing
 // off. By default only sidecar <-> sidecar connections are spliced, and the

@@ -28,6 +28,7 @@ func runAgent(ctx context.Context, args []string) error {
 	capture := fs.Bool("capture", true, "node switch: capture meshed pods' traffic (new connections)")
 	splice := fs.Bool("splice", true, "node switch: splice (new connections)")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
+	kube := addKubeFlags(fs)
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -36,11 +37,22 @@ func runAgent(ctx context.Context, args []string) error {
 		return fmt.Errorf("--log-level: %w", err)
 	}
 	log := slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
-	if !*standalone {
-		return errors.New("only --standalone is available in this version: the Kubernetes config source is not built yet")
-	}
-	if *configDir == "" {
+	var source istio.Source
+	switch {
+	case *standalone && *kube.on:
+		return errors.New("--standalone and --kubernetes exclude each other")
+	case *kube.on:
+		src, err := kube.source(log)
+		if err != nil {
+			return err
+		}
+		source = src
+	case !*standalone:
+		return errors.New("say where Istio's configuration comes from: --kubernetes or --standalone")
+	case *configDir == "":
 		return errors.New("--standalone needs --istio-config DIR")
+	default:
+		source = istio.NewFileSource(*configDir, log)
 	}
 	if *cgroup == "" {
 		root, err := cgroups.Mount()
@@ -54,6 +66,6 @@ func runAgent(ctx context.Context, args []string) error {
 	return agent.Run(ctx, agent.Config{
 		PinDir: *pinDir, CgroupPath: *cgroup, CNISocket: *socket, StateDir: *stateDir,
 		MetricsAddr: *metrics, NodeCapture: *capture, NodeSplice: *splice,
-		Source: istio.NewFileSource(*configDir, log), Log: log,
+		Source: source, Log: log,
 	})
 }
