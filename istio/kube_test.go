@@ -46,7 +46,7 @@ func nextIP() netip.Addr {
 	return netip.AddrFrom4([4]byte{10, 200, byte(n >> 8), byte(n)})
 }
 
-func newKubeEnv(t *testing.T) *kubeEnv {
+func newKubeEnv(t testing.TB) *kubeEnv {
 	t.Helper()
 	srv := kubetest.Shared(t)
 	ic, err := istioclient.NewForConfig(srv.Config)

@@ -486,7 +486,8 @@ func (s *Server) Namespace(tb testing.TB, labels ...string) string {
 		tb.Fatalf("create namespace: %v", err)
 	}
 	tb.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		// Minutes: a scale benchmark leaves thousands of pods.
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 		defer cancel()
 		zero := int64(0)
 		if err := s.Client.CoreV1().Pods(got.Name).DeleteCollection(ctx, metav1.DeleteOptions{GracePeriodSeconds: &zero}, metav1.ListOptions{}); err != nil {
