@@ -223,9 +223,19 @@ func (s *KubeSource) Run(ctx context.Context, updates chan<- Config) error {
 	}()
 	s.Log.Info("kubernetes source: waiting for the API server's caches", "node", s.NodeName,
 		"istio_namespace", s.IstioNamespace, "revision", s.revision())
-	if !cache.WaitForCacheSync(ctx.Done(), inf.localPods.HasSynced, inf.allPods.HasSynced, inf.namespaces.HasSynced,
-		inf.services.HasSynced, inf.istioCMs.HasSynced, inf.switchCMs.HasSynced, inf.policies.HasSynced,
-		inf.peerAuth.HasSynced, inf.entries.HasSynced) {
+	named := map[string]cache.SharedIndexInformer{"pods of this node": inf.localPods, "pods": inf.allPods,
+		"namespaces": inf.namespaces, "services": inf.services, "configmaps of " + s.IstioNamespace: inf.istioCMs,
+		"configmaps of " + s.SwitchesNamespace: inf.switchCMs, "authorizationpolicies": inf.policies,
+		"peerauthentications": inf.peerAuth, "workloadentries": inf.entries}
+	synced := make(chan struct{})
+	go s.reportSync(ctx, synced, named)
+	var hasSynced []cache.InformerSynced
+	for _, i := range named {
+		hasSynced = append(hasSynced, i.HasSynced)
+	}
+	ok := cache.WaitForCacheSync(ctx.Done(), hasSynced...)
+	close(synced)
+	if !ok {
 		return nil // ctx ended
 	}
 	poke()
@@ -251,6 +261,32 @@ func (s *KubeSource) Run(ctx context.Context, updates chan<- Config) error {
 		case <-ctx.Done():
 			return nil
 		}
+	}
+}
+
+// reportSync says every 30 s, until synced closes, which caches are not
+// filled yet: an API server out of reach, or RBAC that forbids a list,
+// keeps the agent waiting for its first Config.
+func (s *KubeSource) reportSync(ctx context.Context, synced <-chan struct{}, named map[string]cache.SharedIndexInformer) {
+	tick := time.NewTicker(30 * time.Second)
+	defer tick.Stop()
+	for {
+		select {
+		case <-synced:
+			return
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		var waiting []string
+		for name, i := range named {
+			if !i.HasSynced() {
+				waiting = append(waiting, name)
+			}
+		}
+		slices.Sort(waiting)
+		s.Log.Warn("kubernetes source: still waiting for the API server (reachable? RBAC lets this service account list and watch these?)",
+			"waiting_for", waiting)
 	}
 }
 
