@@ -154,6 +154,11 @@ enum ms_counter {
 	MS_C_MSG_DRAIN,	       /* sent over TCP: datapath detaching */
 	MS_C_MSG_PASS,	       /* socket sends over TCP by design */
 	MS_C_BYTES_PASS,
+	/* readers.c: splice(2)/sendfile(2) reads of spliced sockets */
+	MS_C_SPLICE_REFUSED,	      /* refused with EINVAL (BPF LSM guard) */
+	MS_C_SPLICE_UNGUARDED,	      /* seen by the detector (no guard) */
+	MS_C_SPLICE_READER_RESET,     /* such a connection reset */
+	MS_C_SOCK_SKIP_SPLICE_READER, /* sockops: pod had a splice reader */
 	MS_C_MAX,
 };
 
@@ -346,6 +351,18 @@ struct {
 	__type(value, __u64);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ms_socks SEC(".maps");
+
+/* Pods (netns cookies) where a process read a spliced socket with splice(2)
+ * while no guard refused it (readers.c): sockops splices no new connection
+ * to or from them. LRU: netns cookies are never reused, so a removed pod's
+ * entry just ages out. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, MS_MAX_PODS);
+	__type(key, __u64);   /* netns cookie */
+	__type(value, __u64); /* unguarded splice reads seen */
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ms_splice_readers SEC(".maps");
 
 /* Sidecar inbound listeners (15006) for sk_lookup, two slots per pod (see
  * ms_pod.listener_slot, allocated by the agent). A SOCKMAP, not a SOCKHASH:

@@ -24,7 +24,9 @@
  *
  * The application traps. A socket in a sockmap gets a psock, and that changes
  * what its reader sees: splice(2) reads only the TCP receive queue, so it
- * never sees redirected data; and ioctl(FIONREAD) on a psock'd socket counts
+ * never sees redirected data (readers.c refuses or detects such reads, and
+ * a pod where one was detected is not spliced any more: ms_splice_readers);
+ * and ioctl(FIONREAD) on a psock'd socket counts
  * only the psock queue (tcp_bpf_ioctl), so data that arrives over TCP reads
  * as 0 bytes (measured on 6.18 by e2e TestSpliceAndFionreadReaders; older
  * kernels also got redirected data wrong). Envoy does neither; applications
@@ -248,6 +250,14 @@ static __always_inline void established(struct bpf_sock_ops *skops)
 			count(MS_C_SOCK_SKIP_SPLICE_OFF, 1);
 			return;
 		}
+	}
+
+	/* A pod where a process read a spliced socket with splice(2), and no
+	 * guard refused it (readers.c): its new connections stay TCP. */
+	if (bpf_map_lookup_elem(&ms_splice_readers, &netns) ||
+	    bpf_map_lookup_elem(&ms_splice_readers, &peer_netns)) {
+		count(MS_C_SOCK_SKIP_SPLICE_READER, 1);
+		return;
 	}
 
 	if (!roles(skops, &k, netns, pod, peer_netns, peer_pod, loopback,

@@ -71,7 +71,11 @@ const (
 	CaptureMsCounterMS_C_MSG_DRAIN                  CaptureMsCounter = 47
 	CaptureMsCounterMS_C_MSG_PASS                   CaptureMsCounter = 48
 	CaptureMsCounterMS_C_BYTES_PASS                 CaptureMsCounter = 49
-	CaptureMsCounterMS_C_MAX                        CaptureMsCounter = 50
+	CaptureMsCounterMS_C_SPLICE_REFUSED             CaptureMsCounter = 50
+	CaptureMsCounterMS_C_SPLICE_UNGUARDED           CaptureMsCounter = 51
+	CaptureMsCounterMS_C_SPLICE_READER_RESET        CaptureMsCounter = 52
+	CaptureMsCounterMS_C_SOCK_SKIP_SPLICE_READER    CaptureMsCounter = 53
+	CaptureMsCounterMS_C_MAX                        CaptureMsCounter = 54
 )
 
 type CaptureMsDenial struct {
@@ -281,6 +285,7 @@ const (
 	CaptureMapMsRanges        = "ms_ranges"
 	CaptureMapMsSkState       = "ms_sk_state"
 	CaptureMapMsSocks         = "ms_socks"
+	CaptureMapMsSpliceReaders = "ms_splice_readers"
 	CaptureProgMsConnect4     = "ms_connect4"
 	CaptureProgMsConnect6     = "ms_connect6"
 	CaptureProgMsGetsockopt   = "ms_getsockopt"
@@ -343,27 +348,28 @@ type CaptureProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type CaptureMapSpecs struct {
-	MsCounters     *ebpf.MapSpec `ebpf:"ms_counters"`
-	MsDenialLog    *ebpf.MapSpec `ebpf:"ms_denial_log"`
-	MsDenialSeq    *ebpf.MapSpec `ebpf:"ms_denial_seq"`
-	MsDenials      *ebpf.MapSpec `ebpf:"ms_denials"`
-	MsEvents       *ebpf.MapSpec `ebpf:"ms_events"`
-	MsIpInfo       *ebpf.MapSpec `ebpf:"ms_ip_info"`
-	MsIterNetns    *ebpf.MapSpec `ebpf:"ms_iter_netns"`
-	MsListeners    *ebpf.MapSpec `ebpf:"ms_listeners"`
-	MsNodeSettings *ebpf.MapSpec `ebpf:"ms_node_settings"`
-	MsOrigDst      *ebpf.MapSpec `ebpf:"ms_orig_dst"`
-	MsPodIps       *ebpf.MapSpec `ebpf:"ms_pod_ips"`
-	MsPods         *ebpf.MapSpec `ebpf:"ms_pods"`
-	MsPolBypass    *ebpf.MapSpec `ebpf:"ms_pol_bypass"`
-	MsPolIds       *ebpf.MapSpec `ebpf:"ms_pol_ids"`
-	MsPolPorts     *ebpf.MapSpec `ebpf:"ms_pol_ports"`
-	MsPolPrefixes  *ebpf.MapSpec `ebpf:"ms_pol_prefixes"`
-	MsPolSets      *ebpf.MapSpec `ebpf:"ms_pol_sets"`
-	MsPorts        *ebpf.MapSpec `ebpf:"ms_ports"`
-	MsRanges       *ebpf.MapSpec `ebpf:"ms_ranges"`
-	MsSkState      *ebpf.MapSpec `ebpf:"ms_sk_state"`
-	MsSocks        *ebpf.MapSpec `ebpf:"ms_socks"`
+	MsCounters      *ebpf.MapSpec `ebpf:"ms_counters"`
+	MsDenialLog     *ebpf.MapSpec `ebpf:"ms_denial_log"`
+	MsDenialSeq     *ebpf.MapSpec `ebpf:"ms_denial_seq"`
+	MsDenials       *ebpf.MapSpec `ebpf:"ms_denials"`
+	MsEvents        *ebpf.MapSpec `ebpf:"ms_events"`
+	MsIpInfo        *ebpf.MapSpec `ebpf:"ms_ip_info"`
+	MsIterNetns     *ebpf.MapSpec `ebpf:"ms_iter_netns"`
+	MsListeners     *ebpf.MapSpec `ebpf:"ms_listeners"`
+	MsNodeSettings  *ebpf.MapSpec `ebpf:"ms_node_settings"`
+	MsOrigDst       *ebpf.MapSpec `ebpf:"ms_orig_dst"`
+	MsPodIps        *ebpf.MapSpec `ebpf:"ms_pod_ips"`
+	MsPods          *ebpf.MapSpec `ebpf:"ms_pods"`
+	MsPolBypass     *ebpf.MapSpec `ebpf:"ms_pol_bypass"`
+	MsPolIds        *ebpf.MapSpec `ebpf:"ms_pol_ids"`
+	MsPolPorts      *ebpf.MapSpec `ebpf:"ms_pol_ports"`
+	MsPolPrefixes   *ebpf.MapSpec `ebpf:"ms_pol_prefixes"`
+	MsPolSets       *ebpf.MapSpec `ebpf:"ms_pol_sets"`
+	MsPorts         *ebpf.MapSpec `ebpf:"ms_ports"`
+	MsRanges        *ebpf.MapSpec `ebpf:"ms_ranges"`
+	MsSkState       *ebpf.MapSpec `ebpf:"ms_sk_state"`
+	MsSocks         *ebpf.MapSpec `ebpf:"ms_socks"`
+	MsSpliceReaders *ebpf.MapSpec `ebpf:"ms_splice_readers"`
 }
 
 // CaptureVariableSpecs contains global variables before they are loaded into the kernel.
@@ -394,27 +400,28 @@ func (o *CaptureObjects) Close() error {
 //
 // It can be passed to LoadCaptureObjects or ebpf.CollectionSpec.LoadAndAssign.
 type CaptureMaps struct {
-	MsCounters     *ebpf.Map `ebpf:"ms_counters"`
-	MsDenialLog    *ebpf.Map `ebpf:"ms_denial_log"`
-	MsDenialSeq    *ebpf.Map `ebpf:"ms_denial_seq"`
-	MsDenials      *ebpf.Map `ebpf:"ms_denials"`
-	MsEvents       *ebpf.Map `ebpf:"ms_events"`
-	MsIpInfo       *ebpf.Map `ebpf:"ms_ip_info"`
-	MsIterNetns    *ebpf.Map `ebpf:"ms_iter_netns"`
-	MsListeners    *ebpf.Map `ebpf:"ms_listeners"`
-	MsNodeSettings *ebpf.Map `ebpf:"ms_node_settings"`
-	MsOrigDst      *ebpf.Map `ebpf:"ms_orig_dst"`
-	MsPodIps       *ebpf.Map `ebpf:"ms_pod_ips"`
-	MsPods         *ebpf.Map `ebpf:"ms_pods"`
-	MsPolBypass    *ebpf.Map `ebpf:"ms_pol_bypass"`
-	MsPolIds       *ebpf.Map `ebpf:"ms_pol_ids"`
-	MsPolPorts     *ebpf.Map `ebpf:"ms_pol_ports"`
-	MsPolPrefixes  *ebpf.Map `ebpf:"ms_pol_prefixes"`
-	MsPolSets      *ebpf.Map `ebpf:"ms_pol_sets"`
-	MsPorts        *ebpf.Map `ebpf:"ms_ports"`
-	MsRanges       *ebpf.Map `ebpf:"ms_ranges"`
-	MsSkState      *ebpf.Map `ebpf:"ms_sk_state"`
-	MsSocks        *ebpf.Map `ebpf:"ms_socks"`
+	MsCounters      *ebpf.Map `ebpf:"ms_counters"`
+	MsDenialLog     *ebpf.Map `ebpf:"ms_denial_log"`
+	MsDenialSeq     *ebpf.Map `ebpf:"ms_denial_seq"`
+	MsDenials       *ebpf.Map `ebpf:"ms_denials"`
+	MsEvents        *ebpf.Map `ebpf:"ms_events"`
+	MsIpInfo        *ebpf.Map `ebpf:"ms_ip_info"`
+	MsIterNetns     *ebpf.Map `ebpf:"ms_iter_netns"`
+	MsListeners     *ebpf.Map `ebpf:"ms_listeners"`
+	MsNodeSettings  *ebpf.Map `ebpf:"ms_node_settings"`
+	MsOrigDst       *ebpf.Map `ebpf:"ms_orig_dst"`
+	MsPodIps        *ebpf.Map `ebpf:"ms_pod_ips"`
+	MsPods          *ebpf.Map `ebpf:"ms_pods"`
+	MsPolBypass     *ebpf.Map `ebpf:"ms_pol_bypass"`
+	MsPolIds        *ebpf.Map `ebpf:"ms_pol_ids"`
+	MsPolPorts      *ebpf.Map `ebpf:"ms_pol_ports"`
+	MsPolPrefixes   *ebpf.Map `ebpf:"ms_pol_prefixes"`
+	MsPolSets       *ebpf.Map `ebpf:"ms_pol_sets"`
+	MsPorts         *ebpf.Map `ebpf:"ms_ports"`
+	MsRanges        *ebpf.Map `ebpf:"ms_ranges"`
+	MsSkState       *ebpf.Map `ebpf:"ms_sk_state"`
+	MsSocks         *ebpf.Map `ebpf:"ms_socks"`
+	MsSpliceReaders *ebpf.Map `ebpf:"ms_splice_readers"`
 }
 
 func (m *CaptureMaps) Close() error {
@@ -440,6 +447,7 @@ func (m *CaptureMaps) Close() error {
 		m.MsRanges,
 		m.MsSkState,
 		m.MsSocks,
+		m.MsSpliceReaders,
 	)
 }
 

@@ -95,6 +95,7 @@ func runSidecar(args []string) int {
 	dialTimeout := fs.Duration("dial-timeout", 5*time.Second, "timeout for connecting to the original destination")
 	inV4 := fs.String("inbound-source-v4", "127.0.0.6", "source address of inbound upstream connections over IPv4")
 	inV6 := fs.String("inbound-source-v6", "::6", "source address of inbound upstream connections over IPv6 (falls back to none, with a warning event, when it cannot be bound)")
+	fs.BoolVar(&sidecarIOCopy, "iocopy", false, "copy with io.Copy (Go splices between two TCP connections), as some proxies do, instead of read/write loops")
 	quiet := fs.Bool("quiet", false, "print no accept, upstream and close events, only errors and warnings (benchmarks: thousands of connections)")
 	if code, ok := parseFlags(fs, args); !ok {
 		return code
@@ -244,8 +245,21 @@ func proxy(down, up *net.TCPConn) (bytesUp, bytesDown int64, err error) {
 	return bytesUp, bytesDown, first
 }
 
+// sidecarIOCopy makes copyLoop use io.Copy (--iocopy).
+var sidecarIOCopy bool
+
 // copyLoop moves bytes from src to dst until EOF, then half-closes dst.
 func copyLoop(dst, src *net.TCPConn) (int64, error) {
+	if sidecarIOCopy {
+		n, err := io.Copy(dst, src)
+		if err != nil {
+			return n, fmt.Errorf("io.Copy: %w", err)
+		}
+		if cerr := dst.CloseWrite(); cerr != nil {
+			return n, fmt.Errorf("close write: %w", cerr)
+		}
+		return n, nil
+	}
 	buf := make([]byte, 64<<10)
 	var total int64
 	for {
