@@ -55,6 +55,8 @@ func main() {
 		"client":          runClient,
 		"reader":          runReader,
 		"send":            runSend,
+		"respond-close":   runRespondClose,
+		"request":         runRequest,
 	}
 	cmd, ok := cmds[os.Args[1]]
 	if !ok {
@@ -79,6 +81,8 @@ subcommands:
   client           verifying client for the echo servers
   reader           server reading a stream with read, recv, recvmsg, splice, io.Copy or FIONREAD+read
   send             client writing a stream with write, sendfile or splice, checking the reader's CRC
+  respond-close    server that answers and closes with unread input or SO_LINGER 0 (RST)
+  request          client for respond-close: must read the whole answer
 
 Run "mstest SUBCOMMAND -h" for its flags.`)
 }
