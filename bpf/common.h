@@ -92,6 +92,7 @@ enum ms_sk_flag {
 	MS_SK_SENT = 1 << 5,	   /* sk_msg saw a send */
 	MS_SK_PASSIVE = 1 << 6,	   /* accepted (for policy teardown) */
 	MS_SK_ACTIVE = 1 << 7,	   /* connected (for policy teardown) */
+	MS_SK_ADDR_KEYED = 1 << 8, /* ms_sk_addrs entry to delete on close */
 };
 
 /* Counters, one slot each in ms_counters (per CPU). Go names them from this
@@ -159,6 +160,7 @@ enum ms_counter {
 	MS_C_SPLICE_UNGUARDED,	      /* seen by the detector (no guard) */
 	MS_C_SPLICE_READER_RESET,     /* such a connection reset */
 	MS_C_SOCK_SKIP_SPLICE_READER, /* sockops: pod had a splice reader */
+	MS_C_MSG_BACKPRESSURE,	      /* sk_msg: peer full, TCP from now on */
 	MS_C_MAX,
 };
 

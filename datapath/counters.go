@@ -72,6 +72,7 @@ var counterInfo = map[Counter]struct{ program, name string }{
 	redirect.CaptureMsCounterMS_C_SPLICE_UNGUARDED:           {"readers", "splice_unguarded"},
 	redirect.CaptureMsCounterMS_C_SPLICE_READER_RESET:        {"readers", "splice_reader_reset"},
 	redirect.CaptureMsCounterMS_C_SOCK_SKIP_SPLICE_READER:    {"sockops", "skip_splice_reader_pod"},
+	redirect.CaptureMsCounterMS_C_MSG_BACKPRESSURE:           {"sk_msg", "backpressure_fallbacks"},
 }
 
 // CounterName is "program.name", e.g. "sk_msg.redirected".

@@ -75,7 +75,8 @@ const (
 	CaptureMsCounterMS_C_SPLICE_UNGUARDED           CaptureMsCounter = 51
 	CaptureMsCounterMS_C_SPLICE_READER_RESET        CaptureMsCounter = 52
 	CaptureMsCounterMS_C_SOCK_SKIP_SPLICE_READER    CaptureMsCounter = 53
-	CaptureMsCounterMS_C_MAX                        CaptureMsCounter = 54
+	CaptureMsCounterMS_C_MSG_BACKPRESSURE           CaptureMsCounter = 54
+	CaptureMsCounterMS_C_MAX                        CaptureMsCounter = 55
 )
 
 type CaptureMsDenial struct {
@@ -248,6 +249,7 @@ const (
 	CaptureMsSkFlagMS_SK_SENT       CaptureMsSkFlag = 32
 	CaptureMsSkFlagMS_SK_PASSIVE    CaptureMsSkFlag = 64
 	CaptureMsSkFlagMS_SK_ACTIVE     CaptureMsSkFlag = 128
+	CaptureMsSkFlagMS_SK_ADDR_KEYED CaptureMsSkFlag = 256
 )
 
 type CaptureMsSockKey struct {

@@ -75,7 +75,8 @@ const (
 	ReadersMsCounterMS_C_SPLICE_UNGUARDED           ReadersMsCounter = 51
 	ReadersMsCounterMS_C_SPLICE_READER_RESET        ReadersMsCounter = 52
 	ReadersMsCounterMS_C_SOCK_SKIP_SPLICE_READER    ReadersMsCounter = 53
-	ReadersMsCounterMS_C_MAX                        ReadersMsCounter = 54
+	ReadersMsCounterMS_C_MSG_BACKPRESSURE           ReadersMsCounter = 54
+	ReadersMsCounterMS_C_MAX                        ReadersMsCounter = 55
 )
 
 type ReadersMsDenial struct {

@@ -75,7 +75,8 @@ const (
 	SpliceMsCounterMS_C_SPLICE_UNGUARDED           SpliceMsCounter = 51
 	SpliceMsCounterMS_C_SPLICE_READER_RESET        SpliceMsCounter = 52
 	SpliceMsCounterMS_C_SOCK_SKIP_SPLICE_READER    SpliceMsCounter = 53
-	SpliceMsCounterMS_C_MAX                        SpliceMsCounter = 54
+	SpliceMsCounterMS_C_MSG_BACKPRESSURE           SpliceMsCounter = 54
+	SpliceMsCounterMS_C_MAX                        SpliceMsCounter = 55
 )
 
 type SpliceMsDenial struct {
@@ -212,6 +213,7 @@ const (
 	SpliceMapMsPolSets       = "ms_pol_sets"
 	SpliceMapMsPorts         = "ms_ports"
 	SpliceMapMsRanges        = "ms_ranges"
+	SpliceMapMsSkAddrs       = "ms_sk_addrs"
 	SpliceMapMsSkState       = "ms_sk_state"
 	SpliceMapMsSocks         = "ms_socks"
 	SpliceMapMsSpliceReaders = "ms_splice_readers"
@@ -290,6 +292,7 @@ type SpliceMapSpecs struct {
 	MsPolSets       *ebpf.MapSpec `ebpf:"ms_pol_sets"`
 	MsPorts         *ebpf.MapSpec `ebpf:"ms_ports"`
 	MsRanges        *ebpf.MapSpec `ebpf:"ms_ranges"`
+	MsSkAddrs       *ebpf.MapSpec `ebpf:"ms_sk_addrs"`
 	MsSkState       *ebpf.MapSpec `ebpf:"ms_sk_state"`
 	MsSocks         *ebpf.MapSpec `ebpf:"ms_socks"`
 	MsSpliceReaders *ebpf.MapSpec `ebpf:"ms_splice_readers"`
@@ -342,6 +345,7 @@ type SpliceMaps struct {
 	MsPolSets       *ebpf.Map `ebpf:"ms_pol_sets"`
 	MsPorts         *ebpf.Map `ebpf:"ms_ports"`
 	MsRanges        *ebpf.Map `ebpf:"ms_ranges"`
+	MsSkAddrs       *ebpf.Map `ebpf:"ms_sk_addrs"`
 	MsSkState       *ebpf.Map `ebpf:"ms_sk_state"`
 	MsSocks         *ebpf.Map `ebpf:"ms_socks"`
 	MsSpliceReaders *ebpf.Map `ebpf:"ms_splice_readers"`
@@ -368,6 +372,7 @@ func (m *SpliceMaps) Close() error {
 		m.MsPolSets,
 		m.MsPorts,
 		m.MsRanges,
+		m.MsSkAddrs,
 		m.MsSkState,
 		m.MsSocks,
 		m.MsSpliceReaders,

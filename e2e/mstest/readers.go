@@ -40,18 +40,30 @@ type readerEvent struct {
 	Reads         int64 `json:"reads,omitempty"`
 	FionreadShort int64 `json:"fionread_short,omitempty"`
 	FionreadZero  int64 `json:"fionread_zero,omitempty"`
+	// --pause: the most FIONREAD reported while not reading.
+	PeakUnread int `json:"peak_unread,omitempty"`
 }
 
 var readerKinds = []string{"read", "recv", "recvmsg", "splice", "iocopy", "fionread"}
 
 func runReader(args []string) int {
 	var kind string
+	var pause time.Duration
 	extra := func(fs *flag.FlagSet) {
 		fs.StringVar(&kind, "read", "read", "how to read: read, recv, recvmsg, splice, iocopy, fionread")
+		fs.DurationVar(&pause, "pause", 0, "do not read for this long after accepting (sampling FIONREAD), then read")
 	}
 	return serve("reader", "reader", args, extra, func(id uint64, c *net.TCPConn) closeEvent {
 		ev := readerEvent{Event: "read_done", ID: id, Kind: kind}
 		h := crc32.NewIEEE()
+		if pause > 0 {
+			ev.PeakUnread = sampleUnread(c, pause)
+			emit(struct {
+				Event      string `json:"event"`
+				ID         uint64 `json:"id"`
+				PeakUnread int    `json:"peak_unread"`
+			}{"paused", id, ev.PeakUnread})
+		}
 		err := readAll(kind, c, h, &ev)
 		ev.CRC = h.Sum32()
 		var ce closeEvent
@@ -346,4 +358,22 @@ func spliceWrite(c *net.TCPConn, payload []byte) error {
 		return fmt.Errorf("spliced %d of %d bytes", total, len(payload))
 	}
 	return nil
+}
+
+// sampleUnread sleeps for d, reading FIONREAD every 20 ms, and returns the
+// most it reported.
+func sampleUnread(c *net.TCPConn, d time.Duration) int {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return -1
+	}
+	peak := 0
+	for end := time.Now().Add(d); time.Now().Before(end); time.Sleep(20 * time.Millisecond) {
+		rc.Control(func(fd uintptr) {
+			if n, err := unix.IoctlGetInt(int(fd), unix.SIOCINQ); err == nil {
+				peak = max(peak, n)
+			}
+		})
+	}
+	return peak
 }
