@@ -307,6 +307,7 @@ func (d *Datapath) RemovePod(cookie uint64) error {
 		result = multierror.Append(result, fmt.Errorf("remove pod %d: %w", cookie, err))
 	}
 	delete(d.netns, cookie)
+	delete(d.unregistrable, cookie)
 	if hadPod {
 		// Free the listener slots for the next pod.
 		if err := d.clearListenerSlot(old.ListenerSlot); err != nil {
