@@ -298,17 +298,18 @@ func TestReRegisterWithAnotherNetnsForgetsTheOld(t *testing.T) {
 	node := testnet.NewBridgeNet(t, testnet.BridgeNetOpts{})
 	first := m.addPod(node, "first", nil)
 	second := m.addPod(node, "second", nil)
-	if _, err := ag.registerAs("c-same", first, []netip.Addr{first.IPv4}); err != nil {
+	if _, err := ag.registerAs("c-same", first, []netip.Addr{first.IPv4, first.IPv6}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := ag.registerAs("c-same", second, []netip.Addr{second.IPv4}); err != nil {
+	// The new sandbox kept one address of the old one (static IPAM).
+	if _, err := ag.registerAs("c-same", second, []netip.Addr{second.IPv4, first.IPv6}); err != nil {
 		t.Fatal(err)
 	}
 	if kernelHasPod(t, m.pin, first.Cookie) || ipOwner(t, m.pin, first.IPv4) != 0 {
 		t.Fatal("the old netns of the re-registered container is still in the kernel")
 	}
-	if !kernelHasPod(t, m.pin, second.Cookie) || ipOwner(t, m.pin, second.IPv4) != second.Cookie {
-		t.Fatal("the new netns is not registered")
+	if !kernelHasPod(t, m.pin, second.Cookie) || ipOwner(t, m.pin, second.IPv4) != second.Cookie || ipOwner(t, m.pin, first.IPv6) != second.Cookie {
+		t.Fatal("the new netns is not registered with its addresses")
 	}
 	if pins, _ := filepath.Glob(filepath.Join(m.pin, "links", "netns", fmt.Sprint(first.Cookie))); len(pins) != 0 {
 		t.Fatalf("sk_lookup link of the old netns still pinned: %v", pins)
