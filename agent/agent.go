@@ -7,7 +7,8 @@
 // Pods survive agent restarts: every registration is written to the state
 // directory before it reaches the kernel, and a new agent reloads it,
 // re-resolves each pod against the current configuration and drops pods
-// whose network namespace is gone.
+// whose network namespace is gone (as it does while running, see
+// registrations.go).
 package agent
 
 import (
@@ -140,6 +141,7 @@ func (a *Agent) Serve(ctx context.Context) error {
 	errc := make(chan error, 3)
 	updates := make(chan istio.Config)
 	go func() { errc <- a.cfg.Source.Run(ctx, updates) }()
+	go a.sweepLoop(ctx)
 	go func() {
 		for {
 			select {
@@ -211,6 +213,9 @@ func (a *Agent) applyConfig(c istio.Config) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	a.istio = c
+	// Never re-program a pod whose netns is gone: it may hold an address
+	// that belongs to a new pod now.
+	a.forgetGone()
 	node := datapath.NodeSettings{Capture: a.cfg.NodeCapture && c.Node.Capture, Splice: a.cfg.NodeSplice && c.Node.Splice}
 	if err := a.dp.SetNode(node); err != nil {
 		a.log.Error("apply node switches", "error", err)
@@ -270,18 +275,22 @@ func (a *Agent) AddPod(_ context.Context, req api.PodRegistration) (api.PodStatu
 	if _, _, err := istio.ParseTraffic(req.Annotations, a.istio.Defaults()); err != nil {
 		return api.PodStatus{}, fmt.Errorf("%w: pod %s: %w", api.ErrInvalidRequest, req, err)
 	}
+	claimWarnings, err := a.settleIPClaims(req.ContainerID, p)
+	if err != nil {
+		return api.PodStatus{}, err
+	}
 	prev := a.pods[req.ContainerID]
 	a.pods[req.ContainerID] = p
 	if err := a.saveState(); err != nil {
 		a.restore(req.ContainerID, prev)
 		return api.PodStatus{}, err
 	}
-	if err := a.programPod(p); err != nil {
+	if err := a.replacePod(prev, p); err != nil {
 		a.restore(req.ContainerID, prev)
 		a.saveState()
-		a.dp.RemovePod(cookie)
 		return api.PodStatus{}, err
 	}
+	p.Warnings = append(p.Warnings, claimWarnings...)
 	for _, w := range p.Warnings {
 		a.log.Warn("pod settings", "pod", req.String(), "warning", w)
 	}
@@ -290,6 +299,28 @@ func (a *Agent) AddPod(_ context.Context, req api.PodRegistration) (api.PodStatu
 		a.log.Error("authorization policy not applied; the kernel keeps the previous one", "error", err)
 	}
 	return statusOf(p), nil
+}
+
+// replacePod programs p in place of the previous registration of its
+// container ID (nil: none). The datapath rolls a failed registration back,
+// so on error the previous one is still in force. A container registered
+// again with another netns (its sandbox re-created) leaves nothing of the
+// old netns behind; the old one goes first, as both claim the same
+// addresses, and comes back if p fails. Called with a.mu held.
+func (a *Agent) replacePod(prev, p *pod) error {
+	if prev == nil || prev.Cookie == p.Cookie {
+		return a.programPod(p)
+	}
+	if err := a.dp.RemovePod(prev.Cookie); err != nil {
+		return fmt.Errorf("forget the previous netns of %s: %w", p.Reg, err)
+	}
+	err := a.programPod(p)
+	if err != nil {
+		if rerr := a.programPod(prev); rerr != nil {
+			a.log.Error("restore the previous registration", "pod", prev.Reg.String(), "error", rerr)
+		}
+	}
+	return err
 }
 
 func (a *Agent) restore(id string, prev *pod) {

@@ -71,7 +71,9 @@ const (
 	CaptureMsCounterMS_C_MSG_DRAIN                  CaptureMsCounter = 47
 	CaptureMsCounterMS_C_MSG_PASS                   CaptureMsCounter = 48
 	CaptureMsCounterMS_C_BYTES_PASS                 CaptureMsCounter = 49
-	CaptureMsCounterMS_C_MAX                        CaptureMsCounter = 50
+	CaptureMsCounterMS_C_LISTENER_EVENT_LOST        CaptureMsCounter = 50
+	CaptureMsCounterMS_C_LISTENER_RESYNCED          CaptureMsCounter = 51
+	CaptureMsCounterMS_C_MAX                        CaptureMsCounter = 52
 )
 
 type CaptureMsDenial struct {

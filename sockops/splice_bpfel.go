@@ -71,7 +71,9 @@ const (
 	SpliceMsCounterMS_C_MSG_DRAIN                  SpliceMsCounter = 47
 	SpliceMsCounterMS_C_MSG_PASS                   SpliceMsCounter = 48
 	SpliceMsCounterMS_C_BYTES_PASS                 SpliceMsCounter = 49
-	SpliceMsCounterMS_C_MAX                        SpliceMsCounter = 50
+	SpliceMsCounterMS_C_LISTENER_EVENT_LOST        SpliceMsCounter = 50
+	SpliceMsCounterMS_C_LISTENER_RESYNCED          SpliceMsCounter = 51
+	SpliceMsCounterMS_C_MAX                        SpliceMsCounter = 52
 )
 
 type SpliceMsDenial struct {
