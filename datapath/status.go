@@ -12,6 +12,7 @@ import (
 	"github.com/cilium/ebpf/link"
 	"github.com/hashicorp/go-multierror"
 
+	"github.com/meshsplice/meshsplice/internal/cgroups"
 	"github.com/meshsplice/meshsplice/redirect"
 )
 
@@ -21,8 +22,15 @@ type LinkStatus struct {
 	Program   string `json:"program"`
 	ProgramID uint32 `json:"program_id"`
 	Type      string `json:"type"`
-	// Attached is false for a pinned link whose cgroup or namespace is gone.
+	LinkID    uint32 `json:"link_id"`
+	// Target is what the link is attached to: a cgroup directory (or its
+	// ID when no directory has it), "netns inode N", or "... gone".
+	Target string `json:"target"`
+	// Attached is what the kernel says: false for a link whose cgroup or
+	// namespace is gone, and when the link could not be read (Error).
 	Attached bool `json:"attached"`
+	// Error says what could not be read about this pin.
+	Error string `json:"error,omitempty"`
 }
 
 // Status is what a node's datapath holds, read from its pins only: it
@@ -41,6 +49,9 @@ type Status struct {
 	OrigDstEntries int `json:"orig_dst_entries"`
 	// RecentDenials are the last connections policy denied (at most 64).
 	RecentDenials []Denial `json:"recent_denials"`
+	// Problems lists what status could not read: the fields they concern
+	// are unknown, not false.
+	Problems []string `json:"problems,omitempty"`
 }
 
 // Inspect reads the status of the datapath pinned at pinDir. It returns an
@@ -100,36 +111,100 @@ func Inspect(pinDir string) (*Status, error) {
 		return nil, err
 	}
 	st.Links = inspectLinks(pinDir)
+	for _, l := range st.Links {
+		if l.Error != "" {
+			st.Problems = append(st.Problems, fmt.Sprintf("link %s: %s", l.Name, l.Error))
+		}
+	}
 	return st, nil
 }
 
 func inspectLinks(pinDir string) []LinkStatus {
 	var out []LinkStatus
-	filepath.WalkDir(linkDir(pinDir), func(path string, e fs.DirEntry, err error) error {
-		if err != nil || e.IsDir() {
+	err := filepath.WalkDir(linkDir(pinDir), func(path string, e fs.DirEntry, err error) error {
+		if err != nil {
+			out = append(out, LinkStatus{Name: path, Error: err.Error()})
+			return nil
+		}
+		if e.IsDir() {
 			return nil
 		}
 		name, _ := filepath.Rel(linkDir(pinDir), path)
-		ls := LinkStatus{Name: name}
-		if l, err := link.LoadPinnedLink(path, &ebpf.LoadPinOptions{ReadOnly: true}); err == nil {
-			if info, err := l.Info(); err == nil {
-				ls.ProgramID = uint32(info.Program)
-				ls.Type = fmt.Sprint(info.Type)
-				ls.Attached = attachedInfo(info)
-				if p, err := ebpf.NewProgramFromID(info.Program); err == nil {
-					if pi, err := p.Info(); err == nil {
-						ls.Program = pi.Name
-					}
-					p.Close()
-				}
-			}
-			l.Close()
+		// Not read-only: the kernel opens a link only read-write (a
+		// read-only BPF_OBJ_GET of a link is EINVAL).
+		l, err := link.LoadPinnedLink(path, nil)
+		if err != nil {
+			out = append(out, LinkStatus{Name: name, Error: fmt.Sprintf("open pinned link %s: %v", path, err)})
+			return nil
 		}
+		ls := describeLink(l)
+		ls.Name = name
+		l.Close()
 		out = append(out, ls)
 		return nil
 	})
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		out = append(out, LinkStatus{Name: linkDir(pinDir), Error: err.Error()})
+	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
 	return out
+}
+
+// describeLink reads what the kernel says about a link: its program and
+// what it is attached to. Anything it cannot read is in Error.
+func describeLink(l link.Link) LinkStatus {
+	var ls LinkStatus
+	info, err := l.Info()
+	if err != nil {
+		ls.Error = fmt.Sprintf("link info: %v", err)
+		return ls
+	}
+	ls.LinkID = uint32(info.ID)
+	ls.ProgramID = uint32(info.Program)
+	ls.Type = linkTypeName(info.Type)
+	ls.Attached = attachedInfo(info)
+	switch {
+	case info.Cgroup() != nil:
+		id := info.Cgroup().CgroupId
+		if id == 0 {
+			ls.Target = "cgroup gone"
+		} else if path, err := cgroups.PathByID(id); err == nil {
+			ls.Target = path
+		} else {
+			ls.Target = fmt.Sprintf("cgroup id %d", id)
+		}
+	case info.NetNs() != nil:
+		if ino := info.NetNs().NetnsInode; ino != 0 {
+			ls.Target = fmt.Sprintf("netns inode %d", ino)
+		} else {
+			ls.Target = "netns gone"
+		}
+	}
+	p, err := ebpf.NewProgramFromID(info.Program)
+	if err != nil {
+		ls.Error = fmt.Sprintf("program %d: %v", info.Program, err)
+		return ls
+	}
+	defer p.Close()
+	pi, err := p.Info()
+	if err != nil {
+		ls.Error = fmt.Sprintf("program %d info: %v", info.Program, err)
+		return ls
+	}
+	ls.Program = pi.Name
+	return ls
+}
+
+func linkTypeName(t link.Type) string {
+	switch t {
+	case link.CgroupType:
+		return "cgroup"
+	case link.NetNsType:
+		return "netns"
+	case link.IterType:
+		return "iter"
+	}
+	return fmt.Sprint(t)
 }
 
 // attachedInfo: a link whose cgroup or netns died reports a zero target.

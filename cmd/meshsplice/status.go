@@ -42,9 +42,16 @@ func runStatus(_ context.Context, args []string) error {
 		}
 		fmt.Fprintf(w, "%d\t%s\t%v\t%v\t%v\n", p.Cookie, strings.Join(ips, ","), p.Traffic.Capture, p.Traffic.Splice, p.Traffic.AppSplice)
 	}
-	fmt.Fprintf(w, "\nLINK\tPROGRAM\tATTACHED\n")
+	fmt.Fprintf(w, "\nLINK\tPROGRAM\tATTACHED\tTO\n")
 	for _, l := range st.Links {
-		fmt.Fprintf(w, "%s\t%s (id %d)\t%v\n", l.Name, l.Program, l.ProgramID, l.Attached)
+		attached := "no"
+		switch {
+		case l.Error != "":
+			attached = "unknown: " + l.Error
+		case l.Attached:
+			attached = "yes"
+		}
+		fmt.Fprintf(w, "%s\t%s (prog %d, link %d)\t%s\t%s\n", l.Name, l.Program, l.ProgramID, l.LinkID, attached, l.Target)
 	}
 	if len(st.RecentDenials) > 0 {
 		fmt.Fprintf(w, "\nRECENT DENIALS\tDIRECTION\tSOURCE (IDENTITY)\tDESTINATION\tREASON\tPOLICY SET\n")
