@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/meshsplice/meshsplice/datapath"
+	"github.com/meshsplice/meshsplice/internal/cgroups"
 )
 
 func runStatus(_ context.Context, args []string) error {
@@ -75,13 +76,29 @@ func runStatus(_ context.Context, args []string) error {
 func runUninstall(_ context.Context, args []string) error {
 	fs := flag.NewFlagSet("uninstall", flag.ContinueOnError)
 	pinDir := fs.String("pin-dir", datapath.DefaultPinDir, "bpffs directory of the datapath")
+	cgroup := fs.String("cgroup", "", "cgroup v2 directory the agent attached to (default: the cgroup v2 root); checked for meshsplice programs left attached")
 	drain := fs.Duration("drain", 2*time.Second, "how long spliced connections get to read queued data before their sockets leave the splice map")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	if err := datapath.Detach(*pinDir, *drain); err != nil {
+	if *cgroup == "" {
+		root, err := cgroups.Mount()
+		if err != nil {
+			return err
+		}
+		*cgroup = root
+	}
+	rep, err := datapath.Uninstall(*pinDir, *cgroup, *drain)
+	for _, l := range rep.Removed {
+		fmt.Printf("meshsplice: removed %s: %s (program %d) on %s\n", l.Name, l.Program, l.ProgramID, l.Target)
+	}
+	if err != nil {
 		return err
 	}
-	fmt.Printf("meshsplice: detached and unpinned %s\n", *pinDir)
+	if rep.Pinned {
+		fmt.Printf("meshsplice: detached and unpinned %s; no meshsplice program is attached to %s\n", *pinDir, *cgroup)
+	} else {
+		fmt.Printf("meshsplice: nothing to remove: nothing pinned at %s and no meshsplice program attached to %s\n", *pinDir, *cgroup)
+	}
 	return nil
 }
