@@ -6,59 +6,16 @@ import (
 	"testing"
 
 	"github.com/cilium/ebpf"
-	"github.com/cilium/ebpf/link"
 
 	"github.com/meshsplice/meshsplice/datapath"
-	"github.com/meshsplice/meshsplice/internal/testnet"
-	"github.com/meshsplice/meshsplice/istio"
+	"github.com/meshsplice/meshsplice/internal/dptest"
 )
-
-// kernelPrograms asks the kernel which program IDs are attached to target
-// (a cgroup directory or a netns file) for the attach type.
-func kernelPrograms(t *testing.T, target string, at ebpf.AttachType) []ebpf.ProgramID {
-	t.Helper()
-	res, err := link.QueryPrograms(link.QueryOptions{Target: mustOpenFD(t, target), Attach: at})
-	if err != nil {
-		t.Fatalf("query %s on %s: %v", at, target, err)
-	}
-	var ids []ebpf.ProgramID
-	for _, p := range res.Programs {
-		ids = append(ids, p.ID)
-	}
-	return ids
-}
-
-// openWithPod attaches a datapath to a test cgroup and registers one
-// captured pod, so that both kinds of link exist.
-func openWithPod(t *testing.T) (cg *testnet.Cgroup, pin string, ns *testnet.NetNS, cookie uint64) {
-	t.Helper()
-	testnet.RequireRoot(t)
-	cg = testnet.NewCgroup(t)
-	pin = testnet.PinDir(t, func(dir string) error { return datapath.Detach(dir, 0) })
-	d, err := datapath.Open(datapath.Options{PinDir: pin, CgroupPath: cg.Path, Node: datapath.NodeSettings{Capture: true, Splice: true}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { d.Close() })
-	ns = testnet.NewNetNS(t, "status")
-	tr, _, err := istio.ParseTraffic(map[string]string{istio.AnnotationStatus: "{}"}, istio.DefaultDefaults())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := d.AddPod(datapath.Pod{NetnsPath: ns.Path(), Traffic: tr}); err != nil {
-		t.Fatal(err)
-	}
-	cookie, err = ns.Cookie()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return cg, pin, ns, cookie
-}
 
 // TestStatusLinksTellTheTruth: status reports every link as the kernel
 // sees it: attached, with the program the kernel runs on that hook.
 func TestStatusLinksTellTheTruth(t *testing.T) {
-	cg, pin, ns, cookie := openWithPod(t)
+	a := dptest.Attach(t)
+	cg, pin, ns, cookie := a.Cgroup, a.PinDir, a.Pod, a.Cookie
 	st, err := datapath.Inspect(pin)
 	if err != nil {
 		t.Fatal(err)
@@ -83,7 +40,7 @@ func TestStatusLinksTellTheTruth(t *testing.T) {
 			t.Errorf("unexpected link %+v", l)
 			continue
 		}
-		kernel := kernelPrograms(t, w.target, w.attach)
+		kernel := dptest.Programs(t, w.target, w.attach)
 		if len(kernel) != 1 {
 			t.Fatalf("kernel has %v on %s for %s", kernel, w.target, w.attach)
 		}
@@ -102,7 +59,7 @@ func TestStatusLinksTellTheTruth(t *testing.T) {
 // TestStatusSaysWhatItCannotRead: an unreadable pin is a problem named in
 // the status, not a silent "not attached".
 func TestStatusSaysWhatItCannotRead(t *testing.T) {
-	_, pin, _, _ := openWithPod(t)
+	pin := dptest.Attach(t).PinDir
 	bogus := pin + "/links/netns/12345"
 	// A pinned map where a link is expected: the kernel refuses to open it
 	// as a link.
