@@ -74,10 +74,13 @@ type Agent struct {
 type podReg = api.PodRegistration
 
 type pod struct {
-	Reg      api.PodRegistration `json:"registration"`
-	Cookie   uint64              `json:"netns_cookie"`
-	Traffic  istio.Traffic       `json:"-"`
-	Warnings []string            `json:"-"`
+	Reg    api.PodRegistration `json:"registration"`
+	Cookie uint64              `json:"netns_cookie"`
+	// AddedLoV6: the agent added ::6/128 to the pod's lo (it was not
+	// there), so removing the pod removes it again.
+	AddedLoV6 bool          `json:"added_lo_v6,omitempty"`
+	Traffic   istio.Traffic `json:"-"`
+	Warnings  []string      `json:"-"`
 }
 
 // Run starts the agent and blocks until ctx ends. The datapath stays
@@ -245,8 +248,15 @@ func (a *Agent) programPod(p *pod) error {
 	}
 	p.Traffic, p.Warnings = tr, warnings
 	if tr.Capture {
-		if err := redirect.PreparePodNetns(p.Reg.Netns); err != nil {
+		added, err := redirect.AddPassthroughV6(p.Reg.Netns)
+		if err != nil {
 			return err
+		}
+		if added && !p.AddedLoV6 {
+			p.AddedLoV6 = true
+			if err := a.saveState(); err != nil {
+				return err
+			}
 		}
 	}
 	return a.dp.AddPod(datapath.Pod{NetnsPath: p.Reg.Netns, Cookie: p.Cookie, IPs: p.Reg.IPs, Traffic: tr,
@@ -271,6 +281,9 @@ func (a *Agent) AddPod(_ context.Context, req api.PodRegistration) (api.PodStatu
 		return api.PodStatus{}, fmt.Errorf("%w: pod %s: %w", api.ErrInvalidRequest, req, err)
 	}
 	prev := a.pods[req.ContainerID]
+	if prev != nil && prev.Cookie == cookie {
+		p.AddedLoV6 = prev.AddedLoV6
+	}
 	a.pods[req.ContainerID] = p
 	if err := a.saveState(); err != nil {
 		a.restore(req.ContainerID, prev)
@@ -332,6 +345,12 @@ func (a *Agent) RemovePod(_ context.Context, containerID string) error {
 		return err
 	}
 	delete(a.pods, containerID)
+	if p.AddedLoV6 {
+		if err := redirect.RemovePassthroughV6(p.Reg.Netns); err != nil {
+			// The pod is going: a stray address must not block its removal.
+			a.log.Warn("pod unregistered, but ::6 stays on its lo", "pod", p.Reg.String(), "error", err)
+		}
+	}
 	a.log.Info("pod unregistered", "pod", p.Reg.String())
 	if err := a.reconcilePolicy(false); err != nil {
 		a.log.Error("authorization policy not applied; the kernel keeps the previous one", "error", err)
