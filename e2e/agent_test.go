@@ -144,15 +144,7 @@ func eventually(t *testing.T, what string, cond func() bool) {
 // stops touching a pod after DEL, keeps its pods across a restart, and
 // `meshsplice status --json` agrees with the kernel maps.
 func TestAgentProcess(t *testing.T) {
-	testnet.RequireRoot(t)
-	m := &mesh{t: t, bin: mstest(t)}
-	m.cg = testnet.NewCgroup(t)
-	m.pin = testnet.PinDir(t, func(dir string) error { return datapath.Detach(dir, time.Second) })
-	configDir := t.TempDir()
-	if err := os.WriteFile(filepath.Join(configDir, "mesh.yaml"), []byte("trustDomain: demo.local\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	ag := startAgent(t, m, configDir)
+	m, ag, configDir := agentMesh(t)
 	node := testnet.NewBridgeNet(t, testnet.BridgeNetOpts{})
 	client := m.addPod(node, "client", nil)
 	server := m.addPod(node, "server", nil)

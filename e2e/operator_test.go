@@ -15,8 +15,9 @@ import (
 )
 
 // agentMesh is a mesh whose pods the agent process registers (no
-// in-process datapath): a test cgroup, a pin directory and the agent.
-func agentMesh(t *testing.T) (*mesh, *agentProc) {
+// in-process datapath): a test cgroup, a pin directory and the agent,
+// whose Istio config folder it returns.
+func agentMesh(t *testing.T) (*mesh, *agentProc, string) {
 	t.Helper()
 	testnet.RequireRoot(t)
 	m := &mesh{t: t, bin: mstest(t)}
@@ -26,9 +27,7 @@ func agentMesh(t *testing.T) (*mesh, *agentProc) {
 	if err := os.WriteFile(filepath.Join(configDir, "mesh.yaml"), []byte("trustDomain: demo.local\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	ag := startAgent(t, m, configDir)
-	t.Cleanup(ag.stop)
-	return m, ag
+	return m, startAgent(t, m, configDir), configDir
 }
 
 // hasPassthroughV6 tells whether ::6/128 is on the lo of the pod.
@@ -54,7 +53,7 @@ func hasPassthroughV6(t *testing.T, p *meshPod) bool {
 // TestDelRemovesWhatAddAdded: ADD puts ::6/128 on a captured pod's lo (as
 // istio-iptables does); DEL takes it away again, but only if ADD added it.
 func TestDelRemovesWhatAddAdded(t *testing.T) {
-	m, ag := agentMesh(t)
+	m, ag, _ := agentMesh(t)
 	node := testnet.NewBridgeNet(t, testnet.BridgeNetOpts{})
 	for _, tc := range []struct {
 		name      string
