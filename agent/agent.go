@@ -109,6 +109,10 @@ func New(cfg Config) (*Agent, error) {
 	if cfg.Source == nil {
 		return nil, errors.New("agent: no Istio config source")
 	}
+	// Created now, not at the first pod: a wrong path fails at start.
+	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+		return nil, fmt.Errorf("state dir: %w", err)
+	}
 	dp, err := datapath.Open(datapath.Options{
 		PinDir: cfg.PinDir, CgroupPath: cfg.CgroupPath, Logger: cfg.Log,
 		Node: datapath.NodeSettings{Capture: cfg.NodeCapture, Splice: cfg.NodeSplice},
@@ -160,6 +164,7 @@ func (a *Agent) Serve(ctx context.Context) error {
 	case err := <-errc:
 		return fmt.Errorf("istio config: %w", err)
 	case <-ctx.Done():
+		a.logStopping(ctx)
 		return nil
 	}
 
@@ -189,10 +194,21 @@ func (a *Agent) Serve(ctx context.Context) error {
 	a.log.Info("agent ready", "cni_socket", a.cfg.CNISocket, "metrics", a.cfg.MetricsAddr, "pods", len(a.pods))
 	select {
 	case <-ctx.Done():
+		a.logStopping(ctx)
 		return nil
 	case err := <-errc:
 		return err
 	}
+}
+
+// logStopping says that the agent stops and what keeps running without it.
+func (a *Agent) logStopping(ctx context.Context) {
+	reason := "stopped"
+	if cause := context.Cause(ctx); cause != nil {
+		reason = cause.Error()
+	}
+	a.log.Info("agent stopping; the datapath stays attached and pinned: live and new connections of registered pods keep being captured and spliced, but a sidecar that starts listening before the next agent runs refuses inbound connections until then",
+		"reason", reason, "pin_dir", a.dp.PinDir(), "cgroup", a.cfg.CgroupPath)
 }
 
 func serveUntil(ctx context.Context, srv *http.Server, ln net.Listener) error {

@@ -5,6 +5,8 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -79,4 +81,85 @@ func TestDelRemovesWhatAddAdded(t *testing.T) {
 			}
 		})
 	}
+}
+
+// withLogs makes the agent's stderr (its JSON log) part of the lines
+// testnet collects.
+func (a *agentProc) withLogs() {
+	a.args = append([]string{"/bin/sh", "-c", `exec "$0" "$@" 2>&1`}, a.args...)
+}
+
+// setArg replaces the value of a flag on the agent's command line.
+func (a *agentProc) setArg(flag, value string) {
+	for i := range a.args[:len(a.args)-1] {
+		if a.args[i] == flag {
+			a.args[i+1] = value
+			return
+		}
+	}
+	a.t.Fatalf("no %s on the agent's command line", flag)
+}
+
+func hasLine(lines []string, subs ...string) bool {
+	for _, l := range lines {
+		all := true
+		for _, s := range subs {
+			all = all && strings.Contains(l, s)
+		}
+		if all {
+			return true
+		}
+	}
+	return false
+}
+
+// TestAgentStartup: an agent that cannot start says why and exits non-zero;
+// its state directory exists from the start; on SIGTERM it says it stops
+// and that the datapath stays.
+func TestAgentStartup(t *testing.T) {
+	testnet.RequireRoot(t)
+	t.Run("invalid mesh config and no last good one", func(t *testing.T) {
+		m := &mesh{t: t, bin: mstest(t), cg: testnet.NewCgroup(t)}
+		m.pin = testnet.PinDir(t, func(dir string) error { return datapath.Detach(dir, time.Second) })
+		configDir := t.TempDir()
+		if err := os.WriteFile(filepath.Join(configDir, "mesh.yaml"), []byte("trustDomain: [demo.local\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		a := newAgent(t, m, configDir)
+		a.withLogs()
+		a.proc = testnet.Start(t, testnet.StartOpts{Args: a.args, Name: "agent"})
+		err := a.proc.WaitTimeout(20 * time.Second)
+		if err == nil || a.proc.ExitCode() <= 0 {
+			t.Fatalf("agent with an invalid config: exit %d (%v), want a non-zero exit", a.proc.ExitCode(), err)
+		}
+		if !hasLine(a.proc.Lines(), "mesh.yaml", "no last good") {
+			t.Fatalf("the agent did not say what is wrong:\n%s", strings.Join(a.proc.Lines(), "\n"))
+		}
+	})
+	t.Run("state dir created, SIGTERM leaves the datapath", func(t *testing.T) {
+		m := &mesh{t: t, bin: mstest(t), cg: testnet.NewCgroup(t)}
+		m.pin = testnet.PinDir(t, func(dir string) error { return datapath.Detach(dir, time.Second) })
+		configDir := t.TempDir()
+		if err := os.WriteFile(filepath.Join(configDir, "mesh.yaml"), []byte("trustDomain: demo.local\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		a := newAgent(t, m, configDir)
+		stateDir := filepath.Join(t.TempDir(), "not", "yet")
+		a.setArg("--state-dir", stateDir)
+		a.withLogs()
+		a.start()
+		if st, err := os.Stat(stateDir); err != nil || !st.IsDir() {
+			t.Fatalf("state dir after start, before any pod: %v", err)
+		}
+		a.proc.Signal(syscall.SIGTERM)
+		if err := a.proc.WaitTimeout(20 * time.Second); err != nil {
+			t.Fatalf("agent on SIGTERM: %v", err)
+		}
+		if !hasLine(a.proc.Lines(), "agent stopping", "terminated signal received", "datapath stays attached") {
+			t.Fatalf("the agent did not say that it stops and that the datapath stays:\n%s", strings.Join(a.proc.Lines(), "\n"))
+		}
+		if n := attachedCgroupPrograms(t, m.cg.Path); n != 4 {
+			t.Fatalf("programs attached after the agent stopped: %d, want 4", n)
+		}
+	})
 }
