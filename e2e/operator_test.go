@@ -21,15 +21,23 @@ import (
 // whose Istio config folder it returns.
 func agentMesh(t *testing.T) (*mesh, *agentProc, string) {
 	t.Helper()
+	m, configDir := agentWorld(t, "trustDomain: demo.local\n")
+	return m, startAgent(t, m, configDir), configDir
+}
+
+// agentWorld is a test cgroup, a pin directory and a config folder whose
+// mesh.yaml holds meshYAML, for an agent to start on.
+func agentWorld(t *testing.T, meshYAML string) (*mesh, string) {
+	t.Helper()
 	testnet.RequireRoot(t)
 	m := &mesh{t: t, bin: mstest(t)}
 	m.cg = testnet.NewCgroup(t)
 	m.pin = testnet.PinDir(t, func(dir string) error { return datapath.Detach(dir, time.Second) })
 	configDir := t.TempDir()
-	if err := os.WriteFile(filepath.Join(configDir, "mesh.yaml"), []byte("trustDomain: demo.local\n"), 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(configDir, "mesh.yaml"), []byte(meshYAML), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	return m, startAgent(t, m, configDir), configDir
+	return m, configDir
 }
 
 // hasPassthroughV6 tells whether ::6/128 is on the lo of the pod.
@@ -119,12 +127,7 @@ func hasLine(lines []string, subs ...string) bool {
 func TestAgentStartup(t *testing.T) {
 	testnet.RequireRoot(t)
 	t.Run("invalid mesh config and no last good one", func(t *testing.T) {
-		m := &mesh{t: t, bin: mstest(t), cg: testnet.NewCgroup(t)}
-		m.pin = testnet.PinDir(t, func(dir string) error { return datapath.Detach(dir, time.Second) })
-		configDir := t.TempDir()
-		if err := os.WriteFile(filepath.Join(configDir, "mesh.yaml"), []byte("trustDomain: [demo.local\n"), 0o644); err != nil {
-			t.Fatal(err)
-		}
+		m, configDir := agentWorld(t, "trustDomain: [demo.local\n")
 		a := newAgent(t, m, configDir)
 		a.withLogs()
 		a.proc = testnet.Start(t, testnet.StartOpts{Args: a.args, Name: "agent"})
@@ -137,12 +140,7 @@ func TestAgentStartup(t *testing.T) {
 		}
 	})
 	t.Run("state dir created, SIGTERM leaves the datapath", func(t *testing.T) {
-		m := &mesh{t: t, bin: mstest(t), cg: testnet.NewCgroup(t)}
-		m.pin = testnet.PinDir(t, func(dir string) error { return datapath.Detach(dir, time.Second) })
-		configDir := t.TempDir()
-		if err := os.WriteFile(filepath.Join(configDir, "mesh.yaml"), []byte("trustDomain: demo.local\n"), 0o644); err != nil {
-			t.Fatal(err)
-		}
+		m, configDir := agentWorld(t, "trustDomain: demo.local\n")
 		a := newAgent(t, m, configDir)
 		stateDir := filepath.Join(t.TempDir(), "not", "yet")
 		a.setArg("--state-dir", stateDir)
