@@ -53,6 +53,10 @@ type Config struct {
 	NodeCapture, NodeSplice bool
 	Source                  istio.Source
 	Log                     *slog.Logger
+	// ListenerGrace is how long a captured pod may go without its
+	// sidecar's inbound listener in the kernel before the agent warns
+	// (DefaultListenerGrace when zero).
+	ListenerGrace time.Duration
 }
 
 // Agent is a running node agent.
@@ -78,9 +82,13 @@ type pod struct {
 	Cookie uint64              `json:"netns_cookie"`
 	// AddedLoV6: the agent added ::6/128 to the pod's lo (it was not
 	// there), so removing the pod removes it again.
-	AddedLoV6 bool          `json:"added_lo_v6,omitempty"`
-	Traffic   istio.Traffic `json:"-"`
-	Warnings  []string      `json:"-"`
+	AddedLoV6 bool `json:"added_lo_v6,omitempty"`
+	// Registered is when the pod was registered (or reloaded by an agent
+	// that found no time): the inbound listener's grace period starts here.
+	Registered time.Time     `json:"registered"`
+	Traffic    istio.Traffic `json:"-"`
+	Warnings   []string      `json:"-"`
+	inbound    inboundState
 }
 
 // Run starts the agent and blocks until ctx ends. The datapath stays
@@ -105,6 +113,9 @@ func New(cfg Config) (*Agent, error) {
 	}
 	if cfg.StateDir == "" {
 		cfg.StateDir = DefaultStateDir
+	}
+	if cfg.ListenerGrace <= 0 {
+		cfg.ListenerGrace = DefaultListenerGrace
 	}
 	if cfg.Source == nil {
 		return nil, errors.New("agent: no Istio config source")
@@ -188,6 +199,18 @@ func (a *Agent) Serve(ctx context.Context) error {
 		msrv := &http.Server{Handler: a.metricsHandler(), ReadHeaderTimeout: 5 * time.Second}
 		go func() { errc <- serveUntil(ctx, msrv, mln) }()
 	}
+	go func() {
+		tick := time.NewTicker(max(a.cfg.ListenerGrace/4, 100*time.Millisecond))
+		defer tick.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case now := <-tick.C:
+				a.checkListeners(now)
+			}
+		}
+	}()
 	a.mu.Lock()
 	a.ready = true
 	a.mu.Unlock()
@@ -292,13 +315,13 @@ func (a *Agent) AddPod(_ context.Context, req api.PodRegistration) (api.PodStatu
 			return api.PodStatus{}, fmt.Errorf("%w: netns %s is registered already for %s", api.ErrConflict, req.Netns, other.Reg)
 		}
 	}
-	p := &pod{Reg: req, Cookie: cookie}
+	p := &pod{Reg: req, Cookie: cookie, Registered: time.Now()}
 	if _, _, err := istio.ParseTraffic(req.Annotations, a.istio.Defaults()); err != nil {
 		return api.PodStatus{}, fmt.Errorf("%w: pod %s: %w", api.ErrInvalidRequest, req, err)
 	}
 	prev := a.pods[req.ContainerID]
 	if prev != nil && prev.Cookie == cookie {
-		p.AddedLoV6 = prev.AddedLoV6
+		p.AddedLoV6, p.Registered = prev.AddedLoV6, prev.Registered
 	}
 	a.pods[req.ContainerID] = p
 	if err := a.saveState(); err != nil {
@@ -397,7 +420,12 @@ func (a *Agent) Pods() []api.PodStatus {
 }
 
 func statusOf(p *pod) api.PodStatus {
-	return api.PodStatus{Pod: p.Reg, Capture: p.Traffic.Capture, Splice: p.Traffic.Splice, Warnings: p.Warnings}
+	st := api.PodStatus{Pod: p.Reg, Capture: p.Traffic.Capture, Splice: p.Traffic.Splice, Warnings: p.Warnings}
+	if p.inbound.known {
+		ready := p.inbound.ready
+		st.InboundReady, st.InboundReason = &ready, p.inbound.reason
+	}
+	return st
 }
 
 func (a *Agent) statePath() string { return filepath.Join(a.cfg.StateDir, "pods.json") }
@@ -446,6 +474,9 @@ func (a *Agent) loadState() error {
 			a.log.Info("dropping pod whose netns is gone", "pod", p.Reg.String(), "netns", p.Reg.Netns)
 			a.dp.RemovePod(p.Cookie)
 			continue
+		}
+		if p.Registered.IsZero() {
+			p.Registered = time.Now()
 		}
 		a.pods[p.Reg.ContainerID] = p
 		keep[p.Cookie] = true

@@ -15,7 +15,8 @@ import (
 //	/healthz  200 while the process runs
 //	/readyz   200 once the datapath is attached and the CNI API serves
 //	/metrics  Prometheus: meshsplice_datapath_events_total{program,event}
-//	          (every kernel counter), meshsplice_pods{capture,splice}
+//	          (every kernel counter), meshsplice_pods{capture,splice},
+//	          meshsplice_pods_inbound_not_ready
 //	/pods     the registered pods as JSON
 //	/denials  the most recent connections policy denied, with the policies
 func (a *Agent) metricsHandler() http.Handler {
@@ -49,6 +50,9 @@ var (
 		[]string{"program", "event"}, nil)
 	podsDesc = prometheus.NewDesc("meshsplice_pods",
 		"Pods registered with the agent.", []string{"capture", "splice"}, nil)
+	inboundNotReadyDesc = prometheus.NewDesc("meshsplice_pods_inbound_not_ready",
+		"Captured pods whose sidecar inbound listener the kernel still lacks after the grace period: inbound connections to them are refused (see the agent's log and /pods for why).",
+		nil, nil)
 )
 
 // collector reads the kernel counters at scrape time.
@@ -57,6 +61,7 @@ type collector struct{ a *Agent }
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- eventsDesc
 	ch <- podsDesc
+	ch <- inboundNotReadyDesc
 }
 
 func (c *collector) Collect(ch chan<- prometheus.Metric) {
@@ -75,6 +80,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(podsDesc, prometheus.GaugeValue, float64(v),
 			boolLabel(k.capture), boolLabel(k.splice))
 	}
+	ch <- prometheus.MustNewConstMetric(inboundNotReadyDesc, prometheus.GaugeValue, float64(c.a.inboundNotReady()))
 }
 
 func boolLabel(b bool) string {

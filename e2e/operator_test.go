@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"encoding/json"
 	"net"
 	"os"
 	"path/filepath"
@@ -12,6 +13,7 @@ import (
 
 	"github.com/vishvananda/netlink"
 
+	"github.com/meshsplice/meshsplice/agent/api"
 	"github.com/meshsplice/meshsplice/datapath"
 	"github.com/meshsplice/meshsplice/internal/testnet"
 )
@@ -160,4 +162,64 @@ func TestAgentStartup(t *testing.T) {
 			t.Fatalf("programs attached after the agent stopped: %d, want 4", n)
 		}
 	})
+}
+
+// TestInboundListenerMissing: a meshed pod whose sidecar runs outside the
+// cgroup the programs are attached to never gets its inbound listener
+// registered. The agent must say so after the grace period (log, /pods,
+// metric) and name the likely cause; a pod whose sidecar runs inside gets
+// no warning.
+func TestInboundListenerMissing(t *testing.T) {
+	m, configDir := agentWorld(t, "trustDomain: demo.local\n")
+	a := newAgent(t, m, configDir)
+	a.args = append(a.args, "--listener-grace", "1s")
+	a.withLogs()
+	a.start()
+	node := testnet.NewBridgeNet(t, testnet.BridgeNetOpts{})
+
+	inside := m.addPod(node, "inside", nil)
+	a.register(inside, injected())
+	inside.Sidecar = m.start(inside, "inside-sidecar", 1337, "sidecar")
+
+	outside := m.addPod(node, "outside", nil)
+	a.register(outside, injected())
+	elsewhere := testnet.NewCgroup(t)
+	outside.Sidecar = testnet.Start(t, testnet.StartOpts{
+		NetNS: outside.NS, Cgroup: elsewhere, UID: 1337, GID: 1337, Name: "outside-sidecar",
+		Args: []string{m.bin, "sidecar"}, Env: []string{"GODEBUG=multipathtcp=0"},
+	})
+	for _, p := range []*meshPod{inside, outside} {
+		if _, err := p.Sidecar.WaitEvent(waitFor, "ready"); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	line, err := a.proc.WaitLine(20*time.Second, func(l string) bool {
+		return strings.Contains(l, "inbound listener") && strings.Contains(l, "default/outside")
+	})
+	if err != nil {
+		t.Fatalf("no warning for the pod whose sidecar runs outside the cgroup: %v", err)
+	}
+	for _, want := range []string{`"level":"WARN"`, m.cg.Path, "outside the cgroup"} {
+		if !strings.Contains(line, want) {
+			t.Errorf("warning lacks %q: %s", want, line)
+		}
+	}
+
+	var pods []api.PodStatus
+	if err := json.Unmarshal([]byte(a.get("/pods")), &pods); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range pods {
+		wantReady := p.Pod.PodName == "inside"
+		if p.InboundReady == nil || *p.InboundReady != wantReady || (!wantReady && !strings.Contains(p.InboundReason, "outside the cgroup")) {
+			t.Errorf("/pods %s: inbound ready %v (%q), want %v", p.Pod.PodName, p.InboundReady, p.InboundReason, wantReady)
+		}
+	}
+	if !strings.Contains(a.get("/metrics"), "meshsplice_pods_inbound_not_ready 1\n") {
+		t.Errorf("metric meshsplice_pods_inbound_not_ready is not 1")
+	}
+	if hasLine(a.proc.Lines(), "inbound listener", "default/inside", "WARN") {
+		t.Errorf("warning for the pod whose sidecar runs inside the cgroup")
+	}
 }

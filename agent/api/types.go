@@ -242,6 +242,11 @@ type PodStatus struct {
 	// Warnings are what the agent found odd in the pod's settings
 	// (unsupported or unknown annotations, ignored values).
 	Warnings []string `json:"warnings,omitempty"`
+	// InboundReady tells whether the kernel holds the sidecar's inbound
+	// listener, so inbound capture can hand it connections (nil: the pod
+	// is not captured). InboundReason says why not.
+	InboundReady  *bool  `json:"inboundReady,omitempty"`
+	InboundReason string `json:"inboundReason,omitempty"`
 }
 
 // fieldError is a problem with one field of a request.
