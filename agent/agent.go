@@ -458,15 +458,9 @@ func (a *Agent) saveState() error {
 // gone, or now has another cookie, is dropped (and removed from the
 // kernel); kernel pods nobody registered are removed too.
 func (a *Agent) loadState() error {
-	b, err := os.ReadFile(a.statePath())
-	if errors.Is(err, os.ErrNotExist) {
-		b = []byte("[]")
-	} else if err != nil {
+	list, err := readPods(a.statePath())
+	if err != nil {
 		return fmt.Errorf("load pods: %w", err)
-	}
-	var list []*pod
-	if err := json.Unmarshal(b, &list); err != nil {
-		return fmt.Errorf("load pods from %s: %w", a.statePath(), err)
 	}
 	keep := map[uint64]bool{}
 	for _, p := range list {

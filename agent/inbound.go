@@ -66,14 +66,21 @@ func (a *Agent) checkListeners(now time.Time) {
 
 // missingListenerReason tells why a pod's listener is not in the kernel.
 func (a *Agent) missingListenerReason(p *pod) string {
-	listening, err := SocketListening(p.Reg.Netns, p.Traffic.InboundPort)
+	return MissingListenerReason(p.Reg.Netns, p.Traffic.InboundPort, a.cfg.CgroupPath)
+}
+
+// MissingListenerReason tells why the inbound listener of the pod whose
+// netns is at path is not in the kernel's table, from the sockets that
+// listen in it; cgroup is where the programs are attached.
+func MissingListenerReason(path string, port uint16, cgroup string) string {
+	listening, err := SocketListening(path, port)
 	switch {
 	case err != nil:
-		return fmt.Sprintf("the sidecar's inbound listener (port %d) is not in the kernel's table, and its sockets could not be listed: %v", p.Traffic.InboundPort, err)
+		return fmt.Sprintf("the sidecar's inbound listener (port %d) is not in the kernel's table, and the pod's sockets could not be listed: %v", port, err)
 	case listening:
-		return fmt.Sprintf("a socket listens on port %d in the pod, but the kernel never saw its listen(): the sidecar runs outside the cgroup %s the programs are attached to (or listens with MPTCP)", p.Traffic.InboundPort, a.cfg.CgroupPath)
+		return fmt.Sprintf("a socket listens on port %d in the pod, but the kernel never saw its listen(): the sidecar runs outside the cgroup %s the programs are attached to (or listens with MPTCP)", port, cgroup)
 	}
-	return fmt.Sprintf("nothing listens on port %d in the pod: the sidecar is not up yet; when it listens, it must run inside the cgroup %s", p.Traffic.InboundPort, a.cfg.CgroupPath)
+	return fmt.Sprintf("nothing listens on port %d in the pod: the sidecar is not up yet; when it listens, it must run inside the cgroup %s", port, cgroup)
 }
 
 // SocketListening tells whether a TCP socket listens on port in the network

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"sort"
@@ -52,6 +53,22 @@ type Status struct {
 	// Problems lists what status could not read: the fields they concern
 	// are unknown, not false.
 	Problems []string `json:"problems,omitempty"`
+	// PodKernel is what the kernel holds about each pod of Pods beyond its
+	// settings, by netns cookie.
+	PodKernel map[uint64]PodKernel `json:"-"`
+}
+
+// PodKernel is what the kernel holds about a registered pod beyond its
+// settings.
+type PodKernel struct {
+	// ListenerReady tells whether the sidecar's inbound listener is in
+	// ms_listeners (nil: ListenerErr says why it could not be read).
+	ListenerReady *bool
+	ListenerErr   error
+	// PolicySets are the policy sets the kernel judges connections to each
+	// of the pod's IPs with (0: none); nil with PolicyErr when unreadable.
+	PolicySets map[netip.Addr]uint32
+	PolicyErr  error
 }
 
 // Inspect reads the status of the datapath pinned at pinDir. It returns an
@@ -110,6 +127,7 @@ func Inspect(pinDir string) (*Status, error) {
 	if st.RecentDenials, err = readDenialLog(maps[redirect.CaptureMapMsDenialLog], maps[redirect.CaptureMapMsDenialSeq]); err != nil {
 		return nil, err
 	}
+	st.PodKernel = inspectPodKernel(pinDir, maps[redirect.CaptureMapMsPods], st.Pods)
 	st.Links = inspectLinks(pinDir)
 	for _, l := range st.Links {
 		if l.Error != "" {
@@ -117,6 +135,58 @@ func Inspect(pinDir string) (*Status, error) {
 		}
 	}
 	return st, nil
+}
+
+// inspectPodKernel reads each pod's listener slots and policy sets.
+func inspectPodKernel(pinDir string, podsMap *ebpf.Map, pods []Pod) map[uint64]PodKernel {
+	out := map[uint64]PodKernel{}
+	open := func(name string) (*ebpf.Map, error) {
+		m, err := ebpf.LoadPinnedMap(filepath.Join(mapDir(pinDir), name), &ebpf.LoadPinOptions{ReadOnly: true})
+		if err != nil {
+			return nil, fmt.Errorf("map %s: %w", name, err)
+		}
+		return m, nil
+	}
+	listeners, lerr := open(redirect.CaptureMapMsListeners)
+	if lerr == nil {
+		defer listeners.Close()
+	}
+	ipInfo, perr := open(redirect.CaptureMapMsIpInfo)
+	if perr == nil {
+		defer ipInfo.Close()
+	}
+	for _, p := range pods {
+		k := PodKernel{ListenerErr: lerr, PolicyErr: perr}
+		var v redirect.CaptureMsPod
+		if lerr == nil {
+			if err := podsMap.Lookup(&p.Cookie, &v); err != nil {
+				k.ListenerErr = fmt.Errorf("pod entry: %w", err)
+			} else {
+				ready := false
+				for _, idx := range []uint32{2 * v.ListenerSlot, 2*v.ListenerSlot + 1} {
+					var sockCookie uint64
+					if listeners.Lookup(&idx, &sockCookie) == nil {
+						ready = true
+					}
+				}
+				k.ListenerReady = &ready
+			}
+		}
+		if perr == nil {
+			k.PolicySets = map[netip.Addr]uint32{}
+			for _, ip := range p.IPs {
+				key := addrKey(ip)
+				var info redirect.CaptureMsIpInfo
+				if err := ipInfo.Lookup(&key, &info); err == nil {
+					k.PolicySets[ip] = info.PolicySet
+				} else {
+					k.PolicySets[ip] = 0
+				}
+			}
+		}
+		out[p.Cookie] = k
+	}
+	return out
 }
 
 func inspectLinks(pinDir string) []LinkStatus {
@@ -216,4 +286,15 @@ func attachedInfo(info *link.Info) bool {
 		return n.NetnsInode != 0
 	}
 	return true
+}
+
+// Cgroup is the cgroup the programs are attached to, from the links
+// ("unknown" when no cgroup link could be read).
+func (st *Status) Cgroup() string {
+	for _, l := range st.Links {
+		if l.Type == "cgroup" && l.Attached && l.Target != "" {
+			return l.Target
+		}
+	}
+	return "(unknown: no readable cgroup link)"
 }
