@@ -34,8 +34,9 @@ type inboundState struct {
 func (a *Agent) checkListeners(now time.Time) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	nodeCapture := a.cfg.NodeCapture && a.istio.Node.Capture
 	for _, p := range a.pods {
-		if !p.Traffic.Capture {
+		if !p.Traffic.Capture || !nodeCapture {
 			p.inbound = inboundState{}
 			continue
 		}

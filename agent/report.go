@@ -172,7 +172,7 @@ func reportPod(st *datapath.Status, kp datapath.Pod, reg *pod, stateErr error, c
 	}
 
 	switch {
-	case !t.Capture:
+	case r.Captured.State != "yes":
 		r.InboundReady = Verdict{"n/a", "not captured: inbound connections go to the pod's own listeners"}
 	case k.ListenerReady == nil:
 		r.InboundReady = unknown("cannot read the kernel's listener table: %v", k.ListenerErr)
