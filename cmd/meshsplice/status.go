@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"sort"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -106,6 +107,10 @@ func printStatus(wr io.Writer, out *statusOutput) error {
 		}
 	}
 
+	podOf := map[string]string{}
+	for _, p := range out.Pods {
+		podOf["netns/"+strconv.FormatUint(p.Cookie, 10)] = " (pod " + p.String() + ")"
+	}
 	fmt.Fprintf(w, "\nLINK\tPROGRAM\tATTACHED\tTO\n")
 	for _, l := range st.Links {
 		attached := "no"
@@ -115,7 +120,7 @@ func printStatus(wr io.Writer, out *statusOutput) error {
 		case l.Attached:
 			attached = "yes"
 		}
-		fmt.Fprintf(w, "%s\t%s (prog %d, link %d)\t%s\t%s\n", l.Name, l.Program, l.ProgramID, l.LinkID, attached, l.Target)
+		fmt.Fprintf(w, "%s\t%s (prog %d, link %d)\t%s\t%s%s\n", l.Name, l.Program, l.ProgramID, l.LinkID, attached, l.Target, podOf[l.Name])
 	}
 	if len(st.RecentDenials) > 0 {
 		fmt.Fprintf(w, "\nRECENT DENIALS\tDIRECTION\tSOURCE (IDENTITY)\tDESTINATION\tREASON\tPOLICY SET\n")
