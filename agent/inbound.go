@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
@@ -123,4 +125,17 @@ func (a *Agent) inboundNotReady() int {
 		}
 	}
 	return n
+}
+
+var inboundNotReadyDesc = prometheus.NewDesc("meshsplice_pods_inbound_not_ready",
+	"Captured pods whose sidecar inbound listener the kernel still lacks after the grace period: inbound connections to them are refused (see the agent's log and /pods for why).",
+	nil, nil)
+
+// inboundCollector serves meshsplice_pods_inbound_not_ready.
+type inboundCollector struct{ a *Agent }
+
+func (c *inboundCollector) Describe(ch chan<- *prometheus.Desc) { ch <- inboundNotReadyDesc }
+
+func (c *inboundCollector) Collect(ch chan<- prometheus.Metric) {
+	ch <- prometheus.MustNewConstMetric(inboundNotReadyDesc, prometheus.GaugeValue, float64(c.a.inboundNotReady()))
 }

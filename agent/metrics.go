@@ -15,14 +15,14 @@ import (
 //	/healthz  200 while the process runs
 //	/readyz   200 once the datapath is attached and the CNI API serves
 //	/metrics  Prometheus: meshsplice_datapath_events_total{program,event}
-//	          (every kernel counter), meshsplice_pods{capture,splice},
-//	          meshsplice_pods_inbound_not_ready
+//	          (every kernel counter), meshsplice_pods{capture,splice}
 //	/pods     the registered pods as JSON
 //	/denials  the most recent connections policy denied, with the policies
 func (a *Agent) metricsHandler() http.Handler {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	reg.MustRegister(&collector{a: a})
+	reg.MustRegister(&inboundCollector{a: a})
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) { w.Write([]byte("ok\n")) })
@@ -50,9 +50,6 @@ var (
 		[]string{"program", "event"}, nil)
 	podsDesc = prometheus.NewDesc("meshsplice_pods",
 		"Pods registered with the agent.", []string{"capture", "splice"}, nil)
-	inboundNotReadyDesc = prometheus.NewDesc("meshsplice_pods_inbound_not_ready",
-		"Captured pods whose sidecar inbound listener the kernel still lacks after the grace period: inbound connections to them are refused (see the agent's log and /pods for why).",
-		nil, nil)
 )
 
 // collector reads the kernel counters at scrape time.
@@ -61,7 +58,6 @@ type collector struct{ a *Agent }
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- eventsDesc
 	ch <- podsDesc
-	ch <- inboundNotReadyDesc
 }
 
 func (c *collector) Collect(ch chan<- prometheus.Metric) {
@@ -80,7 +76,6 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(podsDesc, prometheus.GaugeValue, float64(v),
 			boolLabel(k.capture), boolLabel(k.splice))
 	}
-	ch <- prometheus.MustNewConstMetric(inboundNotReadyDesc, prometheus.GaugeValue, float64(c.a.inboundNotReady()))
 }
 
 func boolLabel(b bool) string {
