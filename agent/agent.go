@@ -54,6 +54,10 @@ type Config struct {
 	NodeCapture, NodeSplice bool
 	Source                  istio.Source
 	Log                     *slog.Logger
+	// ListenerGrace is how long a captured pod may go without its
+	// sidecar's inbound listener in the kernel before the agent warns
+	// (DefaultListenerGrace when zero).
+	ListenerGrace time.Duration
 }
 
 // Agent is a running node agent.
@@ -75,10 +79,17 @@ type Agent struct {
 type podReg = api.PodRegistration
 
 type pod struct {
-	Reg      api.PodRegistration `json:"registration"`
-	Cookie   uint64              `json:"netns_cookie"`
-	Traffic  istio.Traffic       `json:"-"`
-	Warnings []string            `json:"-"`
+	Reg    api.PodRegistration `json:"registration"`
+	Cookie uint64              `json:"netns_cookie"`
+	// AddedLoV6: the agent added ::6/128 to the pod's lo (it was not
+	// there), so removing the pod removes it again.
+	AddedLoV6 bool `json:"added_lo_v6,omitempty"`
+	// Registered is when the pod was registered (or reloaded by an agent
+	// that found no time): the inbound listener's grace period starts here.
+	Registered time.Time     `json:"registered"`
+	Traffic    istio.Traffic `json:"-"`
+	Warnings   []string      `json:"-"`
+	inbound    inboundState
 }
 
 // Run starts the agent and blocks until ctx ends. The datapath stays
@@ -104,8 +115,15 @@ func New(cfg Config) (*Agent, error) {
 	if cfg.StateDir == "" {
 		cfg.StateDir = DefaultStateDir
 	}
+	if cfg.ListenerGrace <= 0 {
+		cfg.ListenerGrace = DefaultListenerGrace
+	}
 	if cfg.Source == nil {
 		return nil, errors.New("agent: no Istio config source")
+	}
+	// Created now, not at the first pod: a wrong path fails at start.
+	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+		return nil, fmt.Errorf("state dir: %w", err)
 	}
 	dp, err := datapath.Open(datapath.Options{
 		PinDir: cfg.PinDir, CgroupPath: cfg.CgroupPath, Logger: cfg.Log,
@@ -159,6 +177,7 @@ func (a *Agent) Serve(ctx context.Context) error {
 	case err := <-errc:
 		return fmt.Errorf("istio config: %w", err)
 	case <-ctx.Done():
+		a.logStopping(ctx)
 		return nil
 	}
 
@@ -182,16 +201,39 @@ func (a *Agent) Serve(ctx context.Context) error {
 		msrv := &http.Server{Handler: a.metricsHandler(), ReadHeaderTimeout: 5 * time.Second}
 		go func() { errc <- serveUntil(ctx, msrv, mln) }()
 	}
+	go func() {
+		tick := time.NewTicker(max(a.cfg.ListenerGrace/4, 100*time.Millisecond))
+		defer tick.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case now := <-tick.C:
+				a.checkListeners(now)
+			}
+		}
+	}()
 	a.mu.Lock()
 	a.ready = true
 	a.mu.Unlock()
 	a.log.Info("agent ready", "cni_socket", a.cfg.CNISocket, "metrics", a.cfg.MetricsAddr, "pods", len(a.pods))
 	select {
 	case <-ctx.Done():
+		a.logStopping(ctx)
 		return nil
 	case err := <-errc:
 		return err
 	}
+}
+
+// logStopping says that the agent stops and what keeps running without it.
+func (a *Agent) logStopping(ctx context.Context) {
+	reason := "stopped"
+	if cause := context.Cause(ctx); cause != nil {
+		reason = cause.Error()
+	}
+	a.log.Info("agent stopping; the datapath stays attached and pinned: live and new connections of registered pods keep being captured and spliced, but a sidecar that starts listening before the next agent runs refuses inbound connections until then",
+		"reason", reason, "pin_dir", a.dp.PinDir(), "cgroup", a.cfg.CgroupPath)
 }
 
 func serveUntil(ctx context.Context, srv *http.Server, ln net.Listener) error {
@@ -250,8 +292,15 @@ func (a *Agent) programPod(p *pod) error {
 	}
 	p.Traffic, p.Warnings = tr, warnings
 	if tr.Capture {
-		if err := redirect.PreparePodNetns(p.Reg.Netns); err != nil {
+		added, err := redirect.AddPassthroughV6(p.Reg.Netns)
+		if err != nil {
 			return err
+		}
+		if added && !p.AddedLoV6 {
+			p.AddedLoV6 = true
+			if err := a.saveState(); err != nil {
+				return err
+			}
 		}
 	}
 	return a.dp.AddPod(datapath.Pod{NetnsPath: p.Reg.Netns, Cookie: p.Cookie, IPs: p.Reg.IPs, Traffic: tr,
@@ -271,7 +320,7 @@ func (a *Agent) AddPod(_ context.Context, req api.PodRegistration) (api.PodStatu
 			return api.PodStatus{}, fmt.Errorf("%w: netns %s is registered already for %s", api.ErrConflict, req.Netns, other.Reg)
 		}
 	}
-	p := &pod{Reg: req, Cookie: cookie}
+	p := &pod{Reg: req, Cookie: cookie, Registered: time.Now()}
 	if _, _, err := istio.ParseTraffic(req.Annotations, a.istio.Defaults()); err != nil {
 		return api.PodStatus{}, fmt.Errorf("%w: pod %s: %w", api.ErrInvalidRequest, req, err)
 	}
@@ -280,6 +329,9 @@ func (a *Agent) AddPod(_ context.Context, req api.PodRegistration) (api.PodStatu
 		return api.PodStatus{}, err
 	}
 	prev := a.pods[req.ContainerID]
+	if prev != nil && prev.Cookie == cookie {
+		p.AddedLoV6, p.Registered = prev.AddedLoV6, prev.Registered
+	}
 	a.pods[req.ContainerID] = p
 	if err := a.saveState(); err != nil {
 		a.restore(req.ContainerID, prev)
@@ -363,6 +415,12 @@ func (a *Agent) RemovePod(_ context.Context, containerID string) error {
 		return err
 	}
 	delete(a.pods, containerID)
+	if p.AddedLoV6 {
+		if err := redirect.RemovePassthroughV6(p.Reg.Netns); err != nil {
+			// The pod is going: a stray address must not block its removal.
+			a.log.Warn("pod unregistered, but ::6 stays on its lo", "pod", p.Reg.String(), "error", err)
+		}
+	}
 	a.log.Info("pod unregistered", "pod", p.Reg.String())
 	if err := a.reconcilePolicy(false); err != nil {
 		a.log.Error("authorization policy not applied; the kernel keeps the previous one", "error", err)
@@ -393,7 +451,12 @@ func (a *Agent) Pods() []api.PodStatus {
 }
 
 func statusOf(p *pod) api.PodStatus {
-	return api.PodStatus{Pod: p.Reg, Capture: p.Traffic.Capture, Splice: p.Traffic.Splice, Warnings: p.Warnings}
+	st := api.PodStatus{Pod: p.Reg, Capture: p.Traffic.Capture, Splice: p.Traffic.Splice, Warnings: p.Warnings}
+	if p.inbound.known {
+		ready := p.inbound.ready
+		st.InboundReady, st.InboundReason = &ready, p.inbound.reason
+	}
+	return st
 }
 
 func (a *Agent) statePath() string { return filepath.Join(a.cfg.StateDir, "pods.json") }
@@ -426,15 +489,9 @@ func (a *Agent) saveState() error {
 // gone, or now has another cookie, is dropped (and removed from the
 // kernel); kernel pods nobody registered are removed too.
 func (a *Agent) loadState() error {
-	b, err := os.ReadFile(a.statePath())
-	if errors.Is(err, os.ErrNotExist) {
-		b = []byte("[]")
-	} else if err != nil {
+	list, err := readPods(a.statePath())
+	if err != nil {
 		return fmt.Errorf("load pods: %w", err)
-	}
-	var list []*pod
-	if err := json.Unmarshal(b, &list); err != nil {
-		return fmt.Errorf("load pods from %s: %w", a.statePath(), err)
 	}
 	keep := map[uint64]bool{}
 	for _, p := range list {
@@ -442,6 +499,9 @@ func (a *Agent) loadState() error {
 			a.log.Info("dropping pod whose netns is gone", "pod", p.Reg.String(), "netns", p.Reg.Netns)
 			a.dp.RemovePod(p.Cookie)
 			continue
+		}
+		if p.Registered.IsZero() {
+			p.Registered = time.Now()
 		}
 		a.pods[p.Reg.ContainerID] = p
 		keep[p.Cookie] = true

@@ -43,6 +43,14 @@ func freePort(t *testing.T) int {
 
 func startAgent(t *testing.T, m *mesh, configDir string) *agentProc {
 	t.Helper()
+	a := newAgent(t, m, configDir)
+	a.start()
+	return a
+}
+
+// newAgent prepares the agent's command line without starting it.
+func newAgent(t *testing.T, m *mesh, configDir string) *agentProc {
+	t.Helper()
 	bin := testnet.BuildBinary(t, "github.com/meshsplice/meshsplice/cmd/meshsplice")
 	sock := filepath.Join(t.TempDir(), "cni.sock")
 	a := &agentProc{t: t, bin: bin, metrics: fmt.Sprintf("127.0.0.1:%d", freePort(t))}
@@ -51,7 +59,6 @@ func startAgent(t *testing.T, m *mesh, configDir string) *agentProc {
 		"--state-dir", t.TempDir(), "--metrics-addr", a.metrics}
 	a.client = api.NewClient(sock, 5*time.Second)
 	t.Cleanup(a.client.Close)
-	a.start()
 	return a
 }
 
