@@ -30,20 +30,6 @@ import (
 // or repeated registration leaves in the kernel, and how a sidecar's
 // inbound listener always ends up in ms_listeners.
 
-// agentMesh is a mesh whose datapath belongs to an agent process.
-func agentMesh(t *testing.T) (*mesh, *agentProc, string) {
-	t.Helper()
-	testnet.RequireRoot(t)
-	m := &mesh{t: t, bin: mstest(t)}
-	m.cg = testnet.NewCgroup(t)
-	m.pin = testnet.PinDir(t, func(dir string) error { return datapath.Detach(dir, time.Second) })
-	configDir := t.TempDir()
-	if err := os.WriteFile(filepath.Join(configDir, "mesh.yaml"), []byte("trustDomain: demo.local\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	return m, startAgent(t, m, configDir), configDir
-}
-
 // registerAs registers pod p under container ID id, claiming ips.
 func (a *agentProc) registerAs(id string, p *meshPod, ips []netip.Addr) (api.PodStatus, error) {
 	return a.client.AddPod(context.Background(), api.PodRegistration{
