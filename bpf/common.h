@@ -155,6 +155,10 @@ enum ms_counter {
 	MS_C_MSG_DRAIN,	       /* sent over TCP: datapath detaching */
 	MS_C_MSG_PASS,	       /* socket sends over TCP by design */
 	MS_C_BYTES_PASS,
+	/* sidecar inbound listeners (issue 10, item 16) */
+	MS_C_LISTENER_EVENT_LOST, /* sockops: ms_events full, event dropped */
+	MS_C_LISTENER_RESYNCED,	  /* counted by the agent: a listener missing
+				 * from ms_listeners found and registered */
 	/* readers.c: splice(2)/sendfile(2) reads of spliced sockets */
 	MS_C_SPLICE_REFUSED,	      /* refused with EINVAL (BPF LSM guard) */
 	MS_C_SPLICE_UNGUARDED,	      /* seen by the detector (no guard) */

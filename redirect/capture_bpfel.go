@@ -71,12 +71,14 @@ const (
 	CaptureMsCounterMS_C_MSG_DRAIN                  CaptureMsCounter = 47
 	CaptureMsCounterMS_C_MSG_PASS                   CaptureMsCounter = 48
 	CaptureMsCounterMS_C_BYTES_PASS                 CaptureMsCounter = 49
-	CaptureMsCounterMS_C_SPLICE_REFUSED             CaptureMsCounter = 50
-	CaptureMsCounterMS_C_SPLICE_UNGUARDED           CaptureMsCounter = 51
-	CaptureMsCounterMS_C_SPLICE_READER_RESET        CaptureMsCounter = 52
-	CaptureMsCounterMS_C_SOCK_SKIP_SPLICE_READER    CaptureMsCounter = 53
-	CaptureMsCounterMS_C_MSG_BACKPRESSURE           CaptureMsCounter = 54
-	CaptureMsCounterMS_C_MAX                        CaptureMsCounter = 55
+	CaptureMsCounterMS_C_LISTENER_EVENT_LOST        CaptureMsCounter = 50
+	CaptureMsCounterMS_C_LISTENER_RESYNCED          CaptureMsCounter = 51
+	CaptureMsCounterMS_C_SPLICE_REFUSED             CaptureMsCounter = 52
+	CaptureMsCounterMS_C_SPLICE_UNGUARDED           CaptureMsCounter = 53
+	CaptureMsCounterMS_C_SPLICE_READER_RESET        CaptureMsCounter = 54
+	CaptureMsCounterMS_C_SOCK_SKIP_SPLICE_READER    CaptureMsCounter = 55
+	CaptureMsCounterMS_C_MSG_BACKPRESSURE           CaptureMsCounter = 56
+	CaptureMsCounterMS_C_MAX                        CaptureMsCounter = 57
 )
 
 type CaptureMsDenial struct {

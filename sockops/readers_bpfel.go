@@ -71,12 +71,14 @@ const (
 	ReadersMsCounterMS_C_MSG_DRAIN                  ReadersMsCounter = 47
 	ReadersMsCounterMS_C_MSG_PASS                   ReadersMsCounter = 48
 	ReadersMsCounterMS_C_BYTES_PASS                 ReadersMsCounter = 49
-	ReadersMsCounterMS_C_SPLICE_REFUSED             ReadersMsCounter = 50
-	ReadersMsCounterMS_C_SPLICE_UNGUARDED           ReadersMsCounter = 51
-	ReadersMsCounterMS_C_SPLICE_READER_RESET        ReadersMsCounter = 52
-	ReadersMsCounterMS_C_SOCK_SKIP_SPLICE_READER    ReadersMsCounter = 53
-	ReadersMsCounterMS_C_MSG_BACKPRESSURE           ReadersMsCounter = 54
-	ReadersMsCounterMS_C_MAX                        ReadersMsCounter = 55
+	ReadersMsCounterMS_C_LISTENER_EVENT_LOST        ReadersMsCounter = 50
+	ReadersMsCounterMS_C_LISTENER_RESYNCED          ReadersMsCounter = 51
+	ReadersMsCounterMS_C_SPLICE_REFUSED             ReadersMsCounter = 52
+	ReadersMsCounterMS_C_SPLICE_UNGUARDED           ReadersMsCounter = 53
+	ReadersMsCounterMS_C_SPLICE_READER_RESET        ReadersMsCounter = 54
+	ReadersMsCounterMS_C_SOCK_SKIP_SPLICE_READER    ReadersMsCounter = 55
+	ReadersMsCounterMS_C_MSG_BACKPRESSURE           ReadersMsCounter = 56
+	ReadersMsCounterMS_C_MAX                        ReadersMsCounter = 57
 )
 
 type ReadersMsDenial struct {

@@ -71,12 +71,14 @@ const (
 	SpliceMsCounterMS_C_MSG_DRAIN                  SpliceMsCounter = 47
 	SpliceMsCounterMS_C_MSG_PASS                   SpliceMsCounter = 48
 	SpliceMsCounterMS_C_BYTES_PASS                 SpliceMsCounter = 49
-	SpliceMsCounterMS_C_SPLICE_REFUSED             SpliceMsCounter = 50
-	SpliceMsCounterMS_C_SPLICE_UNGUARDED           SpliceMsCounter = 51
-	SpliceMsCounterMS_C_SPLICE_READER_RESET        SpliceMsCounter = 52
-	SpliceMsCounterMS_C_SOCK_SKIP_SPLICE_READER    SpliceMsCounter = 53
-	SpliceMsCounterMS_C_MSG_BACKPRESSURE           SpliceMsCounter = 54
-	SpliceMsCounterMS_C_MAX                        SpliceMsCounter = 55
+	SpliceMsCounterMS_C_LISTENER_EVENT_LOST        SpliceMsCounter = 50
+	SpliceMsCounterMS_C_LISTENER_RESYNCED          SpliceMsCounter = 51
+	SpliceMsCounterMS_C_SPLICE_REFUSED             SpliceMsCounter = 52
+	SpliceMsCounterMS_C_SPLICE_UNGUARDED           SpliceMsCounter = 53
+	SpliceMsCounterMS_C_SPLICE_READER_RESET        SpliceMsCounter = 54
+	SpliceMsCounterMS_C_SOCK_SKIP_SPLICE_READER    SpliceMsCounter = 55
+	SpliceMsCounterMS_C_MSG_BACKPRESSURE           SpliceMsCounter = 56
+	SpliceMsCounterMS_C_MAX                        SpliceMsCounter = 57
 )
 
 type SpliceMsDenial struct {
