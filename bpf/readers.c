@@ -44,7 +44,6 @@
 #define MS_EINVAL  22
 #define MS_S_IFMT  0170000
 #define MS_S_IFSOC 0140000
-#define MS_TCP_EST 1
 /* include/net/sock.h: sk_user_data holds a psock when this bit is set. */
 #define MS_SK_USER_DATA_PSOCK 4UL
 

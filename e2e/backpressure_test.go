@@ -52,9 +52,9 @@ func tcpMemBytes(tb testing.TB) int64 {
 // Before the bound, the spliced modes held the whole 64 MiB (+63 and +69
 // MiB of node TCP memory). Each spliced hop may now hold up to the
 // receiver's buffer or 2 MiB unread, then TCP buffers as usual. The node's
-// TCP memory is shared with whatever else runs, so the bound asserted is
-// loose (half the push) and the figures are logged, with TCP through the
-// same sidecars for comparison.
+// TCP memory is shared with whatever else runs on the machine and swings
+// from run to run, so it is logged, with TCP through the same sidecars for
+// comparison; the assertions are on what the kernel held without a window.
 func TestNonReadingReceiverIsBounded(t *testing.T) {
 	const size = 64 << 20
 	modes := []struct {
@@ -114,8 +114,15 @@ func TestNonReadingReceiverIsBounded(t *testing.T) {
 			if mc.name == "tcp" || mc.name == "tcp-via-sidecars" {
 				return
 			}
-			if peak > 32<<20 {
-				t.Errorf("a non-reading spliced receiver let the node's TCP memory grow by %.1f MiB", float64(peak)/(1<<20))
+			// What the kernel held without a window: the redirected bytes.
+			// Unbounded, every hop's share of the push was redirected
+			// (64 MiB sidecar-only, 192 MiB app-splice); bounded, each hop
+			// redirects about 2 MiB past what the reader took, then TCP.
+			if red := d["sk_msg.bytes_redirected"]; red > 16<<20 {
+				t.Errorf("%.1f MiB redirected to a receiver that did not read", float64(red)/(1<<20))
+			}
+			if mc.name == "app-splice" && paused.Int("peak_unread") > 3<<20 {
+				t.Errorf("the paused reader held %d bytes unread in its BPF queue, want <= 2 MiB and a message", paused.Int("peak_unread"))
 			}
 			if d["sk_msg.backpressure_fallbacks"] == 0 {
 				t.Errorf("no sender fell back to TCP for a full receiver")
