@@ -351,3 +351,19 @@ func ProbeReaders() ProbeResult {
 	r.Detail = why + "; the first splice(2)/sendfile(2) read of a spliced socket resets that connection and its pod stays TCP from then on (io_uring splice is not seen); keep app <-> sidecar splicing opt-in"
 	return r
 }
+
+// Readers says, from the pinned links, what the datapath does about
+// splice(2) readers of spliced sockets: ReadersGuarded, ReadersDetected or
+// ReadersUnprotected (`meshsplice check` says why).
+func (st *Status) Readers() string {
+	mode := ReadersUnprotected
+	for _, l := range st.Links {
+		switch {
+		case l.Name == "splice-guard" && l.Attached:
+			return ReadersGuarded
+		case l.Name == "splice-detect" && l.Attached:
+			mode = ReadersDetected
+		}
+	}
+	return mode
+}

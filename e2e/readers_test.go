@@ -210,6 +210,9 @@ func TestUnguardedSpliceReaderIsReset(t *testing.T) {
 		t.Logf("%s", why)
 		t.Fatalf("readers mode %q, want %q", got, datapath.ReadersDetected)
 	}
+	if st, err := datapath.Inspect(m.pin); err != nil || st.Readers() != datapath.ReadersDetected {
+		t.Fatalf("status says readers are %v (%v), want %s", st, err, datapath.ReadersDetected)
+	}
 	node := testnet.NewBridgeNet(t, testnet.BridgeNetOpts{})
 	ann := spliceModes[1].annotations()
 	server := m.addPod(node, "server", ann)
