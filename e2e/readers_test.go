@@ -45,21 +45,23 @@ func (m *mesh) send(p *meshPod, target netip.AddrPort, writer string, size int) 
 	return res
 }
 
-func readDone(t *testing.T, r *testnet.Proc, n int) testnet.Event {
+// readDone waits for a read_done event of r with an id above after (the
+// reader numbers its connections) and returns the latest one.
+func readDone(t *testing.T, r *testnet.Proc, after int64) testnet.Event {
 	t.Helper()
 	deadline := time.Now().Add(5 * time.Second)
 	for {
-		var evs []testnet.Event
+		var last testnet.Event
 		for _, ev := range r.Events() {
-			if ev.Str("event") == "read_done" {
-				evs = append(evs, ev)
+			if ev.Str("event") == "read_done" && ev.Int("id") > after && (last == nil || ev.Int("id") > last.Int("id")) {
+				last = ev
 			}
 		}
-		if len(evs) >= n {
-			return evs[n-1]
+		if last != nil {
+			return last
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("no read_done event %d: %v", n, r.Lines())
+			t.Fatalf("no read_done event after connection %d: %v", after, r.Lines())
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
@@ -127,7 +129,7 @@ func TestEveryReaderAndWriter(t *testing.T) {
 			client := m.addPodWith(node, "client", mc.mode.annotations(), flags...)
 			readers := m.startReaders(server)
 			const size = 3<<20 + 17
-			seen := map[string]int{}
+			seen := map[string]int64{} // last connection id each reader reported
 			resets := 0
 			for _, tc := range readerCases() {
 				i := slices.Index(readerKinds, tc.reader)
@@ -138,8 +140,11 @@ func TestEveryReaderAndWriter(t *testing.T) {
 				before := m.counters()
 				res := m.send(client, target, tc.writer, size)
 				d := m.counters().Sub(before)
-				seen[tc.reader]++
-				rd := readDone(t, readers[tc.reader], seen[tc.reader])
+				var rd testnet.Event
+				if res.Bool("ok") {
+					rd = readDone(t, readers[tc.reader], seen[tc.reader])
+					seen[tc.reader] = rd.Int("id")
+				}
 				t.Logf("%s -> %s: ok=%v redirected=%d B, tcp_after_fallback=%d B, splice_refused=%d, splice_unguarded=%d, reset=%d, skipped_sockets=%d; reader %v",
 					tc.writer, tc.reader, res.Bool("ok"), d["sk_msg.bytes_redirected"], d["sk_msg.bytes_tcp_after_fallback"],
 					d["readers.splice_refused"], d["readers.splice_unguarded"], d["readers.splice_reader_reset"],
@@ -154,8 +159,10 @@ func TestEveryReaderAndWriter(t *testing.T) {
 					before = m.counters()
 					res = m.send(client, target, tc.writer, size)
 					d = m.counters().Sub(before)
-					seen[tc.reader]++
-					readDone(t, readers[tc.reader], seen[tc.reader])
+					if res.Bool("ok") {
+						rd = readDone(t, readers[tc.reader], seen[tc.reader])
+						seen[tc.reader] = rd.Int("id")
+					}
 					t.Logf("  retry after the reset: ok=%v redirected=%d B, skipped_sockets=%d", res.Bool("ok"),
 						d["sk_msg.bytes_redirected"], d["sockops.skip_splice_reader_pod"])
 					if d["sockops.skip_splice_reader_pod"] == 0 {
@@ -241,7 +248,7 @@ func TestUnguardedSpliceReaderIsReset(t *testing.T) {
 	// splice(2) reported EOF with the stream still in the BPF queue: a
 	// short stream, which the writer's check catches, and the reader
 	// closes its end itself.
-	rd := readDone(t, r, 1)
+	rd := readDone(t, r, 0)
 	if rd.Str("error") == "" {
 		t.Logf("the reader saw EOF before the reset (FIN overtook the BPF queue): %v", rd)
 	} else {
