@@ -93,6 +93,7 @@ enum ms_sk_flag {
 	MS_SK_PASSIVE = 1 << 6,	   /* accepted (for policy teardown) */
 	MS_SK_ACTIVE = 1 << 7,	   /* connected (for policy teardown) */
 	MS_SK_ADDR_KEYED = 1 << 8, /* ms_sk_addrs entry to delete on close */
+	MS_SK_TX_BACKOFF = 1 << 9, /* peer full: TCP until it read it all */
 };
 
 /* Counters, one slot each in ms_counters (per CPU). Go names them from this
@@ -164,7 +165,8 @@ enum ms_counter {
 	MS_C_SPLICE_UNGUARDED,	      /* seen by the detector (no guard) */
 	MS_C_SPLICE_READER_RESET,     /* such a connection reset */
 	MS_C_SOCK_SKIP_SPLICE_READER, /* sockops: pod had a splice reader */
-	MS_C_MSG_BACKPRESSURE,	      /* sk_msg: peer full, TCP from now on */
+	MS_C_MSG_BACKPRESSURE,	      /* sk_msg: peer full, TCP for now */
+	MS_C_MSG_RESUMED, /* sk_msg: peer read it all, redirect again */
 	MS_C_MAX,
 };
 

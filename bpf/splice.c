@@ -20,7 +20,8 @@
  * direction's bytes are then "redirected* then TCP*", and since the psock
  * queue is drained first the receiver reads them in order. The bad order,
  * "TCP then redirected", cannot happen: a socket starts redirecting at its
- * first send or never.
+ * first send or never, and after backpressure (below) it redirects again
+ * only once the receiving application has read every TCP byte.
  *
  * The application traps. A socket in a sockmap gets a psock, and that changes
  * what its reader sees: splice(2) reads only the TCP receive queue, so it
@@ -54,10 +55,13 @@
  * kernel), where TCP stops a writer at the receiver's window. So a sender
  * looks at what its peer holds unread (psock->msg_tot_len) and, when this
  * send would take it past the peer's receive buffer (at least
- * MS_MIN_UNREAD), goes on over TCP for the rest of the connection: TCP's
- * window then holds the writer back, and the bytes stay in order (see
- * Ordering). Kernel structs are read through minimal CO-RE views (see
- * teardown.c for why not vmlinux.h's).
+ * MS_MIN_UNREAD), goes on over TCP (MS_SK_TX_BACKOFF): TCP's window then
+ * holds the writer back, and the bytes stay in order (see Ordering). It
+ * goes back to redirecting only when the TCP bytes are all gone: every one
+ * it sent acknowledged (snd_una == write_seq, checked under its own lock,
+ * so none is in flight) and read by the receiving application (copied_seq
+ * == rcv_nxt). Nothing can then overtake them. Kernel structs are read
+ * through minimal CO-RE views (see teardown.c for why not vmlinux.h's).
  */
 #define MS_MIN_UNREAD (2 << 20)
 /* include/net/sock.h SK_USER_DATA_PTRMASK: sk_user_data's low bits are
@@ -71,6 +75,13 @@ struct sock___bp {
 
 struct sk_psock___bp {
 	__u32 msg_tot_len;
+} __attribute__((preserve_access_index));
+
+struct tcp_sock___bp {
+	__u32 rcv_nxt;
+	__u32 copied_seq;
+	__u32 snd_una;
+	__u32 write_seq;
 } __attribute__((preserve_access_index));
 
 /* Where each spliced socket's struct sock is, by its ms_socks key, for its
@@ -417,6 +428,28 @@ static __always_inline int peer_full(struct ms_sk *st, __u32 size)
 	return (__s64)unread + size > limit;
 }
 
+/* tcp_drained says whether every byte this socket sent over TCP has been
+ * read by the peer's application (Backpressure, above). */
+static __always_inline int tcp_drained(struct bpf_sock *sk,
+				       const struct ms_sk *st)
+{
+	struct tcp_sock___bp *me, *peer;
+	struct tcp_sock *tp;
+	__u64 *addr;
+
+	tp = bpf_skc_to_tcp_sock(sk);
+	if (!tp)
+		return 0;
+	me = (void *)tp;
+	if (me->snd_una != me->write_seq)
+		return 0;
+	addr = bpf_map_lookup_elem(&ms_sk_addrs, &st->peer);
+	if (!addr)
+		return 0;
+	peer = (void *)*addr;
+	return BPF_CORE_READ(peer, copied_seq) == BPF_CORE_READ(peer, rcv_nxt);
+}
+
 SEC("sk_msg")
 int ms_sk_msg(struct sk_msg_md *msg)
 {
@@ -445,9 +478,16 @@ int ms_sk_msg(struct sk_msg_md *msg)
 		count(MS_C_BYTES_AFTER_MISS, size);
 		return SK_PASS;
 	}
-	if (peer_full(st, size)) {
-		st->flags |= MS_SK_TX_DOWN;
+	if ((st->flags & MS_SK_TX_BACKOFF) && tcp_drained(sk, st)) {
+		st->flags &= ~MS_SK_TX_BACKOFF;
+		count(MS_C_MSG_RESUMED, 1);
+	}
+	if (!(st->flags & MS_SK_TX_BACKOFF) && peer_full(st, size)) {
+		st->flags |= MS_SK_TX_BACKOFF;
 		count(MS_C_MSG_BACKPRESSURE, 1);
+	}
+	if (st->flags & MS_SK_TX_BACKOFF) {
+		count(MS_C_MSG_AFTER_MISS, 1);
 		count(MS_C_BYTES_AFTER_MISS, size);
 		return SK_PASS;
 	}

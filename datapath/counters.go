@@ -75,6 +75,7 @@ var counterInfo = map[Counter]struct{ program, name string }{
 	redirect.CaptureMsCounterMS_C_SPLICE_READER_RESET:        {"readers", "splice_reader_reset"},
 	redirect.CaptureMsCounterMS_C_SOCK_SKIP_SPLICE_READER:    {"sockops", "skip_splice_reader_pod"},
 	redirect.CaptureMsCounterMS_C_MSG_BACKPRESSURE:           {"sk_msg", "backpressure_fallbacks"},
+	redirect.CaptureMsCounterMS_C_MSG_RESUMED:                {"sk_msg", "backpressure_resumed"},
 }
 
 // CounterName is "program.name", e.g. "sk_msg.redirected".

@@ -95,6 +95,7 @@ func TestNonReadingReceiverIsBounded(t *testing.T) {
 			c := m.start(client, "fast-writer", appUID, "send", "--target", server.IPv4.String()+":8110",
 				"--bytes", fmt.Sprint(size), "--timeout", "60s")
 			paused, err := r.WaitEvent(20*time.Second, "paused")
+			atPause := m.counters().Sub(before)
 			close(stop)
 			wg.Wait()
 			if err != nil {
@@ -106,19 +107,19 @@ func TestNonReadingReceiverIsBounded(t *testing.T) {
 			if err != nil || !res.Bool("ok") {
 				t.Fatalf("stream not delivered intact: %v %v\n%s", err, res, strings.Join(c.Lines(), "\n"))
 			}
-			report[mc.name] = fmt.Sprintf("peak node TCP memory +%.1f MiB, reader's FIONREAD peak %.1f MiB, redirected %.1f MiB, TCP after a fallback %.1f MiB, backpressure fallbacks %d",
-				float64(peak)/(1<<20), float64(paused.Int("peak_unread"))/(1<<20),
+			report[mc.name] = fmt.Sprintf("peak node TCP memory +%.1f MiB, reader's FIONREAD peak %.1f MiB, redirected during the pause %.1f MiB; in all: redirected %.1f MiB, TCP after a fallback %.1f MiB, backpressure fallbacks %d, resumed %d",
+				float64(peak)/(1<<20), float64(paused.Int("peak_unread"))/(1<<20), float64(atPause["sk_msg.bytes_redirected"])/(1<<20),
 				float64(d["sk_msg.bytes_redirected"])/(1<<20), float64(d["sk_msg.bytes_tcp_after_fallback"])/(1<<20),
-				d["sk_msg.backpressure_fallbacks"])
+				d["sk_msg.backpressure_fallbacks"], d["sk_msg.backpressure_resumed"])
 			t.Log(report[mc.name])
 			if mc.name == "tcp" || mc.name == "tcp-via-sidecars" {
 				return
 			}
-			// What the kernel held without a window: the redirected bytes.
-			// Unbounded, every hop's share of the push was redirected
-			// (64 MiB sidecar-only, 192 MiB app-splice); bounded, each hop
-			// redirects about 2 MiB past what the reader took, then TCP.
-			if red := d["sk_msg.bytes_redirected"]; red > 16<<20 {
+			// What the kernel held without a window: the bytes redirected
+			// while the reader did not read. Unbounded, the whole push was
+			// (64 MiB per hop); bounded, each hop redirects about 2 MiB past
+			// what its reader took, then TCP until the reader caught up.
+			if red := atPause["sk_msg.bytes_redirected"]; red > 16<<20 {
 				t.Errorf("%.1f MiB redirected to a receiver that did not read", float64(red)/(1<<20))
 			}
 			if mc.name == "app-splice" && paused.Int("peak_unread") > 3<<20 {

@@ -78,7 +78,8 @@ const (
 	CaptureMsCounterMS_C_SPLICE_READER_RESET        CaptureMsCounter = 54
 	CaptureMsCounterMS_C_SOCK_SKIP_SPLICE_READER    CaptureMsCounter = 55
 	CaptureMsCounterMS_C_MSG_BACKPRESSURE           CaptureMsCounter = 56
-	CaptureMsCounterMS_C_MAX                        CaptureMsCounter = 57
+	CaptureMsCounterMS_C_MSG_RESUMED                CaptureMsCounter = 57
+	CaptureMsCounterMS_C_MAX                        CaptureMsCounter = 58
 )
 
 type CaptureMsDenial struct {
@@ -252,6 +253,7 @@ const (
 	CaptureMsSkFlagMS_SK_PASSIVE    CaptureMsSkFlag = 64
 	CaptureMsSkFlagMS_SK_ACTIVE     CaptureMsSkFlag = 128
 	CaptureMsSkFlagMS_SK_ADDR_KEYED CaptureMsSkFlag = 256
+	CaptureMsSkFlagMS_SK_TX_BACKOFF CaptureMsSkFlag = 512
 )
 
 type CaptureMsSockKey struct {

@@ -78,7 +78,8 @@ const (
 	ReadersMsCounterMS_C_SPLICE_READER_RESET        ReadersMsCounter = 54
 	ReadersMsCounterMS_C_SOCK_SKIP_SPLICE_READER    ReadersMsCounter = 55
 	ReadersMsCounterMS_C_MSG_BACKPRESSURE           ReadersMsCounter = 56
-	ReadersMsCounterMS_C_MAX                        ReadersMsCounter = 57
+	ReadersMsCounterMS_C_MSG_RESUMED                ReadersMsCounter = 57
+	ReadersMsCounterMS_C_MAX                        ReadersMsCounter = 58
 )
 
 type ReadersMsDenial struct {

@@ -78,7 +78,8 @@ const (
 	SpliceMsCounterMS_C_SPLICE_READER_RESET        SpliceMsCounter = 54
 	SpliceMsCounterMS_C_SOCK_SKIP_SPLICE_READER    SpliceMsCounter = 55
 	SpliceMsCounterMS_C_MSG_BACKPRESSURE           SpliceMsCounter = 56
-	SpliceMsCounterMS_C_MAX                        SpliceMsCounter = 57
+	SpliceMsCounterMS_C_MSG_RESUMED                SpliceMsCounter = 57
+	SpliceMsCounterMS_C_MAX                        SpliceMsCounter = 58
 )
 
 type SpliceMsDenial struct {
