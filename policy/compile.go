@@ -568,7 +568,7 @@ func (c *compiler) translate(p *securityv1.AuthorizationPolicy, key string, acti
 		}
 		for _, s := range sources {
 			for _, o := range ops {
-				a, ok := c.atom(base.and(s.k).and(o.k))
+				a, ok := c.atom(base.and(s.k).and(o.k), action)
 				if !ok {
 					note("rule %d source %d operation %d: matches no connection: no atom", ri, s.idx, o.idx)
 					continue
@@ -583,10 +583,24 @@ func (c *compiler) translate(p *securityv1.AuthorizationPolicy, key string, acti
 
 // atom resolves a condition over the identity universe and normalizes its
 // address and port parts; ok is false when it can match nothing.
-func (c *compiler) atom(k cond) (a Atom, ok bool) {
+//
+// The unknown source is the exception to resolving: the kernel does not
+// know which certificate it will present to the sidecar, so an identity
+// condition can neither be taken as true nor as false for it. An ALLOW atom
+// matches it whatever its identity conditions say (the kernel allows what
+// some identity would be allowed), a DENY atom only when it has none (the
+// kernel denies only what every identity would be denied). Its address and
+// port conditions still apply.
+func (c *compiler) atom(k cond, action Action) (a Atom, ok bool) {
 	for i, u := range c.universe {
 		match := true
+		if u.id == UnknownIdentity {
+			match = action == Allow || len(k.ids) == 0
+		}
 		for _, p := range k.ids {
+			if u.id == UnknownIdentity {
+				break
+			}
 			if p.in[i] == p.negate {
 				match = false
 				break

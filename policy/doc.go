@@ -20,10 +20,31 @@
 // ([SPIFFEID]). The kernel knows a connection's source only by its address:
 // [Result.IPIdentity] maps every known workload address (local or not) to a
 // small [IdentityID] handed out by an [Allocator], which keeps numbers stable
-// across agent restarts (Save, Load). Identity 0, [UnknownIdentity], is a
-// source that is no known workload: it has no principal, so it matches no
-// principals, namespaces, serviceAccounts or trustDomains value and matches
-// every not- form of them. principals ["*"] is any known identity.
+// across agent restarts (Save, Load). principals ["*"] is any known identity.
+//
+// # Unknown sources
+//
+// Identity 0, [UnknownIdentity], is a source address that is no known
+// workload: a pod of another node the agent has not been told about, a VM,
+// another cluster. The sidecar judges it by the certificate it presents,
+// which the kernel cannot see, so the kernel may deny it only where it
+// KNOWS that no certificate could help:
+//
+//   - identity conditions (principals, namespaces, serviceAccounts,
+//     trustDomains, their not- forms, and the when keys source.principal,
+//     source.namespace, source.serviceAccount, source.trustDomain) hold for
+//     an unknown source in an ALLOW atom and fail for it in a DENY atom:
+//     an ALLOW by principal lets it through, a DENY by notPrincipals or
+//     notNamespaces does not deny it;
+//   - address and port conditions (ipBlocks, notIpBlocks, source.ip, ports,
+//     notPorts, destination.port) apply to it as to any source: an ALLOW
+//     whose every atom names ipBlocks it is outside still denies it, and a
+//     DENY of a port or of an address block still denies it.
+//
+// The property test TestKernelDenyImpliesSidecarDeny holds Compile to this
+// rule against a model of the sidecar (CUSTOM, AUDIT and dry-run
+// policies, L7 fields and when keys judged per request, any certificate for
+// an unknown source).
 //
 // Identities are finite: Compile resolves every identity condition over the
 // known identities plus the unknown one, with istiod's own matchers (the
@@ -162,8 +183,8 @@
 // where the sidecar judges the mTLS certificate. They agree for meshed pods
 // that use their sidecar. A source that is no known workload (another
 // cluster, a VM, anything not in [Input.Workloads]) is the unknown identity
-// to the kernel even if it presents a valid certificate, and a known pod is
-// judged by its identity even on a plaintext connection. Connections to ports
+// to the kernel, judged only by its address and port (see Unknown sources),
+// and a known pod is judged by its identity even on a plaintext connection. Connections to ports
 // the sidecar does not capture inbound (its own 15020, 15021, 15090, and
 // excludeInboundPorts) never meet Istio's authorization: the enforcement
 // layer must let them through rather than apply the set. The destination

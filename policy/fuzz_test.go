@@ -317,19 +317,28 @@ func TestGeneratedPolicies(t *testing.T) {
 	rng := rand.New(rand.NewPCG(1, 2))
 	probes := 0
 	for i := range n {
-		data := make([]byte, 96)
-		for j := range data {
-			data[j] = byte(rng.Uint32())
-		}
-		in := Input{Workloads: testWorkloads(), Services: testServices(), ServiceTargetRefs: i%3 == 0}
-		if i%5 == 0 {
-			in.TrustDomain, in.TrustDomainAliases = "example.org", []string{"old.org"}
-		}
-		in.Policies = (&fuzzGen{b: data}).policies()
+		in, data := generatedInput(rng, i)
+		in.ServiceTargetRefs = i%3 == 0
 		probes += checkAgainstReference(t, in, uint64(i), 200)
 		if t.Failed() {
 			t.Fatalf("input %d: %x", i, data)
 		}
 	}
 	t.Logf("%d generated inputs, %d probes agree with the reference evaluator", n, probes)
+}
+
+// generatedInput is the test world with policies the fuzz generator built
+// from random bytes (returned, to report a failure); every fifth one has
+// another trust domain and an alias.
+func generatedInput(rng *rand.Rand, i int) (Input, []byte) {
+	data := make([]byte, 96)
+	for j := range data {
+		data[j] = byte(rng.Uint32())
+	}
+	in := Input{Workloads: testWorkloads(), Services: testServices()}
+	if i%5 == 0 {
+		in.TrustDomain, in.TrustDomainAliases = "example.org", []string{"old.org"}
+	}
+	in.Policies = (&fuzzGen{b: data}).policies()
+	return in, data
 }

@@ -144,7 +144,7 @@ func (r *refEvaluator) ruleMatches(ns string, rule *securityv1beta1.Rule, isDeny
 	for _, w := range rule.GetWhen() {
 		switch w.GetKey() {
 		case "source.ip", "source.namespace", "source.principal", "source.serviceAccount", "source.trustDomain", "destination.port":
-			if !r.whenHolds(ns, w, req) {
+			if !r.whenHolds(ns, w, isDeny, req) {
 				return false
 			}
 		default:
@@ -160,7 +160,7 @@ func (r *refEvaluator) ruleMatches(ns string, rule *securityv1beta1.Rule, isDeny
 			if isDeny && len(s.RequestPrincipals)+len(s.NotRequestPrincipals)+len(s.RemoteIpBlocks)+len(s.NotRemoteIpBlocks) > 0 {
 				continue
 			}
-			if r.sourceHolds(ns, s, req) {
+			if r.sourceHolds(ns, s, isDeny, req) {
 				matched = true
 				break
 			}
@@ -188,8 +188,18 @@ func (r *refEvaluator) ruleMatches(ns string, rule *securityv1beta1.Rule, isDeny
 	return true
 }
 
-func (r *refEvaluator) sourceHolds(ns string, s *securityv1beta1.Source, req refRequest) bool {
+// sourceHolds: for a source the kernel does not know (spiffe ""), an
+// identity field holds in an ALLOW rule (some certificate could satisfy it)
+// and fails in a DENY rule (some certificate could escape it).
+func (r *refEvaluator) sourceHolds(ns string, s *securityv1beta1.Source, isDeny bool, req refRequest) bool {
 	p := req.spiffe
+	if p == "" && len(s.Principals)+len(s.NotPrincipals)+len(s.Namespaces)+len(s.NotNamespaces)+
+		len(s.ServiceAccounts)+len(s.NotServiceAccounts)+len(s.TrustDomains)+len(s.NotTrustDomains) > 0 && isDeny {
+		return false
+	}
+	if p == "" {
+		return refIPIn(s.IpBlocks, req.ip, true) && !refIPIn(s.NotIpBlocks, req.ip, false)
+	}
 	return refField(r.tds.rewritePrincipals(s.Principals), r.tds.rewritePrincipals(s.NotPrincipals), p, refPrincipalRegex) &&
 		refField(s.Namespaces, s.NotNamespaces, p, refNamespaceRegex) &&
 		refField(s.ServiceAccounts, s.NotServiceAccounts, p, func(v string) string { return refServiceAccountRegex(ns, v) }) &&
@@ -197,8 +207,14 @@ func (r *refEvaluator) sourceHolds(ns string, s *securityv1beta1.Source, req ref
 		refIPIn(s.IpBlocks, req.ip, true) && !refIPIn(s.NotIpBlocks, req.ip, false)
 }
 
-func (r *refEvaluator) whenHolds(ns string, w *securityv1beta1.Condition, req refRequest) bool {
+func (r *refEvaluator) whenHolds(ns string, w *securityv1beta1.Condition, isDeny bool, req refRequest) bool {
 	vs, nvs, p := w.GetValues(), w.GetNotValues(), req.spiffe
+	switch w.GetKey() {
+	case "source.namespace", "source.principal", "source.serviceAccount", "source.trustDomain":
+		if p == "" && len(vs)+len(nvs) > 0 {
+			return !isDeny // see sourceHolds
+		}
+	}
 	switch w.GetKey() {
 	case "source.ip":
 		return refIPIn(vs, req.ip, true) && !refIPIn(nvs, req.ip, false)
