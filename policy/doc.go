@@ -71,6 +71,20 @@
 // applies a Service targetRef to the Service's pods instead, as a waypoint
 // would; it is off because the sidecar would not enforce those policies.
 //
+// A workload whose labels are unknown ([Workload.LabelsUnknown]: the
+// runtime did not pass them) may or may not be selected by a policy with a
+// selector (or a Service targetRef). The kernel then enforces what its
+// sidecar would deny whatever the labels: such DENY policies are left out;
+// such ALLOW policies are applied as if they selected it when another ALLOW
+// policy surely applies (the default is deny anyway, and they only allow
+// more), and left out otherwise (alone they would turn the default to
+// deny). [Result.Partial] says so per workload.
+//
+// A workload Compile cannot use (no name, a name two workloads share, an
+// identity the allocator has no number for) gets no kernel policy and is
+// reported in [Result.Unenforced] ([ErrInvalidWorkload]); the others are
+// compiled as if it were not there.
+//
 // CUSTOM and AUDIT policies, and dry-run ones (annotation istio.io/dry-run),
 // are left to the sidecar ([Result.Ignored]). Of the rest, DENY comes before
 // ALLOW: a connection a DENY rule matches is denied; else, when at least one

@@ -329,7 +329,8 @@ func TestGeneratedPolicies(t *testing.T) {
 
 // generatedInput is the test world with policies the fuzz generator built
 // from random bytes (returned, to report a failure); every fifth one has
-// another trust domain and an alias.
+// another trust domain and an alias, every fourth unknown labels for two
+// workloads.
 func generatedInput(rng *rand.Rand, i int) (Input, []byte) {
 	data := make([]byte, 96)
 	for j := range data {
@@ -338,6 +339,15 @@ func generatedInput(rng *rand.Rand, i int) (Input, []byte) {
 	in := Input{Workloads: testWorkloads(), Services: testServices()}
 	if i%5 == 0 {
 		in.TrustDomain, in.TrustDomainAliases = "example.org", []string{"old.org"}
+	}
+	if i%4 == 1 {
+		// The runtime passed no labels for backend and db: the kernel
+		// must not know them (the sidecar still does).
+		for j, w := range in.Workloads {
+			if w.Name == "backend" || w.Name == "db" {
+				in.Workloads[j].LabelsUnknown = true
+			}
+		}
 	}
 	in.Policies = (&fuzzGen{b: data}).policies()
 	return in, data

@@ -52,8 +52,12 @@ type refRequest struct {
 // CUSTOM-DENY-ALLOW order without CUSTOM; DENY rules only where they are
 // pure L4; ALLOW rules with their L7 parts dropped; every workload an
 // invalid ALLOW policy selects left unenforced (allowed).
+//
+// When dst's labels are unknown, a policy that selects by labels may or may
+// not apply: such a DENY is left out, such an ALLOW counts only next to an
+// ALLOW that surely applies (alone it would make the default deny).
 func (r *refEvaluator) verdict(dst Workload, req refRequest) bool {
-	var allow, deny []*securityv1.AuthorizationPolicy
+	var allow, deny, maybeAllow []*securityv1.AuthorizationPolicy
 	for _, p := range r.in.Policies {
 		if p == nil || !r.inScope(p, dst) {
 			continue
@@ -61,17 +65,26 @@ func (r *refEvaluator) verdict(dst Workload, req refRequest) bool {
 		if v, err := strconv.ParseBool(p.Annotations["istio.io/dry-run"]); err == nil && v {
 			continue
 		}
+		maybe := dst.LabelsUnknown && (len(p.Spec.GetSelector().GetMatchLabels()) > 0 ||
+			len(p.Spec.GetTargetRefs()) > 0 || p.Spec.GetTargetRef() != nil)
 		switch p.Spec.GetAction() {
 		case securityv1beta1.AuthorizationPolicy_ALLOW:
 			if validate(&p.Spec) != nil {
 				return true
 			}
-			allow = append(allow, p)
+			if maybe {
+				maybeAllow = append(maybeAllow, p)
+			} else {
+				allow = append(allow, p)
+			}
 		case securityv1beta1.AuthorizationPolicy_DENY:
-			if validate(&p.Spec) == nil {
+			if validate(&p.Spec) == nil && !maybe {
 				deny = append(deny, p)
 			}
 		}
+	}
+	if len(allow) > 0 {
+		allow = append(allow, maybeAllow...)
 	}
 	for _, p := range deny {
 		for _, rule := range p.Spec.GetRules() {
@@ -102,6 +115,9 @@ func (r *refEvaluator) inScope(p *securityv1.AuthorizationPolicy, w Workload) bo
 		refs = append(refs, p.Spec.GetTargetRef())
 	}
 	if len(refs) == 0 {
+		if w.LabelsUnknown {
+			return true // maybe: verdict decides
+		}
 		for k, v := range p.Spec.GetSelector().GetMatchLabels() {
 			if got, ok := w.Labels[k]; !ok || got != v {
 				return false
@@ -125,6 +141,9 @@ func (r *refEvaluator) inScope(p *securityv1.AuthorizationPolicy, w Workload) bo
 		}
 		selected := true
 		for k, v := range svc.Selector {
+			if w.LabelsUnknown {
+				break
+			}
 			if got, ok := w.Labels[k]; !ok || got != v {
 				selected = false
 			}

@@ -110,6 +110,7 @@ func (m sidecarModel) inScope(p *securityv1.AuthorizationPolicy, w Workload) boo
 	}
 	in := *m.ref
 	in.in.ServiceTargetRefs = false
+	w.LabelsUnknown = false // the sidecar knows its pod's labels
 	return in.inScope(p, w)
 }
 
@@ -254,7 +255,16 @@ var foreignPeers = []string{"",
 // It returns the number of kernel denials checked.
 func checkKernelDenyImpliesSidecarDeny(tb testing.TB, in Input, seed uint64) int {
 	tb.Helper()
-	res, err := Compile(in, NewAllocator())
+	// The kernel is not told the labels of a workload whose labels are
+	// unknown; the sidecar has them.
+	kernelIn := in
+	kernelIn.Workloads = slices.Clone(in.Workloads)
+	for i, w := range kernelIn.Workloads {
+		if w.LabelsUnknown {
+			kernelIn.Workloads[i].Labels = nil
+		}
+	}
+	res, err := Compile(kernelIn, NewAllocator())
 	if err != nil {
 		tb.Fatalf("Compile: %v", err)
 	}
@@ -308,14 +318,20 @@ func checkKernelDenyImpliesSidecarDeny(tb testing.TB, in Input, seed uint64) int
 // TestKernelDenyImpliesSidecarDeny is the safety net's one rule as a
 // property: over the golden cases and generated policies (every action,
 // L4 and L7 fields, when keys, selectors, invalid and dry-run policies),
-// known and unknown sources and every port the policies name, whatever the
-// kernel denies the sidecar denies too, for every request.
+// workloads whose labels the kernel was not told, known and unknown sources
+// and every port the policies name, whatever the kernel denies the sidecar
+// denies too, for every request.
 func TestKernelDenyImpliesSidecarDeny(t *testing.T) {
 	denials := 0
 	for _, c := range goldenCases {
 		in := caseInput(t, c)
 		if in.ServiceTargetRefs {
 			continue // waypoint semantics on purpose: stricter than a sidecar
+		}
+		denials += checkKernelDenyImpliesSidecarDeny(t, in, seedOf(c.name))
+		// Again with every workload's labels unknown to the kernel.
+		for i := range in.Workloads {
+			in.Workloads[i].LabelsUnknown = true
 		}
 		denials += checkKernelDenyImpliesSidecarDeny(t, in, seedOf(c.name))
 	}
