@@ -127,6 +127,10 @@ static __always_inline int egress_judged(const __u32 *src, const __u32 *dst,
  * m = identity mask & source prefix mask & port mask; a DENY atom in m
  * denies; with ALLOW policies, no ALLOW atom in m denies. Fills d (for the
  * denial record) and returns its reason, 0 when allowed.
+ *
+ * One rule for every caller (connect, sk_lookup, teardown): the addresses
+ * are the connection's own, src_ip the address it leaves from (connect:
+ * the bound one, else the pod's address of the destination's family).
  */
 /* Puts the types the agent reads from ms_denials into BTF (bpf2go -type);
  * nothing reads it. */

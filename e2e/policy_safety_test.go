@@ -306,6 +306,12 @@ func TestDuplicateWorkloadAffectsOnlyItself(t *testing.T) {
 	if st := w.podPolicy("twin"); st.Enforced || !strings.Contains(st.Reason, "workloads are named shop/twin") {
 		t.Errorf("twin's policy status %+v, want not enforced, naming the duplicate", st)
 	}
+	metrics := w.ag.get("/metrics")
+	for _, want := range []string{`meshsplice_policy_pods{enforced="true"} 1`, "meshsplice_policy_applied 1", "meshsplice_policy_not_applied_total 0"} {
+		if !strings.Contains(metrics, want) {
+			t.Errorf("/metrics lacks %q", want)
+		}
+	}
 }
 
 // TestUnknownLabelsNeverDenyMore (item 9): a pod registered without labels
