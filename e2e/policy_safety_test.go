@@ -175,6 +175,30 @@ func TestUnknownRemoteSourceAllowedByPrincipal(t *testing.T) {
 	w.register(frontend, api.PodRegistration{ServiceAccount: "frontend", Labels: map[string]string{"app": "frontend"}, Annotations: injected()})
 	w.expect("unknown remote backend -> db", remote, to(db), "")
 	w.expect("frontend (known, not allowed) -> db", frontend, to(db), "operation not permitted")
+
+	// A live connection of the unknown source survives the teardown that
+	// a policy change runs.
+	stream := w.m.start(remote, "remote-stream", appUID, "client", "--target", to(db).String(),
+		"--messages", "100000", "--size", "100", "--interval", "1ms", "--timeout", "5s")
+	eventually(t, "the stream reaching db", func() bool {
+		c, _ := datapath.ReadPinnedCounters(w.m.pin)
+		return c["policy.ingress_allowed"] >= 2
+	})
+	w.write("policies.yaml", allowFromPrincipal("db", "db", "backend")+"---\n"+allowFromPrincipal("db-frontend", "db", "frontend"))
+	eventually(t, "the edit applied", func() bool {
+		c := w.m.start(frontend, "frontend-poll", appUID, "client", "--target", to(db).String(), "--messages", "1", "--timeout", "3s")
+		c.WaitTimeout(10 * time.Second)
+		res, err := c.WaitEvent(time.Second, "result")
+		return err == nil && res.Bool("ok")
+	})
+	w.ag.get("/pods") // answers once the config, teardown included, is applied
+	if stream.ExitCode() != -1 {
+		res, _ := stream.WaitEvent(time.Second, "result")
+		t.Errorf("the unknown source's live stream was closed by the policy change: %v", res)
+	}
+	if c, _ := datapath.ReadPinnedCounters(w.m.pin); c["policy.torn_down"] != 0 {
+		t.Errorf("torn down: %v", nonZero(c))
+	}
 }
 
 // TestPolicyEnforcedWithCaptureDisabled (item 11): with meshsplice's
@@ -204,6 +228,11 @@ spec: {address: %s, serviceAccount: frontend}
 		w.expect(when+": remote frontend -> db (ingress)", remote, to(db), "connection refused")
 		if st := w.podPolicy("db"); !st.Enforced || !strings.Contains(st.Reason, "capture is off") {
 			t.Errorf("%s: db's policy status %+v, want enforced with capture off", when, st)
+		}
+		// The same from the pins alone, as `meshsplice status` reads it.
+		kernel, err := datapath.ReadPodPolicies(w.m.pin)
+		if kp := kernel[db.Cookie]; err != nil || !kp.Enforced || kp.Reason != datapath.ReasonCaptureOff {
+			t.Errorf("%s: ReadPodPolicies: db %+v, %v", when, kp, err)
 		}
 	}
 	check("pod capture disabled")
