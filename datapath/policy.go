@@ -25,10 +25,11 @@ import (
 // The identity policy safety net, kernel side. The agent compiles Istio
 // AuthorizationPolicy (package policy) into sets of at most 64 atoms and
 // hands them here as a Policy; the programs judge every new connection of a
-// meshed pod (egress, connect4/6, any uid, the sidecar included) and every
-// new connection to one (ingress, sk_lookup, any source) with the
-// destination workload's set, and a policy change tears down live
-// connections it now forbids (Linux >= 6.5).
+// registered pod (egress, connect4/6, any uid, the sidecar included) and
+// every new connection to one with a sidecar (ingress, sk_lookup, any
+// source), whether meshsplice captures it or not, with the destination
+// workload's set, and a policy change tears down live connections it now
+// forbids (Linux >= 6.5).
 
 // PolicySet is one compiled policy set, as the kernel evaluates it:
 // m = IdentityMasks[src identity] & PrefixMasks[longest match of src IP] &
