@@ -119,7 +119,11 @@ func (d *Datapath) PolicyState() PolicyState {
 func (d *Datapath) SetPolicy(p Policy) error {
 	d.polMu.Lock()
 	defer d.polMu.Unlock()
-	if err := d.swapPolicy(p); err != nil {
+	err := d.policyFits(p)
+	if err == nil {
+		err = d.swapPolicy(p)
+	}
+	if err != nil {
 		d.polState.NotApplied++
 		d.polState.LastError = err.Error()
 		return fmt.Errorf("%w: %w", ErrPolicyNotApplied, err)
@@ -158,9 +162,6 @@ func (d *Datapath) SetPolicy(p Policy) error {
 // swapPolicy writes p's sets and points the IPs at them; on failure it
 // undoes both and returns why.
 func (d *Datapath) swapPolicy(p Policy) error {
-	if err := d.policyFits(p); err != nil {
-		return err
-	}
 	ids := make([]uint32, len(p.Sets))
 	d.newSets = map[uint32]PolicySet{}
 	undoSets := func() {

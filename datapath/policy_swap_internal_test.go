@@ -60,8 +60,15 @@ func fillPolPorts(tb testing.TB, m *ebpf.Map, free int) int {
 // TestFullPolicyMapKeepsThePreviousPolicy: a new policy that does not fit
 // in the kernel's maps is refused as a whole: the previous one stays in
 // force, no entry of the refused one is left behind, and the refusal is
-// counted and reported.
+// counted and reported. Checked twice: refused up front (SetPolicy counts
+// the room first), and by the kernel in the middle of the swap (the write
+// itself fails: what was written is undone).
 func TestFullPolicyMapKeepsThePreviousPolicy(t *testing.T) {
+	t.Run("refused up front", func(t *testing.T) { fullPolicyMap(t, false) })
+	t.Run("refused by the kernel mid-swap", func(t *testing.T) { fullPolicyMap(t, true) })
+}
+
+func fullPolicyMap(t *testing.T, midSwap bool) {
 	d := openTestDatapath(t)
 	a, b := netip.MustParseAddr("10.0.0.1"), netip.MustParseAddr("10.0.0.2")
 	old := Policy{Sets: []PolicySet{portSet(80)}, IPs: map[netip.Addr]IPPolicy{a: {Identity: 1, Set: 0}, b: {Identity: 2, Set: -1}}}
@@ -82,8 +89,14 @@ func TestFullPolicyMapKeepsThePreviousPolicy(t *testing.T) {
 
 	next := Policy{Sets: []PolicySet{portSet(81, 82), portSet(83, 84)},
 		IPs: map[netip.Addr]IPPolicy{a: {Identity: 1, Set: 1}, b: {Identity: 2, Set: 0}}}
-	err := d.SetPolicy(next)
-	if !errors.Is(err, ErrPolicyNotApplied) {
+	if midSwap {
+		d.polMu.Lock()
+		err := d.swapPolicy(next)
+		d.polMu.Unlock()
+		if err == nil {
+			t.Fatal("swap into a full map worked")
+		}
+	} else if err := d.SetPolicy(next); !errors.Is(err, ErrPolicyNotApplied) {
 		t.Fatalf("SetPolicy into a full map: %v, want ErrPolicyNotApplied", err)
 	}
 	if got := ipInfo(a); got != before {
@@ -108,8 +121,7 @@ func TestFullPolicyMapKeepsThePreviousPolicy(t *testing.T) {
 			t.Errorf("ms_pol_ports keeps an entry of the refused policy: %+v", pk)
 		}
 	}
-	st := d.PolicyState()
-	if st.NotApplied != 1 || st.LastError == "" {
+	if st := d.PolicyState(); !midSwap && (st.NotApplied != 1 || st.LastError == "") {
 		t.Errorf("PolicyState %+v, want one refusal with its error", st)
 	}
 	// Room again: the next attempt applies, and says so.
@@ -120,7 +132,7 @@ func TestFullPolicyMapKeepsThePreviousPolicy(t *testing.T) {
 	if err := d.SetPolicy(next); err != nil {
 		t.Fatalf("SetPolicy with room: %v", err)
 	}
-	if st := d.PolicyState(); st.LastError != "" || st.NotApplied != 1 {
+	if st := d.PolicyState(); st.LastError != "" || st.Applied != 2 {
 		t.Errorf("PolicyState after success %+v", st)
 	}
 }
