@@ -3,6 +3,7 @@ package policy
 import (
 	"net/netip"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -172,39 +173,25 @@ func (r *refEvaluator) ruleMatches(ns string, rule *securityv1beta1.Rule, isDeny
 			}
 		}
 	}
-	if len(rule.GetFrom()) > 0 {
-		matched := false
-		for _, f := range rule.GetFrom() {
-			s := f.GetSource()
-			if isDeny && len(s.RequestPrincipals)+len(s.NotRequestPrincipals)+len(s.RemoteIpBlocks)+len(s.NotRemoteIpBlocks) > 0 {
-				continue
-			}
-			if r.sourceHolds(ns, s, isDeny, req) {
-				matched = true
-				break
-			}
-		}
-		if !matched {
+	return anyPart(rule.GetFrom(), func(f *securityv1beta1.Rule_From) bool {
+		s := f.GetSource()
+		if isDeny && len(s.RequestPrincipals)+len(s.NotRequestPrincipals)+len(s.RemoteIpBlocks)+len(s.NotRemoteIpBlocks) > 0 {
 			return false
 		}
-	}
-	if len(rule.GetTo()) > 0 {
-		matched := false
-		for _, t := range rule.GetTo() {
-			o := t.GetOperation()
-			if isDeny && len(o.Hosts)+len(o.NotHosts)+len(o.Methods)+len(o.NotMethods)+len(o.Paths)+len(o.NotPaths) > 0 {
-				continue
-			}
-			if refPortIn(o.Ports, req.port, true) && !refPortIn(o.NotPorts, req.port, false) {
-				matched = true
-				break
-			}
-		}
-		if !matched {
+		return r.sourceHolds(ns, s, isDeny, req)
+	}) && anyPart(rule.GetTo(), func(t *securityv1beta1.Rule_To) bool {
+		o := t.GetOperation()
+		if isDeny && len(o.Hosts)+len(o.NotHosts)+len(o.Methods)+len(o.NotMethods)+len(o.Paths)+len(o.NotPaths) > 0 {
 			return false
 		}
-	}
-	return true
+		return refPortIn(o.Ports, req.port, true) && !refPortIn(o.NotPorts, req.port, false)
+	})
+}
+
+// anyPart: a rule's from (or to) holds when it is empty or one of its
+// sources (operations) holds.
+func anyPart[T any](parts []T, holds func(T) bool) bool {
+	return len(parts) == 0 || slices.ContainsFunc(parts, holds)
 }
 
 // sourceHolds: for a source the kernel does not know (spiffe ""), an

@@ -132,56 +132,30 @@ func (m sidecarModel) ruleMatches(ns string, rule *securityv1beta1.Rule, req sid
 			}
 		}
 	}
-	if len(rule.GetFrom()) > 0 {
-		matched := false
-		for _, f := range rule.GetFrom() {
-			s := f.GetSource()
-			if req.peer == "" {
-				// Plaintext: no principal, every identity value fails and
-				// every not- value holds (Envoy's matchers on a missing
-				// peer certificate).
-				if len(s.Principals)+len(s.Namespaces)+len(s.ServiceAccounts)+len(s.TrustDomains) > 0 {
-					continue
-				}
-			} else if !refField(r.tds.rewritePrincipals(s.Principals), r.tds.rewritePrincipals(s.NotPrincipals), req.peer, refPrincipalRegex) ||
-				!refField(s.Namespaces, s.NotNamespaces, req.peer, refNamespaceRegex) ||
-				!refField(s.ServiceAccounts, s.NotServiceAccounts, req.peer, func(v string) string { return refServiceAccountRegex(ns, v) }) ||
-				!refField(r.tds.expandTrustDomains(s.TrustDomains), r.tds.expandTrustDomains(s.NotTrustDomains), req.peer, refTrustDomainRegex) {
-				continue
+	return anyPart(rule.GetFrom(), func(f *securityv1beta1.Rule_From) bool {
+		s := f.GetSource()
+		if req.peer == "" {
+			// Plaintext: no principal, every identity value fails and
+			// every not- value holds (Envoy's matchers on a missing peer
+			// certificate).
+			if len(s.Principals)+len(s.Namespaces)+len(s.ServiceAccounts)+len(s.TrustDomains) > 0 {
+				return false
 			}
-			if !refIPIn(s.IpBlocks, req.ip, true) || refIPIn(s.NotIpBlocks, req.ip, false) {
-				continue
-			}
-			if !l7Field(req.l7, "requestPrincipals", s.RequestPrincipals, s.NotRequestPrincipals) ||
-				!l7Field(req.l7, "remoteIpBlocks", s.RemoteIpBlocks, s.NotRemoteIpBlocks) {
-				continue
-			}
-			matched = true
-			break
-		}
-		if !matched {
+		} else if !refField(r.tds.rewritePrincipals(s.Principals), r.tds.rewritePrincipals(s.NotPrincipals), req.peer, refPrincipalRegex) ||
+			!refField(s.Namespaces, s.NotNamespaces, req.peer, refNamespaceRegex) ||
+			!refField(s.ServiceAccounts, s.NotServiceAccounts, req.peer, func(v string) string { return refServiceAccountRegex(ns, v) }) ||
+			!refField(r.tds.expandTrustDomains(s.TrustDomains), r.tds.expandTrustDomains(s.NotTrustDomains), req.peer, refTrustDomainRegex) {
 			return false
 		}
-	}
-	if len(rule.GetTo()) > 0 {
-		matched := false
-		for _, t := range rule.GetTo() {
-			o := t.GetOperation()
-			if !refPortIn(o.Ports, req.port, true) || refPortIn(o.NotPorts, req.port, false) {
-				continue
-			}
-			if !l7Field(req.l7, "hosts", o.Hosts, o.NotHosts) || !l7Field(req.l7, "methods", o.Methods, o.NotMethods) ||
-				!l7Field(req.l7, "paths", o.Paths, o.NotPaths) {
-				continue
-			}
-			matched = true
-			break
-		}
-		if !matched {
-			return false
-		}
-	}
-	return true
+		return refIPIn(s.IpBlocks, req.ip, true) && !refIPIn(s.NotIpBlocks, req.ip, false) &&
+			l7Field(req.l7, "requestPrincipals", s.RequestPrincipals, s.NotRequestPrincipals) &&
+			l7Field(req.l7, "remoteIpBlocks", s.RemoteIpBlocks, s.NotRemoteIpBlocks)
+	}) && anyPart(rule.GetTo(), func(t *securityv1beta1.Rule_To) bool {
+		o := t.GetOperation()
+		return refPortIn(o.Ports, req.port, true) && !refPortIn(o.NotPorts, req.port, false) &&
+			l7Field(req.l7, "hosts", o.Hosts, o.NotHosts) && l7Field(req.l7, "methods", o.Methods, o.NotMethods) &&
+			l7Field(req.l7, "paths", o.Paths, o.NotPaths)
+	})
 }
 
 // l7Field: one of values matches (when there are values) and none of
