@@ -54,7 +54,7 @@ enum ms_pod_flag {
 	/* The pod has a sidecar that Istio captures for (injected, not
 	 * inject=false, not interceptionMode NONE), whether meshsplice captures
 	 * it or not: its policy is judged even with capture off. */
-	MS_POD_SIDECAR = 1 << 6,
+	MS_POD_SIDECAR = 1 << 7,
 };
 
 /* ms_node.flags: the node-wide switches. */
