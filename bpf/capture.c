@@ -21,23 +21,29 @@
  */
 #include "common.h"
 
-/* bound_to_passthrough: the socket was bound to Envoy's inbound
- * passthrough source before connect(). */
-static __always_inline int bound_to_passthrough(struct bpf_sock *sk)
+/* bound_source reads the address the socket was bound to before
+ * connect() (zero when unbound), normalized (v4-mapped). */
+static __always_inline void bound_source(struct bpf_sock *sk, struct ms_addr *a)
 {
-	struct ms_addr a;
-
+	__builtin_memset(a, 0, sizeof(*a));
 	if (!sk)
-		return 0;
+		return;
 	if (LOAD_U32(sk, struct bpf_sock, family) == AF_INET) {
-		addr_from_ip4(&a, LOAD_U32(sk, struct bpf_sock, src_ip4));
+		__u32 ip4 = LOAD_U32(sk, struct bpf_sock, src_ip4);
+
+		if (ip4)
+			addr_from_ip4(a, ip4);
 	} else {
-		a.ip[0] = LOAD_U32(sk, struct bpf_sock, src_ip6[0]);
-		a.ip[1] = LOAD_U32(sk, struct bpf_sock, src_ip6[1]);
-		a.ip[2] = LOAD_U32(sk, struct bpf_sock, src_ip6[2]);
-		a.ip[3] = LOAD_U32(sk, struct bpf_sock, src_ip6[3]);
+		a->ip[0] = LOAD_U32(sk, struct bpf_sock, src_ip6[0]);
+		a->ip[1] = LOAD_U32(sk, struct bpf_sock, src_ip6[1]);
+		a->ip[2] = LOAD_U32(sk, struct bpf_sock, src_ip6[2]);
+		a->ip[3] = LOAD_U32(sk, struct bpf_sock, src_ip6[3]);
 	}
-	return addr_is_passthrough(a.ip);
+}
+
+static __always_inline int addr_is_zero(const __u32 *ip)
+{
+	return !(ip[0] | ip[1] | ip[2] | ip[3]);
 }
 
 #define CONNECT_PASS	0 /* leave the connect alone */
@@ -52,6 +58,7 @@ static __always_inline int capture_connect(struct bpf_sock_addr *ctx,
 {
 	__u64 netns = bpf_get_netns_cookie(ctx);
 	struct ms_denial d = {};
+	struct ms_addr bound;
 	struct ms_pod *pod;
 	struct ms_sk *st;
 	const __u32 *src;
@@ -68,9 +75,15 @@ static __always_inline int capture_connect(struct bpf_sock_addr *ctx,
 	/* Policy, for every process of the pod, the sidecar included: a
 	 * compromised sidecar still cannot reach what policy forbids. Not
 	 * for the sidecar's inbound passthrough (bound to 127.0.0.6 / ::6),
-	 * which delivers a connection sk_lookup judged already. */
-	src = addr_is_v4(dst) ? pod->ip4.ip : pod->ip6.ip;
-	if (!addr_is_loopback(dst) && !bound_to_passthrough(ctx->sk)) {
+	 * which delivers a connection sk_lookup judged already. The source
+	 * is the socket's own address, as teardown reads it later: the bound
+	 * one, else the pod's address of the destination's family (the one
+	 * the kernel picks for a pod with one address per family). */
+	bound_source(ctx->sk, &bound);
+	src = bound.ip;
+	if (addr_is_zero(src) || (addr_is_v4(src) && !src[3]))
+		src = addr_is_v4(dst) ? pod->ip4.ip : pod->ip6.ip;
+	if (!addr_is_loopback(dst) && !addr_is_passthrough(src)) {
 		reason = policy_denies(src, pod->identity, dst, port, 1, &d);
 		if (reason) {
 			d.uid = (__u32)ugid;
@@ -336,25 +349,27 @@ int ms_sk_lookup(struct bpf_sk_lookup *ctx)
 	count(MS_C_INBOUND_MESHED, 1);
 
 	port = (__u16)ctx->local_port;
+	/* Policy, for any source, meshed or not, local or remote: judged by
+	 * its identity (the IP's workload; 0 if none). RST at once. Only
+	 * where the pod's sidecar would judge it (not its own ports, excluded
+	 * ports, its passthrough to the app), whether meshsplice captures the
+	 * pod or Istio's iptables do. */
+	if (sidecar_judges_inbound(*netns, pod, port, src.ip)) {
+		reason = policy_denies(src.ip, identity_of(src.ip), dst.ip,
+				       port, 0, &d);
+		if (reason) {
+			record_denial(&d, *netns, MS_DIR_INGRESS, reason);
+			count(MS_C_POLICY_INGRESS_DENIED, 1);
+			return SK_DROP;
+		}
+		if (d.policy_set)
+			count(MS_C_POLICY_INGRESS_ALLOWED, 1);
+	}
 	verdict = inbound_verdict(*netns, pod, port, src.ip);
 	if (verdict != MS_C_INBOUND_CAPTURED) {
-		/* Not for the sidecar (its own ports, excluded ports, its
-		 * passthrough to the app): the sidecar would not judge these,
-		 * so neither does the kernel. */
 		count(verdict, 1);
 		return SK_PASS;
 	}
-	/* Policy, for any source, meshed or not, local or remote: judged by
-	 * its identity (the IP's workload; 0 if none). RST at once. */
-	reason =
-	    policy_denies(src.ip, identity_of(src.ip), dst.ip, port, 0, &d);
-	if (reason) {
-		record_denial(&d, *netns, MS_DIR_INGRESS, reason);
-		count(MS_C_POLICY_INGRESS_DENIED, 1);
-		return SK_DROP;
-	}
-	if (d.policy_set)
-		count(MS_C_POLICY_INGRESS_ALLOWED, 1);
 
 	err = assign_listener(ctx, pod, ctx->family);
 	if (err && ctx->family == AF_INET)

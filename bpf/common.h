@@ -51,6 +51,10 @@ enum ms_pod_flag {
 	MS_POD_INCLUDE_ALL_OUT = 1 << 3,  /* includeOutboundIPRanges "*" */
 	MS_POD_INCLUDE_ALL_IN = 1 << 4,	  /* includeInboundPorts "*" */
 	MS_POD_INCLUDE_LOOPBACK = 1 << 5, /* an include range is loopback */
+	/* The pod has a sidecar that Istio captures for (injected, not
+	 * inject=false, not interceptionMode NONE), whether meshsplice captures
+	 * it or not: its policy is judged even with capture off. */
+	MS_POD_SIDECAR = 1 << 7,
 };
 
 /* ms_node.flags: the node-wide switches. */
@@ -545,15 +549,13 @@ static __always_inline __u32 outbound_verdict(__u64 netns,
 }
 
 /*
- * inbound_verdict mirrors istio.Traffic.CaptureInbound (istio/decide.go, the
- * ISTIO_INBOUND chain): returns MS_C_INBOUND_CAPTURED or the skip counter.
+ * inbound_rules mirrors istio.Traffic.CaptureInbound (istio/decide.go, the
+ * ISTIO_INBOUND chain) without the switches: returns MS_C_INBOUND_CAPTURED or the skip counter.
  */
-static __always_inline __u32 inbound_verdict(__u64 netns,
-					     const struct ms_pod *pod,
-					     __u16 port, const __u32 *src)
+static __always_inline __u32 inbound_rules(__u64 netns,
+					   const struct ms_pod *pod, __u16 port,
+					   const __u32 *src)
 {
-	if (!(pod->flags & MS_POD_CAPTURE) || !(node_flags() & MS_NODE_CAPTURE))
-		return MS_C_INBOUND_SKIP_OFF;
 	if (addr_is_passthrough(src))
 		return MS_C_INBOUND_SKIP_PASSTHROUGH;
 	if (addr_is_loopback(src))
@@ -570,6 +572,29 @@ static __always_inline __u32 inbound_verdict(__u64 netns,
 	if (port_rule(netns, port, MS_PORT_IN_INCLUDE))
 		return MS_C_INBOUND_CAPTURED;
 	return MS_C_INBOUND_SKIP_NOT_INCLUDED;
+}
+
+/* inbound_verdict: the switches (pod and node), then Istio's rules. */
+static __always_inline __u32 inbound_verdict(__u64 netns,
+					     const struct ms_pod *pod,
+					     __u16 port, const __u32 *src)
+{
+	if (!(pod->flags & MS_POD_CAPTURE) || !(node_flags() & MS_NODE_CAPTURE))
+		return MS_C_INBOUND_SKIP_OFF;
+	return inbound_rules(netns, pod, port, src);
+}
+
+/* sidecar_judges_inbound: the pod's sidecar would see (and authorize) a
+ * connection from src to port, by Istio's rules, whether meshsplice or
+ * Istio's own iptables capture it: policy is judged there, and only there,
+ * with capture on or off. */
+static __always_inline int sidecar_judges_inbound(__u64 netns,
+						  const struct ms_pod *pod,
+						  __u16 port, const __u32 *src)
+{
+	if (!(pod->flags & (MS_POD_SIDECAR | MS_POD_CAPTURE)))
+		return 0;
+	return inbound_rules(netns, pod, port, src) == MS_C_INBOUND_CAPTURED;
 }
 
 char __license[] SEC("license") = "Dual BSD/GPL";

@@ -558,6 +558,7 @@ func podValue(t istio.Traffic) redirect.CaptureMsPod {
 	set(t.IncludeAllOutbound, redirect.CaptureMsPodFlagMS_POD_INCLUDE_ALL_OUT)
 	set(t.IncludeAllInbound, redirect.CaptureMsPodFlagMS_POD_INCLUDE_ALL_IN)
 	set(t.IncludeOutboundLoopback, redirect.CaptureMsPodFlagMS_POD_INCLUDE_LOOPBACK)
+	set(t.Sidecar || t.Capture, redirect.CaptureMsPodFlagMS_POD_SIDECAR)
 	return v
 }
 
@@ -570,6 +571,7 @@ func trafficFromValue(v redirect.CaptureMsPod) istio.Traffic {
 		IncludeAllOutbound:      has(redirect.CaptureMsPodFlagMS_POD_INCLUDE_ALL_OUT),
 		IncludeAllInbound:       has(redirect.CaptureMsPodFlagMS_POD_INCLUDE_ALL_IN),
 		IncludeOutboundLoopback: has(redirect.CaptureMsPodFlagMS_POD_INCLUDE_LOOPBACK),
+		Sidecar:                 has(redirect.CaptureMsPodFlagMS_POD_SIDECAR),
 		ProxyUID:                v.ProxyUid,
 		ProxyGID:                v.ProxyGid,
 		OutboundPort:            v.OutboundPort,

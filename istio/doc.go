@@ -18,7 +18,9 @@
 //   - sidecar.istio.io/interceptionMode is not NONE (REDIRECT, the default,
 //     and TPROXY are treated alike);
 //   - meshsplice.io/capture is not "disabled". A disabled pod is left to
-//     whatever Istio itself does (istio-init or istio-cni iptables).
+//     whatever Istio itself does (istio-init or istio-cni iptables); its
+//     sidecar is still there ([Traffic.Sidecar]), and so is its kernel
+//     policy.
 //
 // meshsplice.io/splice: "disabled" keeps capture but turns sockmap splicing
 // off. By default only sidecar <-> sidecar connections are spliced, and the

@@ -114,7 +114,13 @@ func DefaultDefaults() Defaults {
 // slices are sorted and free of duplicates; prefixes are masked, and IPv4
 // prefixes are never v4-mapped.
 type Traffic struct {
-	Capture   bool // false: leave the pod alone (not meshed, opted out, or interceptionMode NONE)
+	Capture bool // false: leave the pod alone (not meshed, opted out, or interceptionMode NONE)
+	// Sidecar: the pod has a sidecar that Istio captures for (injected, not
+	// inject=false, not interceptionMode NONE), whether meshsplice captures
+	// it (Capture) or Istio's own iptables do (meshsplice.io/capture
+	// "disabled", or the node switch off). Its authorization policy is
+	// enforced in the kernel either way.
+	Sidecar   bool
 	Splice    bool // sockmap splice allowed for this pod (never without Capture)
 	AppSplice bool // the app's own sockets are spliced too (never without Splice)
 
@@ -180,7 +186,8 @@ func ParseTraffic(annotations map[string]string, d Defaults) (Traffic, []string,
 	splice := p.enum(AnnotationSplice, "enabled", "disabled", true)
 	appIngress := p.enum(AnnotationAppSplice, "true", "false", false)
 
-	t.Capture = injected && !injectOff && !interceptNone && capture
+	t.Sidecar = injected && !injectOff && !interceptNone
+	t.Capture = t.Sidecar && capture
 	t.Splice = t.Capture && splice
 	t.AppSplice = t.Splice && appIngress
 	if appIngress && !splice {

@@ -317,19 +317,38 @@ func TestGeneratedPolicies(t *testing.T) {
 	rng := rand.New(rand.NewPCG(1, 2))
 	probes := 0
 	for i := range n {
-		data := make([]byte, 96)
-		for j := range data {
-			data[j] = byte(rng.Uint32())
-		}
-		in := Input{Workloads: testWorkloads(), Services: testServices(), ServiceTargetRefs: i%3 == 0}
-		if i%5 == 0 {
-			in.TrustDomain, in.TrustDomainAliases = "example.org", []string{"old.org"}
-		}
-		in.Policies = (&fuzzGen{b: data}).policies()
+		in, data := generatedInput(rng, i)
+		in.ServiceTargetRefs = i%3 == 0
 		probes += checkAgainstReference(t, in, uint64(i), 200)
 		if t.Failed() {
 			t.Fatalf("input %d: %x", i, data)
 		}
 	}
 	t.Logf("%d generated inputs, %d probes agree with the reference evaluator", n, probes)
+}
+
+// generatedInput is the test world with policies the fuzz generator built
+// from random bytes (returned, to report a failure); every fifth one has
+// another trust domain and an alias, every fourth unknown labels for two
+// workloads.
+func generatedInput(rng *rand.Rand, i int) (Input, []byte) {
+	data := make([]byte, 96)
+	for j := range data {
+		data[j] = byte(rng.Uint32())
+	}
+	in := Input{Workloads: testWorkloads(), Services: testServices()}
+	if i%5 == 0 {
+		in.TrustDomain, in.TrustDomainAliases = "example.org", []string{"old.org"}
+	}
+	if i%4 == 1 {
+		// The runtime passed no labels for backend and db: the kernel
+		// must not know them (the sidecar still does).
+		for j, w := range in.Workloads {
+			if w.Name == "backend" || w.Name == "db" {
+				in.Workloads[j].LabelsUnknown = true
+			}
+		}
+	}
+	in.Policies = (&fuzzGen{b: data}).policies()
+	return in, data
 }

@@ -154,6 +154,7 @@ const (
 	CaptureMsPodFlagMS_POD_INCLUDE_ALL_OUT  CaptureMsPodFlag = 8
 	CaptureMsPodFlagMS_POD_INCLUDE_ALL_IN   CaptureMsPodFlag = 16
 	CaptureMsPodFlagMS_POD_INCLUDE_LOOPBACK CaptureMsPodFlag = 32
+	CaptureMsPodFlagMS_POD_SIDECAR          CaptureMsPodFlag = 128
 )
 
 type CaptureMsPolIdKey struct {
