@@ -197,11 +197,52 @@ sock_key_from_bpf_sock(struct ms_sock_key *k, struct bpf_sock *sk, __u64 netns)
 #undef SK
 }
 
+/* kernel_answered_self: the kernel's (conntrack's) SO_ORIGINAL_DST answer is
+ * the socket's own local port, which is what conntrack says for any tracked
+ * connection nobody NATed: no answer at all for a sidecar. */
+static __always_inline int kernel_answered_self(struct bpf_sockopt *ctx,
+						const struct ms_sock_key *key)
+{
+	void *optval = ctx->optval, *end = ctx->optval_end;
+
+	if (ctx->level == SOL_IP) {
+		struct sockaddr_in *sa = optval;
+
+		if ((void *)(sa + 1) > end)
+			return 1;
+		return sa->sin_port == bpf_htons(key->local_port);
+	}
+	struct sockaddr_in6 *sa6 = optval;
+
+	if ((void *)(sa6 + 1) > end)
+		return 1;
+	return sa6->sin6_port == bpf_htons(key->local_port);
+}
+
+/*
+ * ms_getsockopt answers SO_ORIGINAL_DST (IP6T_SO_ORIGINAL_DST) for a meshed
+ * pod's sockets, in this order:
+ *  1. the destination stored at a captured connect (ms_orig_dst), even when
+ *     the kernel answered: conntrack answers for every tracked connection,
+ *     and for an un-NATed one (capture by connect4) it names the sidecar's
+ *     own listener;
+ *  2. the kernel's answer when it names something else than the socket's
+ *     own port: the pod is under iptables REDIRECT (capture disabled);
+ *  3. on a socket accepted by the sidecar's outbound port, or by its
+ *     inbound port on loopback (the proxy's own hairpin, see capture_connect),
+ *     nothing: the stored destination is gone (evicted, or never stored).
+ *     Fail with ENOENT (Envoy closes the connection) rather than name the
+ *     sidecar itself;
+ *  4. otherwise the local address: sk_lookup handed the connection to the
+ *     sidecar without rewriting it, so the local address is the original
+ *     destination.
+ */
 SEC("cgroup/getsockopt")
 int ms_getsockopt(struct bpf_sockopt *ctx)
 {
 	struct ms_sock_key key = {};
 	struct ms_orig local, *orig;
+	struct ms_pod *pod;
 	struct bpf_sock *sk;
 	__u64 netns;
 	void *optval, *end;
@@ -214,23 +255,29 @@ int ms_getsockopt(struct bpf_sockopt *ctx)
 	if (!sk)
 		return 1;
 	netns = bpf_get_netns_cookie(ctx);
-	if (!bpf_map_lookup_elem(&ms_pods, &netns))
+	pod = bpf_map_lookup_elem(&ms_pods, &netns);
+	if (!pod)
 		return 1;
-	if (ctx->retval == 0) {
-		/* conntrack answered: the pod is still under iptables. */
-		count(MS_C_ORIG_DST_KERNEL, 1);
-		return 1;
-	}
 
 	sock_key_from_bpf_sock(&key, sk, netns);
 	orig = bpf_map_lookup_elem(&ms_orig_dst, &key);
 	if (orig) {
 		count(MS_C_ORIG_DST_OUTBOUND, 1);
+	} else if (ctx->retval == 0 && !kernel_answered_self(ctx, &key)) {
+		/* conntrack undid a NAT: the pod is still under iptables. */
+		count(MS_C_ORIG_DST_KERNEL, 1);
+		return 1;
+	} else if (key.local_port == pod->outbound_port ||
+		   (key.local_port == pod->inbound_port &&
+		    addr_is_loopback(key.local_ip))) {
+		count(MS_C_ORIG_DST_MISSING, 1);
+		ctx->optlen = 0;
+		ctx->retval = -ENOENT;
+		return 1;
 	} else {
 		/* Not a captured connect: an inbound connection that
 		 * sk_lookup handed to the sidecar keeps its destination as
-		 * the local address, which is also what conntrack reports
-		 * for a connection nobody NATed. */
+		 * the local address. */
 		__builtin_memcpy(local.ip, key.local_ip, 16);
 		local.port = key.local_port;
 		orig = &local;

@@ -29,6 +29,7 @@
 #define SO_ORIGINAL_DST	     80 /* linux/netfilter_ipv4.h */
 #define IP6T_SO_ORIGINAL_DST 80 /* linux/netfilter_ipv6/ip6_tables.h */
 #define SOCK_STREAM	     1
+#define ENOENT		     2
 #define IPPROTO_TCP	     6
 
 #define SK_DROP 0
@@ -40,8 +41,13 @@
 #define MS_MAX_PORT_RULES  (MS_MAX_PODS * 16)
 #define MS_MAX_RANGE_RULES (MS_MAX_PODS * 16)
 #define MS_MAX_SOCKS	   131072
-#define MS_MAX_ORIG_DST	   65536
-#define MS_MAX_LISTENERS   (MS_MAX_PODS * 2)
+/* Captured connections open at once on the node: one ms_orig_dst entry each,
+ * from the connect's SYN-ACK to its close. The sidecar reads it once, at
+ * accept; an entry evicted before that is counted (getsockopt.orig_dst_missing)
+ * and the sidecar gets ENOENT, never a wrong destination. README says so. */
+#define MS_MAX_CAPTURED_CONNS MS_MAX_SOCKS
+#define MS_MAX_ORIG_DST	      MS_MAX_CAPTURED_CONNS
+#define MS_MAX_LISTENERS      (MS_MAX_PODS * 2)
 
 /* ms_pod.flags: what meshsplice does for one pod (netns). */
 enum ms_pod_flag {
@@ -112,6 +118,7 @@ enum ms_counter {
 	MS_C_ORIG_DST_INBOUND,	 /* answered with the local address */
 	MS_C_ORIG_DST_KERNEL,	 /* the kernel (conntrack) already answered */
 	MS_C_ORIG_DST_SHORT_BUF, /* caller's buffer too small */
+	MS_C_ORIG_DST_MISSING,	 /* captured, but no destination: ENOENT */
 	/* sk_lookup */
 	MS_C_INBOUND_MESHED,   /* TCP SYNs to a registered pod IP */
 	MS_C_INBOUND_CAPTURED, /* assigned to the sidecar's inbound listener */
@@ -129,7 +136,8 @@ enum ms_counter {
 	MS_C_LISTENER_REGISTERED, /* sidecar inbound listener in ms_listeners */
 	MS_C_LISTENER_REFUSED,	  /* the sockmap refused it (MPTCP, ULP) */
 	MS_C_ORIG_DST_STORED,
-	MS_C_SOCK_INSERTED, /* socket added to ms_socks */
+	MS_C_ORIG_DST_EVICTED, /* gone from ms_orig_dst before its close */
+	MS_C_SOCK_INSERTED,    /* socket added to ms_socks */
 	MS_C_SOCK_INSERT_FAILED,
 	MS_C_SOCK_SKIP_SPLICE_OFF,   /* pod or node splice off (either end) */
 	MS_C_SOCK_SKIP_PEER_UNKNOWN, /* peer not a registered pod on this node */
@@ -329,7 +337,8 @@ struct {
 
 /* Original destinations of captured connects, keyed as the sidecar's
  * accepted socket sees itself. LRU only as a backstop: sockops deletes each
- * entry when the app's socket closes. */
+ * entry when the app's socket closes and counts the ones it no longer finds
+ * (sockops.orig_dst_evicted). */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, MS_MAX_ORIG_DST);

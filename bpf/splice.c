@@ -301,7 +301,8 @@ static __always_inline void closed(struct bpf_sock_ops *skops)
 		return;
 	key_from_skops(&k, skops, netns);
 	reverse_key(&ok, &k, netns);
-	bpf_map_delete_elem(&ms_orig_dst, &ok);
+	if (bpf_map_delete_elem(&ms_orig_dst, &ok) != 0)
+		count(MS_C_ORIG_DST_EVICTED, 1); /* LRU pressure */
 	st->flags &= ~MS_SK_ORIG_KEYED;
 }
 
