@@ -44,6 +44,55 @@ static __always_inline int bound_to_passthrough(struct bpf_sock *sk)
 #define CONNECT_CAPTURE 1 /* rewrite the destination to the sidecar */
 #define CONNECT_DENY	2 /* policy forbids it: EPERM at once */
 
+/* istio-iptables' InboundTunnelPort: never hairpinned. */
+#define MS_TUNNEL_PORT 15008
+
+/*
+ * proxy_hairpin: the proxy's own connect goes to its inbound port, as
+ * istio-iptables' ISTIO_OUTPUT does for the proxy's lo traffic (the pod's
+ * own addresses, loopback but 127.0.0.1 / ::1), e.g. Envoy sending an
+ * outbound request to an endpoint that is its own pod:
+ *   -o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m owner --uid-owner 1337
+ *      -j ISTIO_IN_REDIRECT
+ * after the excluded ports and "-o lo -s 127.0.0.6/32 -j RETURN". The gid
+ * form comes after "-o lo -m owner ! --uid-owner 1337 -j RETURN", which
+ * istio-iptables leaves out only when an include range is loopback.
+ */
+static __always_inline int proxy_hairpin(__u64 netns, const struct ms_pod *pod,
+					 const __u32 *dst, __u16 port,
+					 int passthrough, int proxy_uid)
+{
+	if (!(pod->flags & MS_POD_CAPTURE) || !(node_flags() & MS_NODE_CAPTURE))
+		return 0;
+	if (ipv6_off(pod, dst) || passthrough || port == MS_TUNNEL_PORT ||
+	    addr_is_host_loopback(dst) || !via_lo(netns, dst))
+		return 0;
+	if (port_rule(netns, port, MS_PORT_OUT_EXCLUDE))
+		return 0;
+	return proxy_uid || (pod->flags & MS_POD_INCLUDE_LOOPBACK);
+}
+
+/* keep_orig keeps the original destination of a captured connect in the
+ * socket's storage; sockops keys it for cgroup/getsockopt at establish. */
+static __always_inline int keep_orig(struct bpf_sock_addr *ctx,
+				     const __u32 *dst, __u16 port)
+{
+	struct ms_sk *st;
+
+	st = bpf_sk_storage_get(&ms_sk_state, ctx->sk, 0,
+				BPF_SK_STORAGE_GET_F_CREATE);
+	if (!st) {
+		/* Without the original destination the sidecar cannot
+		 * forward: leave this connect alone rather than break it. */
+		count(MS_C_CONNECT_NO_STORAGE, 1);
+		return 0;
+	}
+	__builtin_memcpy(st->orig.ip, dst, 16);
+	st->orig.port = port;
+	st->flags |= MS_SK_HAS_ORIG;
+	return 1;
+}
+
 /* capture_connect is the shared body of connect4 and connect6. dst is the
  * normalized (v4-mapped) destination. */
 static __always_inline int capture_connect(struct bpf_sock_addr *ctx,
@@ -57,7 +106,7 @@ static __always_inline int capture_connect(struct bpf_sock_addr *ctx,
 	const __u32 *src;
 	__u64 ugid;
 	__u32 verdict;
-	int reason;
+	int reason, passthrough, proxy_uid, proxy_gid;
 
 	pod = bpf_map_lookup_elem(&ms_pods, &netns);
 	if (!pod)
@@ -70,7 +119,8 @@ static __always_inline int capture_connect(struct bpf_sock_addr *ctx,
 	 * for the sidecar's inbound passthrough (bound to 127.0.0.6 / ::6),
 	 * which delivers a connection sk_lookup judged already. */
 	src = addr_is_v4(dst) ? pod->ip4.ip : pod->ip6.ip;
-	if (!addr_is_loopback(dst) && !bound_to_passthrough(ctx->sk)) {
+	passthrough = bound_to_passthrough(ctx->sk);
+	if (!addr_is_loopback(dst) && !passthrough) {
 		reason = policy_denies(src, pod->identity, dst, port, 1, &d);
 		if (reason) {
 			d.uid = (__u32)ugid;
@@ -82,37 +132,39 @@ static __always_inline int capture_connect(struct bpf_sock_addr *ctx,
 			count(MS_C_POLICY_EGRESS_ALLOWED, 1);
 	}
 
-	if ((__u32)ugid == pod->proxy_uid ||
-	    (__u32)(ugid >> 32) == pod->proxy_gid) {
+	proxy_uid = (__u32)ugid == pod->proxy_uid;
+	proxy_gid = (__u32)(ugid >> 32) == pod->proxy_gid;
+	if (proxy_uid || proxy_gid) {
 		/* The proxy's own connection. Mark the socket so sockops knows
 		 * whose it is: a cross-pod pair splices only proxy sockets. */
 		st = bpf_sk_storage_get(&ms_sk_state, ctx->sk, 0,
 					BPF_SK_STORAGE_GET_F_CREATE);
 		if (st)
 			st->flags |= MS_SK_PROXY;
+		if (proxy_hairpin(netns, pod, dst, port, passthrough,
+				  proxy_uid)) {
+			if (!keep_orig(ctx, dst, port))
+				return CONNECT_PASS;
+			*sidecar_port = pod->inbound_port;
+			count(MS_C_CONNECT_HAIRPIN, 1);
+			return CONNECT_CAPTURE;
+		}
 		count((pod->flags & MS_POD_CAPTURE) ? MS_C_SKIP_PROXY
 						    : MS_C_SKIP_CAPTURE_OFF,
 		      1);
 		return CONNECT_PASS;
 	}
 
-	verdict = outbound_verdict(netns, pod, dst, port);
+	/* "-o lo -s 127.0.0.6/32 -j RETURN" */
+	verdict = passthrough && via_lo(netns, dst)
+		      ? MS_C_SKIP_LOOPBACK
+		      : outbound_verdict(netns, pod, dst, port);
 	if (verdict != MS_C_CONNECT_CAPTURED) {
 		count(verdict, 1);
 		return CONNECT_PASS;
 	}
-
-	st = bpf_sk_storage_get(&ms_sk_state, ctx->sk, 0,
-				BPF_SK_STORAGE_GET_F_CREATE);
-	if (!st) {
-		/* Without the original destination the sidecar cannot
-		 * forward: leave this connect alone rather than break it. */
-		count(MS_C_CONNECT_NO_STORAGE, 1);
+	if (!keep_orig(ctx, dst, port))
 		return CONNECT_PASS;
-	}
-	__builtin_memcpy(st->orig.ip, dst, 16);
-	st->orig.port = port;
-	st->flags |= MS_SK_HAS_ORIG;
 	*sidecar_port = pod->outbound_port;
 	count(MS_C_CONNECT_CAPTURED, 1);
 	return CONNECT_CAPTURE;
@@ -348,6 +400,7 @@ SEC("sk_lookup")
 int ms_sk_lookup(struct bpf_sk_lookup *ctx)
 {
 	struct ms_denial d = {};
+	struct ms_sock_key self = {};
 	struct ms_addr dst, src;
 	struct ms_pod *pod;
 	__u64 *netns;
@@ -373,7 +426,8 @@ int ms_sk_lookup(struct bpf_sk_lookup *ctx)
 	}
 #undef LK
 	/* Only the pod's own addresses are captured; loopback never is, as
-	 * with Istio's ISTIO_INBOUND (PREROUTING does not see loopback). */
+	 * with Istio's ISTIO_INBOUND (nat PREROUTING does not see what the
+	 * pod sends itself). */
 	netns = bpf_map_lookup_elem(&ms_pod_ips, &dst);
 	if (!netns)
 		return SK_PASS;
@@ -383,7 +437,19 @@ int ms_sk_lookup(struct bpf_sk_lookup *ctx)
 	count(MS_C_INBOUND_MESHED, 1);
 
 	port = (__u16)ctx->local_port;
-	verdict = inbound_verdict(*netns, pod, port, src.ip);
+	/* Did the pod make this connection itself, over lo? Only sockops
+	 * can say (ms_self_syn): a source address proves nothing, since an
+	 * IPv6 SYN from ::6 or from the pod's own address can arrive on
+	 * eth0, and ingress_ifindex names eth0 for a pod calling its own IP
+	 * too. */
+	self.netns = *netns;
+	__builtin_memcpy(self.local_ip, dst.ip, 16);
+	__builtin_memcpy(self.remote_ip, src.ip, 16);
+	self.local_port = port;
+	self.remote_port = bpf_ntohs(ctx->remote_port);
+	verdict = inbound_verdict_from(
+	    *netns, pod, port, src.ip,
+	    bpf_map_lookup_elem(&ms_self_syn, &self) != NULL);
 	if (verdict != MS_C_INBOUND_CAPTURED) {
 		/* Not for the sidecar (its own ports, excluded ports, its
 		 * passthrough to the app): the sidecar would not judge these,

@@ -5,16 +5,20 @@ package e2e
 // istio-iptables (and istio/decide.go, its Go model).
 
 import (
+	"fmt"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/cilium/ebpf"
 
+	"github.com/meshsplice/meshsplice/datapath"
 	"github.com/meshsplice/meshsplice/internal/testnet"
+	"github.com/meshsplice/meshsplice/istio"
 	"github.com/meshsplice/meshsplice/redirect"
 )
 
@@ -85,7 +89,7 @@ func TestEvictedOriginalDstFailsTheSidecar(t *testing.T) {
 	if d := m.counters().Sub(before); d["sockops.orig_dst_stored"] != 1 {
 		t.Fatalf("counters: %v", nonZero(d))
 	}
-	fillOrigDst(t, m.pin)
+	fillOrigDst(t, m.pin, client.Cookie)
 	if err := os.WriteFile(gate, nil, 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -109,10 +113,11 @@ func TestEvictedOriginalDstFailsTheSidecar(t *testing.T) {
 	}
 }
 
-// fillOrigDst writes as many entries into the pinned ms_orig_dst as it
-// holds, none of them a real socket's (netns cookie 0): every older entry
-// is evicted.
-func fillOrigDst(t *testing.T, pin string) {
+// fillOrigDst writes entries into the pinned ms_orig_dst, none of them a
+// real socket's, until no entry of netns is left: the LRU evicts the older
+// ones (it is approximate per CPU, so one round of MaxEntries writes may
+// leave a few behind).
+func fillOrigDst(t *testing.T, pin string, netns uint64) {
 	t.Helper()
 	om, err := ebpf.LoadPinnedMap(filepath.Join(pin, "maps", "ms_orig_dst"), nil)
 	if err != nil {
@@ -122,12 +127,284 @@ func fillOrigDst(t *testing.T, pin string) {
 	n := int(om.MaxEntries())
 	keys := make([]redirect.CaptureMsSockKey, n)
 	vals := make([]redirect.CaptureMsOrig, n)
-	for i := range keys {
-		keys[i].LocalPort = uint16(i)
-		keys[i].RemotePort = uint16(i >> 16)
-		keys[i].LocalIp[0] = 0xdeadbeef
+	for round := uint32(1); round <= 8; round++ {
+		for i := range keys {
+			keys[i].LocalPort = uint16(i)
+			keys[i].RemotePort = uint16(i >> 16)
+			keys[i].LocalIp[0] = round
+		}
+		if _, err := om.BatchUpdate(keys, vals, nil); err != nil {
+			t.Fatalf("fill ms_orig_dst (%d entries): %v", n, err)
+		}
+		left := 0
+		var k redirect.CaptureMsSockKey
+		var v redirect.CaptureMsOrig
+		for it := om.Iterate(); it.Next(&k, &v); {
+			if k.Netns == netns {
+				left++
+			}
+		}
+		if left == 0 {
+			return
+		}
 	}
-	if _, err := om.BatchUpdate(keys, vals, nil); err != nil {
-		t.Fatalf("fill ms_orig_dst (%d entries): %v", n, err)
+	t.Fatalf("ms_orig_dst still holds entries of netns %d after 8 rounds of %d writes", netns, n)
+}
+
+// probe is one connection attempt for the kernel-versus-model tests.
+type probe struct {
+	uid, gid int
+	src      netip.Addr // bound source, or none
+	dst      netip.AddrPort
+}
+
+func (p probe) String() string {
+	s := fmt.Sprintf("%s uid %d gid %d", p.dst, p.uid, p.gid)
+	if p.src.IsValid() {
+		s += " from " + p.src.String()
+	}
+	return s
+}
+
+// kernelTarget makes connection attempt pr from pod p and says, from the
+// kernel counters, where the datapath sent it: the outbound port (connect4/6
+// captured it), the inbound port (the proxy's hairpin at connect, or
+// sk_lookup), or nowhere.
+func (m *mesh) kernelTarget(t *testing.T, p *meshPod, pr probe) (istio.Target, datapath.Counters) {
+	t.Helper()
+	args := []string{m.bin, "client", "--target", pr.dst.String(), "--messages", "1", "--timeout", "2s"}
+	if pr.src.IsValid() {
+		args = append(args, "--source", pr.src.String())
+	}
+	before := m.counters()
+	c := testnet.Start(t, testnet.StartOpts{
+		NetNS: p.NS, Cgroup: m.cg, UID: pr.uid, GID: pr.gid, Name: "probe",
+		Args: args, Env: []string{"GODEBUG=multipathtcp=0"},
+	})
+	c.WaitTimeout(20 * time.Second)
+	d := m.counters().Sub(before)
+	switch {
+	case d["connect.captured"] > 0:
+		return istio.TargetOutbound, d
+	case d["connect.captured_hairpin"] > 0 || d["sk_lookup.captured"] > 0:
+		return istio.TargetInbound, d
+	}
+	return istio.TargetNone, d
+}
+
+// checkKernelFollowsIstio runs each probe from pod p and compares where the
+// kernel sent it with istio.Traffic.Decide for a connection made inside p.
+func (m *mesh) checkKernelFollowsIstio(t *testing.T, p *meshPod, probes []probe) {
+	t.Helper()
+	for _, pr := range probes {
+		want, why := p.Traffic.Decide(istio.Conn{Local: true, Src: pr.src, Dst: pr.dst, UID: uint32(pr.uid), GID: uint32(pr.gid)})
+		t.Run(p.Name+" "+pr.String(), func(t *testing.T) {
+			got, d := m.kernelTarget(t, p, pr)
+			if got != want {
+				t.Fatalf("kernel sent it to %v, istio says %v (%s): %v", got, want, why, nonZero(d))
+			}
+		})
+	}
+}
+
+// checkInbound makes connection attempt pr from pod from (outside p) to p
+// and compares where the kernel sent it with istio.Traffic.Decide.
+func (m *mesh) checkInbound(t *testing.T, p, from *meshPod, pr probe) datapath.Counters {
+	t.Helper()
+	src := pr.src
+	if !src.IsValid() {
+		src = from.addr(pr.dst.Addr().Is6())
+	}
+	want, why := p.Traffic.Decide(istio.Conn{Src: src, Dst: pr.dst})
+	got, d := m.kernelTarget(t, from, pr)
+	if got != want {
+		t.Fatalf("from %s: kernel sent it to %v, istio says %v (%s): %v", src, got, want, why, nonZero(d))
+	}
+	return d
+}
+
+// TestKernelFollowsIstioForOwnPodIP: an app calling its own pod IP leaves
+// through lo, and istio-iptables RETURNs it ("-o lo -m owner ! --uid-owner
+// 1337 -j RETURN"): not captured outbound, nor inbound. The proxy's own
+// connection there goes to the inbound port ("-o lo ! -d 127.0.0.1/32 -p
+// tcp ! --dport 15008 -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT"),
+// with the right original destination; with an include range that is
+// loopback, the app's is judged by the ranges.
+func TestKernelFollowsIstioForOwnPodIP(t *testing.T) {
+	m := newMesh(t)
+	node := testnet.NewBridgeNet(t, testnet.BridgeNetOpts{})
+	pod := m.addPod(node, "self", injected())
+	// The pod's own /32 and loopback: the app's own-IP calls are captured.
+	loop := m.addPod(node, "loopinc", nil)
+	loop = m.registerLate(node, loop, injected(istio.AnnotationIncludeOutboundIPRanges,
+		"127.0.0.0/8,"+loop.IPv4.String()+"/32"))
+	const gidOnly = 2000
+	var probes []probe
+	for _, ip := range []netip.Addr{pod.IPv4, pod.IPv6} {
+		probes = append(probes,
+			probe{uid: appUID, gid: appUID, dst: netip.AddrPortFrom(ip, appPort)},
+			probe{uid: 1337, gid: 1337, dst: netip.AddrPortFrom(ip, appPort)},
+			probe{uid: gidOnly, gid: 1337, dst: netip.AddrPortFrom(ip, appPort)},
+		)
+	}
+	m.checkKernelFollowsIstio(t, pod, probes)
+	m.checkKernelFollowsIstio(t, loop, []probe{
+		{uid: appUID, gid: appUID, dst: netip.AddrPortFrom(loop.IPv4, appPort)},
+		{uid: appUID, gid: appUID, dst: netip.AddrPortFrom(loop.IPv6, appPort)},
+		{uid: gidOnly, gid: 1337, dst: netip.AddrPortFrom(loop.IPv4, appPort)},
+	})
+
+	// What each end saw: the app's own call reached the app directly
+	// from the pod's own address; the proxy's came through its inbound
+	// listener with the pod IP as original destination.
+	t.Run("app and sidecar see the right peers", func(t *testing.T) {
+		seen := len(acceptsOf(pod.App))
+		in := len(acceptEvents(pod.Sidecar, "inbound"))
+		m.client(pod, appUID, netip.AddrPortFrom(pod.IPv4, appPort), "--messages", "2")
+		peers := waitAccepts(t, pod.App, "", seen+1)
+		if got := origDst(peers[len(peers)-1].Str("peer")).Addr(); got != pod.IPv4 {
+			t.Fatalf("app saw its own call from %s, want %s directly", got, pod.IPv4)
+		}
+		if n := len(acceptEvents(pod.Sidecar, "inbound")); n != in {
+			t.Fatalf("sidecar accepted the app's own-IP call (%d new inbound accepts)", n-in)
+		}
+		target := netip.AddrPortFrom(pod.IPv6, appPort)
+		m.client(pod, 1337, target, "--messages", "2")
+		evs := waitAccepts(t, pod.Sidecar, "inbound", in+1)
+		if len(evs) != in+1 || origDst(evs[in].Str("orig_dst")) != target {
+			t.Fatalf("sidecar inbound accepts %v, want one for %s", evs[in:], target)
+		}
+	})
+}
+
+// registerLate registers an unregistered test pod with annotations ann
+// (after its app started) and starts its sidecar.
+func (m *mesh) registerLate(node *testnet.BridgeNet, p *meshPod, ann map[string]string) *meshPod {
+	t := m.t
+	t.Helper()
+	tr, _, err := istio.ParseTraffic(ann, testDefaults())
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr.PodIPs = []netip.Addr{p.IPv4, p.IPv6}
+	return m.registerWith(p, tr)
+}
+
+// registerWith registers pod p with tr (tr.PodIPs its addresses) and starts
+// its sidecar.
+func (m *mesh) registerWith(p *meshPod, tr istio.Traffic) *meshPod {
+	t := m.t
+	t.Helper()
+	p.Traffic = tr
+	if err := redirect.PreparePodNetns(p.NS.Path()); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.dp.AddPod(datapath.Pod{NetnsPath: p.NS.Path(), Cookie: p.Cookie, IPs: tr.PodIPs, Traffic: tr}); err != nil {
+		t.Fatal(err)
+	}
+	p.Sidecar = m.start(p, p.Name+"-sidecar", 1337, "sidecar")
+	if _, err := p.Sidecar.WaitEvent(waitFor, "ready"); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.dp.WaitListener(p.Cookie, waitFor); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// TestKernelFollowsIstioForIPv6Ranges: an IPv6 range (::/0, ::/80) never
+// matches an IPv4 destination, although the kernel keeps IPv4 addresses in
+// their v4-mapped IPv6 form (::ffff:a.b.c.d, inside ::/80).
+func TestKernelFollowsIstioForIPv6Ranges(t *testing.T) {
+	m := newMesh(t)
+	node := testnet.NewBridgeNet(t, testnet.BridgeNetOpts{})
+	server := m.addPod(node, "server", nil)
+	pods := []*meshPod{
+		m.addPod(node, "excl-all6", injected(istio.AnnotationExcludeOutboundIPRanges, "::/0")),
+		m.addPod(node, "excl-80", injected(istio.AnnotationExcludeOutboundIPRanges, "::/80")),
+		m.addPod(node, "incl-all6", injected(istio.AnnotationIncludeOutboundIPRanges, "::/0")),
+		m.addPod(node, "incl-mapped", injected(istio.AnnotationIncludeOutboundIPRanges, "::ffff:0:0/96")),
+	}
+	for _, p := range pods {
+		var probes []probe
+		for _, ip := range []netip.Addr{server.IPv4, server.IPv6} {
+			probes = append(probes, probe{uid: appUID, gid: appUID, dst: netip.AddrPortFrom(ip, appPort)})
+		}
+		m.checkKernelFollowsIstio(t, p, probes)
+	}
+}
+
+// TestKernelFollowsIstioIPv6Enablement: istio-iptables writes ip6tables
+// rules only for an IPv6-only pod, or a dual-stack one with
+// ISTIO_DUAL_STACK; otherwise the pod's IPv6 is never captured, in or out.
+func TestKernelFollowsIstioIPv6Enablement(t *testing.T) {
+	m := newMesh(t)
+	node := testnet.NewBridgeNet(t, testnet.BridgeNetOpts{})
+	server := m.addPod(node, "server", nil)
+	client := m.addPod(node, "client", nil)
+	for _, tc := range []struct {
+		name      string
+		dualStack bool
+		v6Only    bool // register the IPv6 address only
+	}{
+		{"dual-stack pod, ISTIO_DUAL_STACK", true, false},
+		{"dual-stack pod, no ISTIO_DUAL_STACK", false, false},
+		{"IPv6-only pod", false, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := m.addPod(node, fmt.Sprintf("p%v%v", tc.dualStack, tc.v6Only), nil)
+			d := istio.DefaultDefaults()
+			d.DualStack = tc.dualStack
+			tr, _, err := istio.ParseTraffic(injected(), d)
+			if err != nil {
+				t.Fatal(err)
+			}
+			tr.PodIPs = []netip.Addr{p.IPv4, p.IPv6}
+			if tc.v6Only {
+				tr.PodIPs = []netip.Addr{p.IPv6}
+			}
+			m.registerWith(p, tr)
+			m.checkKernelFollowsIstio(t, p, []probe{
+				{uid: appUID, gid: appUID, dst: netip.AddrPortFrom(server.IPv4, appPort)},
+				{uid: appUID, gid: appUID, dst: netip.AddrPortFrom(server.IPv6, appPort)},
+			})
+			for _, ip := range []netip.Addr{p.IPv4, p.IPv6} {
+				if !slices.Contains(tr.PodIPs, ip) {
+					continue // not the pod's registered address: never captured
+				}
+				dst := netip.AddrPortFrom(ip, appPort)
+				t.Run("inbound "+dst.String(), func(t *testing.T) {
+					m.checkInbound(t, p, client, probe{uid: appUID, gid: appUID, dst: dst})
+				})
+			}
+		})
+	}
+}
+
+// TestPassthroughSourceOnlyOverLo: Envoy's passthrough source (::6) is
+// exempt from inbound capture only on connections the pod makes to itself.
+// A SYN from ::6 that arrives on eth0 (another namespace, over the veth,
+// with ::6 as its source) is judged like any other: captured, and subject to
+// policy, as istio-iptables' REDIRECT mode does (its ::6 rule is "-o lo").
+func TestPassthroughSourceOnlyOverLo(t *testing.T) {
+	m := newMesh(t)
+	node := testnet.NewBridgeNet(t, testnet.BridgeNetOpts{})
+	server := m.addPod(node, "server", injected())
+	spoofer := m.addPod(node, "spoofer", nil)
+	// ::6 as an address of the spoofer's eth0: its SYNs leave with it.
+	spoofer.NS.Run(t, "ip", "-6", "addr", "add", "::6/128", "dev", "eth0", "nodad")
+	dst := netip.AddrPortFrom(server.IPv6, appPort)
+	d := m.checkInbound(t, server, spoofer, probe{uid: appUID, gid: appUID, src: netip.MustParseAddr("::6"), dst: dst})
+	if d["sk_lookup.skip_passthrough_source"] != 0 {
+		t.Fatalf("a SYN from eth0 got the passthrough exemption: %v", nonZero(d))
+	}
+	// The sidecar's own passthrough (from ::6 over lo) still reaches the
+	// app, not the sidecar again.
+	client := m.addPod(node, "client", nil)
+	before := m.counters()
+	m.client(client, appUID, dst, "--messages", "2")
+	d = m.counters().Sub(before)
+	if d["sk_lookup.captured"] != 1 || d["sk_lookup.skip_passthrough_source"] != 1 {
+		t.Fatalf("inbound via the sidecar: %v", nonZero(d))
 	}
 }
