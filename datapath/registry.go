@@ -126,6 +126,15 @@ func (d *Datapath) AddPod(p Pod) error {
 		p.Cookie = c
 	}
 	t := p.Traffic
+	// The proxy's ids as the programs see them (the host's view), before
+	// anything is written: a pod meshsplice cannot map is refused whole.
+	proxyUID, proxyGID := t.ProxyUID, t.ProxyGID
+	if p.NetnsPath != "" {
+		var err error
+		if proxyUID, proxyGID, err = proxyIDsOnHost(p.NetnsPath, t.ProxyUID, t.ProxyGID); err != nil {
+			return fmt.Errorf("add pod %d: %w", p.Cookie, err)
+		}
+	}
 	if len(t.PodIPs) == 0 {
 		t.PodIPs = p.IPs // what istio-iptables decides IPv6 capture from
 	}
@@ -172,6 +181,7 @@ func (d *Datapath) AddPod(p Pod) error {
 	}
 	pod := podValue(t)
 	pod.Identity = p.Identity
+	pod.ProxyUid, pod.ProxyGid = proxyUID, proxyGID
 	for _, ip := range p.IPs {
 		if ip.Unmap().Is4() && pod.Ip4 == (redirect.CaptureMsAddr{}) {
 			pod.Ip4 = addrKey(ip)

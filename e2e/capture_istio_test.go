@@ -5,12 +5,15 @@ package e2e
 // istio-iptables (and istio/decide.go, its Go model).
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -407,4 +410,88 @@ func TestPassthroughSourceOnlyOverLo(t *testing.T) {
 	if d["sk_lookup.captured"] != 1 || d["sk_lookup.skip_passthrough_source"] != 1 {
 		t.Fatalf("inbound via the sidecar: %v", nonZero(d))
 	}
+}
+
+// TestProxyInPodUserNamespaceIsNotCapturedAgain: a pod with its own user
+// namespace (Kubernetes hostUsers: false) runs Envoy as uid 1337 inside,
+// which the kernel sees as 101337 here. iptables' owner match reads
+// "--uid-owner 1337" in that namespace, so Envoy's own connects are left
+// alone; compared with the host's view, they would be captured again (a
+// loop). The app's connects (uid 1000 inside) are still captured.
+func TestProxyInPodUserNamespaceIsNotCapturedAgain(t *testing.T) {
+	m := newMesh(t)
+	const base = 100000
+	// A process holding a user namespace (inside 0-65535 = outside
+	// 100000-165535) and a network namespace that it owns.
+	holder := exec.Command("sleep", "1000000")
+	idMap := []syscall.SysProcIDMap{{ContainerID: 0, HostID: base, Size: 65536}}
+	holder.SysProcAttr = &syscall.SysProcAttr{
+		Cloneflags:  syscall.CLONE_NEWUSER | syscall.CLONE_NEWNET,
+		UidMappings: idMap, GidMappings: idMap,
+	}
+	if err := holder.Start(); err != nil {
+		t.Fatalf("start a process in a new user namespace: %v", err)
+	}
+	t.Cleanup(func() { holder.Process.Kill(); holder.Wait() })
+	pid := holder.Process.Pid
+	netnsPath := fmt.Sprintf("/proc/%d/ns/net", pid)
+	if out, err := exec.Command("nsenter", "--net="+netnsPath, "ip", "link", "set", "lo", "up").CombinedOutput(); err != nil {
+		t.Fatalf("lo up: %v\n%s", err, out)
+	}
+	cookie, err := datapath.NetnsCookie(netnsPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr, _, err := istio.ParseTraffic(injected(), testDefaults())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.dp.AddPod(datapath.Pod{NetnsPath: netnsPath, Cookie: cookie,
+		IPs: []netip.Addr{netip.MustParseAddr("192.0.2.10")}, Traffic: tr}); err != nil {
+		t.Fatalf("register the pod: %v", err)
+	}
+	for _, tc := range []struct {
+		name    string
+		uid     int // inside the pod's user namespace
+		counter string
+	}{
+		{"proxy uid 1337 inside", 1337, "connect.skip_proxy"},
+		{"app uid 1000 inside", 1000, "connect.captured"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			before := m.counters()
+			c := testnet.Start(t, testnet.StartOpts{Name: "probe", Cgroup: m.cg, Env: []string{"GODEBUG=multipathtcp=0"}, Args: []string{
+				"nsenter", "--target", fmt.Sprint(pid), "--user", "--net",
+				"--setuid", fmt.Sprint(tc.uid), "--setgid", fmt.Sprint(tc.uid), "--",
+				m.bin, "client", "--target", "198.51.100.1:80", "--messages", "1", "--timeout", "1s",
+			}})
+			c.WaitTimeout(20 * time.Second)
+			d := m.counters().Sub(before)
+			if d["connect.meshed"] != 1 || d[tc.counter] != 1 {
+				t.Fatalf("want %s: %v\n%s", tc.counter, nonZero(d), strings.Join(c.Lines(), "\n"))
+			}
+		})
+	}
+
+	// Once no process is left in the user namespace (the netns kept
+	// alive by a bind mount), its uid_map cannot be read: the pod is
+	// refused, saying why, rather than registered with the wrong ids.
+	t.Run("user namespace without a process", func(t *testing.T) {
+		pin := filepath.Join(t.TempDir(), "netns")
+		if err := os.WriteFile(pin, nil, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := syscall.Mount(netnsPath, pin, "", syscall.MS_BIND, ""); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { syscall.Unmount(pin, syscall.MNT_DETACH) })
+		holder.Process.Kill()
+		holder.Wait()
+		err := m.dp.AddPod(datapath.Pod{NetnsPath: pin, Cookie: cookie,
+			IPs: []netip.Addr{netip.MustParseAddr("192.0.2.10")}, Traffic: tr})
+		if !errors.Is(err, datapath.ErrUserNamespace) {
+			t.Fatalf("AddPod = %v, want ErrUserNamespace", err)
+		}
+		t.Log(err)
+	})
 }

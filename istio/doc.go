@@ -151,8 +151,10 @@
 //     annotation; callers that have the pod's labels should copy the label's
 //     value over the annotation before calling [ParseTraffic].
 //   - iptables' owner match compares the socket's file credentials (fsuid,
-//     fsgid, without supplementary groups); the uid and gid in [Conn] should
-//     be the same.
+//     fsgid, without supplementary groups), as seen from the user namespace
+//     that owns the pod's network namespace; the uid and gid in [Conn] are
+//     the same, so for a pod with its own user namespace they are the ids
+//     inside it (the datapath maps them to the host's view).
 //
 // # Example
 //
