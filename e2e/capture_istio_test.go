@@ -495,3 +495,40 @@ func TestProxyInPodUserNamespaceIsNotCapturedAgain(t *testing.T) {
 		t.Log(err)
 	})
 }
+
+// TestInboundListenerFamilies: sk_lookup hands an IPv4 SYN to the sidecar's
+// IPv4 listener, else to its dual-stack [::] one; an IPv6 SYN only to an
+// IPv6 listener. That fallback is one-way on purpose: an AF_INET listener
+// cannot take an IPv6 connection (bpf_sk_assign refuses it with
+// EAFNOSUPPORT), just as istio-iptables' REDIRECT of an IPv6 connection to
+// a sidecar listening on 0.0.0.0:15006 only is refused. Either way the app
+// is never reached around the sidecar.
+func TestInboundListenerFamilies(t *testing.T) {
+	m := newMesh(t)
+	node := testnet.NewBridgeNet(t, testnet.BridgeNetOpts{})
+	dual := m.addPod(node, "dual", injected())
+	v4only := m.addPodWith(node, "v4only", injected(), "--listen-v4only")
+	client := m.addPod(node, "client", nil)
+	for _, tc := range []struct {
+		pod     *meshPod
+		v6      bool
+		counter string
+	}{
+		{dual, false, "sk_lookup.captured"},
+		{dual, true, "sk_lookup.captured"},
+		{v4only, false, "sk_lookup.captured"},
+		{v4only, true, "sk_lookup.refused_no_listener"},
+	} {
+		dst := netip.AddrPortFrom(tc.pod.addr(tc.v6), appPort)
+		t.Run(tc.pod.Name+" "+family(tc.v6), func(t *testing.T) {
+			seen := len(acceptsOf(tc.pod.App))
+			_, d := m.kernelTarget(t, client, probe{uid: appUID, gid: appUID, dst: dst})
+			if d[tc.counter] != 1 {
+				t.Fatalf("want %s: %v", tc.counter, nonZero(d))
+			}
+			if tc.counter != "sk_lookup.captured" && len(acceptsOf(tc.pod.App)) != seen {
+				t.Fatalf("the app was reached around the sidecar")
+			}
+		})
+	}
+}
