@@ -4,7 +4,9 @@
  *
  *  - cgroup/connect4, cgroup/connect6: a meshed pod's outbound TCP connect
  *    is sent to its sidecar's outbound listener (127.0.0.1:15001 or
- *    [::1]:15001), the original destination kept in socket storage;
+ *    [::1]:15001), and the proxy's own connect to its pod (istio-iptables'
+ *    ISTIO_IN_REDIRECT) to its inbound listener, the original destination
+ *    kept in socket storage;
  *  - cgroup/getsockopt: answers SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST on the
  *    sidecar's accepted sockets, so an unmodified Envoy finds that
  *    destination;
