@@ -4,6 +4,10 @@ GO ?= go
 BIN := bin
 # Tests create network namespaces, cgroups and BPF programs: they need root.
 TEST_FLAGS ?= -count=1 -timeout 20m
+# DEPS installs what a target needs and the machine lacks (Debian packages,
+# tools built from the Go module proxy); silent when all is there. Its list
+# is the only one: .ci/run uses it too.
+DEPS := ./hack/deps.sh
 
 
 .PHONY: all build demo-bins generate check-generated test unit lint demo bench bench-bins clean
@@ -25,25 +29,30 @@ demo-bins: build
 # generate compiles the BPF C with clang (CO-RE, bpf2go). The objects are
 # committed: building meshsplice needs no clang.
 generate:
+	@$(DEPS) generate
 	$(GO) generate ./redirect ./sockops
 
 # check-generated proves the committed BPF objects and Go bindings match
 # the C sources.
 check-generated:
+	@$(DEPS) generate
 	./hack/check-generated.sh
 
 # test runs every test, the privileged real-kernel ones included (root).
 test:
 	@if [ "$$(id -u)" != 0 ]; then echo "make test needs root (network namespaces, cgroups, BPF)"; exit 1; fi
+	@$(DEPS) test
 	$(GO) test $(TEST_FLAGS) ./...
 
 lint:
+	@$(DEPS) lint
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "not gofmt-ed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
 	clang-format-19 --dry-run --Werror bpf/*.c bpf/*.h
 
 demo: demo-bins
 	@if [ "$$(id -u)" != 0 ]; then echo "make demo needs root (network namespaces, cgroups, BPF)"; exit 1; fi
+	@$(DEPS) demo
 	$(BIN)/meshsplice demo --bin-dir $(BIN)
 
 # bench-bins builds what `meshsplice bench` runs in its pods: the test
@@ -59,6 +68,7 @@ bench-bins: build
 BENCH_FLAGS ?=
 bench: bench-bins
 	@if [ "$$(id -u)" != 0 ]; then echo "make bench needs root (network namespaces, cgroups, BPF)"; exit 1; fi
+	@$(DEPS) bench
 	$(BIN)/meshsplice bench --bin-dir $(BIN) $(BENCH_FLAGS)
 
 clean:

@@ -7,7 +7,8 @@
 // Pods survive agent restarts: every registration is written to the state
 // directory before it reaches the kernel, and a new agent reloads it,
 // re-resolves each pod against the current configuration and drops pods
-// whose network namespace is gone.
+// whose network namespace is gone (as it does while running, see
+// registrations.go).
 package agent
 
 import (
@@ -53,6 +54,10 @@ type Config struct {
 	NodeCapture, NodeSplice bool
 	Source                  istio.Source
 	Log                     *slog.Logger
+	// ListenerGrace is how long a captured pod may go without its
+	// sidecar's inbound listener in the kernel before the agent warns
+	// (DefaultListenerGrace when zero).
+	ListenerGrace time.Duration
 }
 
 // Agent is a running node agent.
@@ -74,10 +79,17 @@ type Agent struct {
 type podReg = api.PodRegistration
 
 type pod struct {
-	Reg      api.PodRegistration `json:"registration"`
-	Cookie   uint64              `json:"netns_cookie"`
-	Traffic  istio.Traffic       `json:"-"`
-	Warnings []string            `json:"-"`
+	Reg    api.PodRegistration `json:"registration"`
+	Cookie uint64              `json:"netns_cookie"`
+	// AddedLoV6: the agent added ::6/128 to the pod's lo (it was not
+	// there), so removing the pod removes it again.
+	AddedLoV6 bool `json:"added_lo_v6,omitempty"`
+	// Registered is when the pod was registered (or reloaded by an agent
+	// that found no time): the inbound listener's grace period starts here.
+	Registered time.Time     `json:"registered"`
+	Traffic    istio.Traffic `json:"-"`
+	Warnings   []string      `json:"-"`
+	inbound    inboundState
 }
 
 // Run starts the agent and blocks until ctx ends. The datapath stays
@@ -103,8 +115,15 @@ func New(cfg Config) (*Agent, error) {
 	if cfg.StateDir == "" {
 		cfg.StateDir = DefaultStateDir
 	}
+	if cfg.ListenerGrace <= 0 {
+		cfg.ListenerGrace = DefaultListenerGrace
+	}
 	if cfg.Source == nil {
 		return nil, errors.New("agent: no Istio config source")
+	}
+	// Created now, not at the first pod: a wrong path fails at start.
+	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+		return nil, fmt.Errorf("state dir: %w", err)
 	}
 	dp, err := datapath.Open(datapath.Options{
 		PinDir: cfg.PinDir, CgroupPath: cfg.CgroupPath, Logger: cfg.Log,
@@ -140,6 +159,7 @@ func (a *Agent) Serve(ctx context.Context) error {
 	errc := make(chan error, 3)
 	updates := make(chan istio.Config)
 	go func() { errc <- a.cfg.Source.Run(ctx, updates) }()
+	go a.sweepLoop(ctx)
 	go func() {
 		for {
 			select {
@@ -157,6 +177,7 @@ func (a *Agent) Serve(ctx context.Context) error {
 	case err := <-errc:
 		return fmt.Errorf("istio config: %w", err)
 	case <-ctx.Done():
+		a.logStopping(ctx)
 		return nil
 	}
 
@@ -180,16 +201,39 @@ func (a *Agent) Serve(ctx context.Context) error {
 		msrv := &http.Server{Handler: a.metricsHandler(), ReadHeaderTimeout: 5 * time.Second}
 		go func() { errc <- serveUntil(ctx, msrv, mln) }()
 	}
+	go func() {
+		tick := time.NewTicker(max(a.cfg.ListenerGrace/4, 100*time.Millisecond))
+		defer tick.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case now := <-tick.C:
+				a.checkListeners(now)
+			}
+		}
+	}()
 	a.mu.Lock()
 	a.ready = true
 	a.mu.Unlock()
 	a.log.Info("agent ready", "cni_socket", a.cfg.CNISocket, "metrics", a.cfg.MetricsAddr, "pods", len(a.pods))
 	select {
 	case <-ctx.Done():
+		a.logStopping(ctx)
 		return nil
 	case err := <-errc:
 		return err
 	}
+}
+
+// logStopping says that the agent stops and what keeps running without it.
+func (a *Agent) logStopping(ctx context.Context) {
+	reason := "stopped"
+	if cause := context.Cause(ctx); cause != nil {
+		reason = cause.Error()
+	}
+	a.log.Info("agent stopping; the datapath stays attached and pinned: live and new connections of registered pods keep being captured and spliced, but a sidecar that starts listening before the next agent runs refuses inbound connections until then",
+		"reason", reason, "pin_dir", a.dp.PinDir(), "cgroup", a.cfg.CgroupPath)
 }
 
 func serveUntil(ctx context.Context, srv *http.Server, ln net.Listener) error {
@@ -211,6 +255,9 @@ func (a *Agent) applyConfig(c istio.Config) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	a.istio = c
+	// Never re-program a pod whose netns is gone: it may hold an address
+	// that belongs to a new pod now.
+	a.forgetGone()
 	node := datapath.NodeSettings{Capture: a.cfg.NodeCapture && c.Node.Capture, Splice: a.cfg.NodeSplice && c.Node.Splice}
 	if err := a.dp.SetNode(node); err != nil {
 		a.log.Error("apply node switches", "error", err)
@@ -245,8 +292,15 @@ func (a *Agent) programPod(p *pod) error {
 	}
 	p.Traffic, p.Warnings = tr, warnings
 	if tr.Capture {
-		if err := redirect.PreparePodNetns(p.Reg.Netns); err != nil {
+		added, err := redirect.AddPassthroughV6(p.Reg.Netns)
+		if err != nil {
 			return err
+		}
+		if added && !p.AddedLoV6 {
+			p.AddedLoV6 = true
+			if err := a.saveState(); err != nil {
+				return err
+			}
 		}
 	}
 	return a.dp.AddPod(datapath.Pod{NetnsPath: p.Reg.Netns, Cookie: p.Cookie, IPs: p.Reg.IPs, Traffic: tr,
@@ -266,22 +320,29 @@ func (a *Agent) AddPod(_ context.Context, req api.PodRegistration) (api.PodStatu
 			return api.PodStatus{}, fmt.Errorf("%w: netns %s is registered already for %s", api.ErrConflict, req.Netns, other.Reg)
 		}
 	}
-	p := &pod{Reg: req, Cookie: cookie}
+	p := &pod{Reg: req, Cookie: cookie, Registered: time.Now()}
 	if _, _, err := istio.ParseTraffic(req.Annotations, a.istio.Defaults()); err != nil {
 		return api.PodStatus{}, fmt.Errorf("%w: pod %s: %w", api.ErrInvalidRequest, req, err)
 	}
+	claimWarnings, err := a.settleIPClaims(req.ContainerID, p)
+	if err != nil {
+		return api.PodStatus{}, err
+	}
 	prev := a.pods[req.ContainerID]
+	if prev != nil && prev.Cookie == cookie {
+		p.AddedLoV6, p.Registered = prev.AddedLoV6, prev.Registered
+	}
 	a.pods[req.ContainerID] = p
 	if err := a.saveState(); err != nil {
 		a.restore(req.ContainerID, prev)
 		return api.PodStatus{}, err
 	}
-	if err := a.programPod(p); err != nil {
+	if err := a.replacePod(prev, p); err != nil {
 		a.restore(req.ContainerID, prev)
 		a.saveState()
-		a.dp.RemovePod(cookie)
 		return api.PodStatus{}, err
 	}
+	p.Warnings = append(p.Warnings, claimWarnings...)
 	for _, w := range p.Warnings {
 		a.log.Warn("pod settings", "pod", req.String(), "warning", w)
 	}
@@ -290,6 +351,28 @@ func (a *Agent) AddPod(_ context.Context, req api.PodRegistration) (api.PodStatu
 		a.log.Error("authorization policy not applied; the kernel keeps the previous one", "error", err)
 	}
 	return statusOf(p), nil
+}
+
+// replacePod programs p in place of the previous registration of its
+// container ID (nil: none). The datapath rolls a failed registration back,
+// so on error the previous one is still in force. A container registered
+// again with another netns (its sandbox re-created) leaves nothing of the
+// old netns behind; the old one goes first, as both claim the same
+// addresses, and comes back if p fails. Called with a.mu held.
+func (a *Agent) replacePod(prev, p *pod) error {
+	if prev == nil || prev.Cookie == p.Cookie {
+		return a.programPod(p)
+	}
+	if err := a.dp.RemovePod(prev.Cookie); err != nil {
+		return fmt.Errorf("forget the previous netns of %s: %w", p.Reg, err)
+	}
+	err := a.programPod(p)
+	if err != nil {
+		if rerr := a.programPod(prev); rerr != nil {
+			a.log.Error("restore the previous registration", "pod", prev.Reg.String(), "error", rerr)
+		}
+	}
+	return err
 }
 
 func (a *Agent) restore(id string, prev *pod) {
@@ -332,6 +415,12 @@ func (a *Agent) RemovePod(_ context.Context, containerID string) error {
 		return err
 	}
 	delete(a.pods, containerID)
+	if p.AddedLoV6 {
+		if err := redirect.RemovePassthroughV6(p.Reg.Netns); err != nil {
+			// The pod is going: a stray address must not block its removal.
+			a.log.Warn("pod unregistered, but ::6 stays on its lo", "pod", p.Reg.String(), "error", err)
+		}
+	}
 	a.log.Info("pod unregistered", "pod", p.Reg.String())
 	if err := a.reconcilePolicy(false); err != nil {
 		a.log.Error("authorization policy not applied; the kernel keeps the previous one", "error", err)
@@ -362,7 +451,12 @@ func (a *Agent) Pods() []api.PodStatus {
 }
 
 func statusOf(p *pod) api.PodStatus {
-	return api.PodStatus{Pod: p.Reg, Capture: p.Traffic.Capture, Splice: p.Traffic.Splice, Warnings: p.Warnings}
+	st := api.PodStatus{Pod: p.Reg, Capture: p.Traffic.Capture, Splice: p.Traffic.Splice, Warnings: p.Warnings}
+	if p.inbound.known {
+		ready := p.inbound.ready
+		st.InboundReady, st.InboundReason = &ready, p.inbound.reason
+	}
+	return st
 }
 
 func (a *Agent) statePath() string { return filepath.Join(a.cfg.StateDir, "pods.json") }
@@ -395,15 +489,9 @@ func (a *Agent) saveState() error {
 // gone, or now has another cookie, is dropped (and removed from the
 // kernel); kernel pods nobody registered are removed too.
 func (a *Agent) loadState() error {
-	b, err := os.ReadFile(a.statePath())
-	if errors.Is(err, os.ErrNotExist) {
-		b = []byte("[]")
-	} else if err != nil {
+	list, err := readPods(a.statePath())
+	if err != nil {
 		return fmt.Errorf("load pods: %w", err)
-	}
-	var list []*pod
-	if err := json.Unmarshal(b, &list); err != nil {
-		return fmt.Errorf("load pods from %s: %w", a.statePath(), err)
 	}
 	keep := map[uint64]bool{}
 	for _, p := range list {
@@ -411,6 +499,9 @@ func (a *Agent) loadState() error {
 			a.log.Info("dropping pod whose netns is gone", "pod", p.Reg.String(), "netns", p.Reg.Netns)
 			a.dp.RemovePod(p.Cookie)
 			continue
+		}
+		if p.Registered.IsZero() {
+			p.Registered = time.Now()
 		}
 		a.pods[p.Reg.ContainerID] = p
 		keep[p.Cookie] = true

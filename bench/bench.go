@@ -311,7 +311,7 @@ func preflight(o *Options) error {
 	}
 	for _, tool := range []string{"nsenter", "taskset", "iptables-save", "iptables-nft-restore", "iptables-nft-save"} {
 		if _, err := exec.LookPath(tool); err != nil {
-			return fmt.Errorf("missing %s: apt-get install util-linux iptables", tool)
+			return fmt.Errorf("missing %s: hack/deps.sh bench (which make bench runs) installs it", tool)
 		}
 	}
 	if o.Pin == PinSplit && runtime.NumCPU() < 2 {

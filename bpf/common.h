@@ -167,6 +167,10 @@ enum ms_counter {
 	MS_C_MSG_DRAIN,	       /* sent over TCP: datapath detaching */
 	MS_C_MSG_PASS,	       /* socket sends over TCP by design */
 	MS_C_BYTES_PASS,
+	/* sidecar inbound listeners (issue 10, item 16) */
+	MS_C_LISTENER_EVENT_LOST, /* sockops: ms_events full, event dropped */
+	MS_C_LISTENER_RESYNCED,	  /* counted by the agent: a listener missing
+				 * from ms_listeners found and registered */
 	MS_C_MAX,
 };
 

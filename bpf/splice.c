@@ -98,8 +98,12 @@ static __always_inline void listener_started(struct bpf_sock_ops *skops)
 	pod = bpf_map_lookup_elem(&ms_pods, &netns);
 	if (!pod || skops->local_port != pod->inbound_port)
 		return;
-	bpf_ringbuf_output(&ms_events, &netns, sizeof(netns), 0);
-	count(MS_C_LISTENER_STARTED, 1);
+	/* A lost event is counted; the agent's periodic listener pass finds
+	 * the listener anyway (datapath ResyncListeners). */
+	if (bpf_ringbuf_output(&ms_events, &netns, sizeof(netns), 0))
+		count(MS_C_LISTENER_EVENT_LOST, 1);
+	else
+		count(MS_C_LISTENER_STARTED, 1);
 }
 
 /*

@@ -74,6 +74,8 @@ var counterInfo = map[Counter]struct{ program, name string }{
 	redirect.CaptureMsCounterMS_C_MSG_DRAIN:                  {"sk_msg", "drain_fallbacks"},
 	redirect.CaptureMsCounterMS_C_MSG_PASS:                   {"sk_msg", "tcp_by_design"},
 	redirect.CaptureMsCounterMS_C_BYTES_PASS:                 {"sk_msg", "bytes_tcp_by_design"},
+	redirect.CaptureMsCounterMS_C_LISTENER_EVENT_LOST:        {"sockops", "listener_event_lost"},
+	redirect.CaptureMsCounterMS_C_LISTENER_RESYNCED:          {"agent", "listener_resynced"},
 }
 
 // CounterName is "program.name", e.g. "sk_msg.redirected".

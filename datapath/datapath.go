@@ -56,6 +56,10 @@ type Options struct {
 	Node NodeSettings
 	// Logger receives what Open did; nil discards.
 	Logger *slog.Logger
+	// ListenerResync is how often registered pods are checked for sidecar
+	// inbound listeners missing from the kernel (lost events, reuseport
+	// groups): 0 means DefaultListenerResync, < 0 never.
+	ListenerResync time.Duration
 }
 
 // Datapath is a loaded, attached and pinned meshsplice datapath.
@@ -82,6 +86,10 @@ type Datapath struct {
 	iter      *link.Iter
 	events    *ringbuf.Reader
 	watchDone chan struct{}
+	// The periodic listener pass, and the listeners (inodes) of pods it
+	// could not register, not retried until they change.
+	resyncStop, resyncDone chan struct{}
+	unregistrable          map[uint64]string
 }
 
 type cgroupProg struct {
@@ -128,7 +136,8 @@ func Open(opts Options) (_ *Datapath, err error) {
 		}
 	}
 
-	d := &Datapath{pinDir: opts.PinDir, cgroup: opts.CgroupPath, log: opts.Logger, netns: map[uint64]string{}}
+	d := &Datapath{pinDir: opts.PinDir, cgroup: opts.CgroupPath, log: opts.Logger, netns: map[uint64]string{},
+		unregistrable: map[uint64]string{}}
 	defer func() {
 		if err != nil {
 			d.Close()
@@ -145,7 +154,10 @@ func Open(opts Options) (_ *Datapath, err error) {
 	if err := d.SetNode(opts.Node); err != nil {
 		return nil, err
 	}
-	if err := d.openListenerWatch(); err != nil {
+	if opts.ListenerResync == 0 {
+		opts.ListenerResync = DefaultListenerResync
+	}
+	if err := d.openListenerWatch(opts.ListenerResync); err != nil {
 		return nil, err
 	}
 	if err := d.openPolicy(load); err != nil {
@@ -187,6 +199,7 @@ func (d *Datapath) PinDir() string { return d.pinDir }
 // traffic keeps flowing. Use Detach to remove it.
 func (d *Datapath) Close() error {
 	var result *multierror.Error
+	d.stopListenerWatch()
 	if d.events != nil {
 		d.events.Close()
 		<-d.watchDone

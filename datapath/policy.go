@@ -18,7 +18,6 @@ import (
 	"github.com/hashicorp/go-multierror"
 	"golang.org/x/sys/unix"
 
-	"github.com/meshsplice/meshsplice/internal/netnsutil"
 	"github.com/meshsplice/meshsplice/redirect"
 )
 
@@ -302,7 +301,7 @@ func (d *Datapath) runIterIn(cookie uint64, path string, it *link.Iter) error {
 		return fmt.Errorf("set iterator netns: %w", err)
 	}
 	// The iterator walks the netns of the thread that opens it.
-	return netnsutil.Do(path, func() error { return readIter(it) })
+	return doInPod(cookie, path, func() error { return readIter(it) })
 }
 
 func readIter(it *link.Iter) error {

@@ -86,7 +86,8 @@ func (c Config) TrustDomain() string {
 // (FileSource) or, on Kubernetes, the API server. Run sends the current
 // Config as soon as it has one and then a new one after every change, until
 // ctx ends. A source never sends a half-read state: when a change is
-// invalid it reports the error and keeps the last good Config.
+// invalid it reports the error and keeps the last good Config; when there
+// is none yet (the first read is invalid), Run returns the error.
 type Source interface {
 	Run(ctx context.Context, updates chan<- Config) error
 }

@@ -52,7 +52,8 @@ var UnsupportedAnnotations = []string{
 	AnnotationRerouteVirtualInterfaces,
 }
 
-// proxyPorts is the authoritative copy of ProxyPorts, sorted.
+// proxyPorts is the authoritative copy of ProxyPorts, sorted. is_proxy_port
+// in bpf/common.h holds the same list (datapath/consts_test.go compares).
 var proxyPorts = [...]uint16{
 	15000, // Envoy admin
 	15001, // outbound capture

@@ -77,7 +77,9 @@ const (
 	CaptureMsCounterMS_C_MSG_DRAIN                  CaptureMsCounter = 53
 	CaptureMsCounterMS_C_MSG_PASS                   CaptureMsCounter = 54
 	CaptureMsCounterMS_C_BYTES_PASS                 CaptureMsCounter = 55
-	CaptureMsCounterMS_C_MAX                        CaptureMsCounter = 56
+	CaptureMsCounterMS_C_LISTENER_EVENT_LOST        CaptureMsCounter = 56
+	CaptureMsCounterMS_C_LISTENER_RESYNCED          CaptureMsCounter = 57
+	CaptureMsCounterMS_C_MAX                        CaptureMsCounter = 58
 )
 
 type CaptureMsDenial struct {

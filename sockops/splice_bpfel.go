@@ -77,7 +77,9 @@ const (
 	SpliceMsCounterMS_C_MSG_DRAIN                  SpliceMsCounter = 53
 	SpliceMsCounterMS_C_MSG_PASS                   SpliceMsCounter = 54
 	SpliceMsCounterMS_C_BYTES_PASS                 SpliceMsCounter = 55
-	SpliceMsCounterMS_C_MAX                        SpliceMsCounter = 56
+	SpliceMsCounterMS_C_LISTENER_EVENT_LOST        SpliceMsCounter = 56
+	SpliceMsCounterMS_C_LISTENER_RESYNCED          SpliceMsCounter = 57
+	SpliceMsCounterMS_C_MAX                        SpliceMsCounter = 58
 )
 
 type SpliceMsDenial struct {

@@ -239,6 +239,11 @@ type PodStatus struct {
 	Capture bool `json:"capture"`
 	// Splice tells whether the pod's connections are spliced.
 	Splice bool `json:"splice"`
+	// InboundReady tells whether the kernel holds the sidecar's inbound
+	// listener, so inbound capture can hand it connections (nil: the pod
+	// is not captured). InboundReason says why not.
+	InboundReady  *bool  `json:"inboundReady,omitempty"`
+	InboundReason string `json:"inboundReason,omitempty"`
 	// Warnings are what the agent found odd in the pod's settings
 	// (unsupported or unknown annotations, ignored values).
 	Warnings []string `json:"warnings,omitempty"`

@@ -27,6 +27,7 @@ func runAgent(ctx context.Context, args []string) error {
 	metrics := fs.String("metrics-addr", agent.DefaultMetricsAddr, "address of /healthz, /readyz, /metrics and /pods (empty: off)")
 	capture := fs.Bool("capture", true, "node switch: capture meshed pods' traffic (new connections)")
 	splice := fs.Bool("splice", true, "node switch: splice (new connections)")
+	grace := fs.Duration("listener-grace", agent.DefaultListenerGrace, "warn when a captured pod's sidecar inbound listener is not in the kernel this long after registration")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -54,6 +55,6 @@ func runAgent(ctx context.Context, args []string) error {
 	return agent.Run(ctx, agent.Config{
 		PinDir: *pinDir, CgroupPath: *cgroup, CNISocket: *socket, StateDir: *stateDir,
 		MetricsAddr: *metrics, NodeCapture: *capture, NodeSplice: *splice,
-		Source: istio.NewFileSource(*configDir, log), Log: log,
+		Source: istio.NewFileSource(*configDir, log), Log: log, ListenerGrace: *grace,
 	})
 }

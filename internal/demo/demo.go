@@ -10,9 +10,7 @@
 package demo
 
 import (
-	"bufio"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -24,19 +22,16 @@ import (
 	"slices"
 	"sort"
 	"strings"
-	"sync"
-	"syscall"
 	"time"
 
 	"github.com/containernetworking/cni/libcni"
 	cnitypes100 "github.com/containernetworking/cni/pkg/types/100"
-	"github.com/hashicorp/go-multierror"
 	"golang.org/x/sys/unix"
 
 	"github.com/meshsplice/meshsplice/baseline"
 	"github.com/meshsplice/meshsplice/datapath"
 	"github.com/meshsplice/meshsplice/internal/cgroups"
-	"github.com/meshsplice/meshsplice/internal/netnsutil"
+	"github.com/meshsplice/meshsplice/internal/lab"
 )
 
 // Options configure Run.
@@ -61,30 +56,29 @@ const (
 	subnet     = "10.250.0.0/24"
 )
 
-// world is what the demo created, for cleanup.
+// world is what the demo created. Everything is registered with lab, which
+// removes it in reverse order.
 type world struct {
 	stepNo   int
 	opts     Options
 	out      io.Writer
+	lab      *lab.Lab
 	pinDir   string
-	cgroup   string
-	cgroupFD int
+	cgroup   *lab.Cgroup
 	runDir   string
 	config   string
-	netns    []string // names under /run/netns
+	node     *lab.Netns
 	cni      *libcni.CNIConfig
 	conflist *libcni.NetworkConfigList
 	pods     []*pod
-	agent    *exec.Cmd
-	procs    []*proc
 }
 
 type pod struct {
 	name    string
-	netns   string // path
+	netns   *lab.Netns
 	ip      netip.Addr
 	rt      *libcni.RuntimeConf
-	sidecar *proc
+	sidecar *lab.Proc
 }
 
 // Run runs the demo and cleans up after itself, also when ctx is cancelled.
@@ -98,7 +92,7 @@ func Run(ctx context.Context, opts Options) (err error) {
 	if opts.Out == nil {
 		opts.Out = os.Stdout
 	}
-	w := &world{opts: opts, out: opts.Out, cgroupFD: -1}
+	w := &world{opts: opts, out: opts.Out}
 	defer func() {
 		w.step("cleaning up")
 		if cerr := w.cleanup(); cerr != nil {
@@ -160,7 +154,7 @@ func (w *world) preflight(ctx context.Context) error {
 	}
 	for _, tool := range []string{"ip", "nsenter", "taskset", "iptables-restore"} {
 		if _, err := exec.LookPath(tool); err != nil {
-			return fmt.Errorf("missing %s: apt-get install iproute2 util-linux iptables", tool)
+			return fmt.Errorf("missing %s: hack/deps.sh demo (which make demo runs) installs it", tool)
 		}
 	}
 	root, err := cgroups.Mount()
@@ -172,24 +166,30 @@ func (w *world) preflight(ctx context.Context) error {
 	w.ok("root, kernel %s, cgroup v2 at %s", unix.ByteSliceToString(uts.Release[:]), root)
 
 	// A previous demo killed hard may have left things: remove them first.
-	w.removeLeftovers()
-
-	w.cgroup = filepath.Join(root, prefix)
-	if err := os.Mkdir(w.cgroup, 0o755); err != nil {
-		return fmt.Errorf("create cgroup: %w", err)
+	if left, err := lab.Leftovers(prefix); err == nil && len(left) > 0 {
+		w.info("removing what an earlier demo left: %v", left)
+		if err := lab.RemoveLeftovers(prefix, func(dir string) error { return lab.UnpinDir(dir, detach) }); err != nil {
+			return fmt.Errorf("remove what an earlier demo left: %w", err)
+		}
 	}
-	fd, err := unix.Open(w.cgroup, unix.O_DIRECTORY|unix.O_RDONLY|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return fmt.Errorf("open cgroup: %w", err)
-	}
-	w.cgroupFD = fd
-	w.pinDir = "/sys/fs/bpf/" + prefix
-	w.runDir, err = os.MkdirTemp("", prefix+"-")
-	if err != nil {
+	if w.lab, err = lab.Named(prefix, nil); err != nil {
 		return err
 	}
+	if w.cgroup, err = w.lab.NewCgroup(); err != nil {
+		return err
+	}
+	if w.pinDir, err = w.lab.PinDir(detach); err != nil {
+		return err
+	}
+	if w.runDir, err = os.MkdirTemp("", prefix+"-"); err != nil {
+		return err
+	}
+	w.lab.Defer("remove "+w.runDir, func() error { return os.RemoveAll(w.runDir) })
 	return nil
 }
+
+// detach removes the datapath pinned at dir, agent or not.
+func detach(dir string) error { return datapath.Detach(dir, time.Second) }
 
 func (w *world) startAgent(ctx context.Context) error {
 	w.config = filepath.Join(w.runDir, "istio")
@@ -203,19 +203,23 @@ func (w *world) startAgent(ctx context.Context) error {
 	if err := w.setSwitches(ctx, true, true, false); err != nil {
 		return err
 	}
-	logf, err := os.Create(filepath.Join(w.runDir, "agent.log"))
+	logf, err := w.logFile("agent")
 	if err != nil {
 		return err
 	}
-	cmd := exec.Command(w.bin("meshsplice"), "agent", "--standalone", "--istio-config", w.config,
-		"--cgroup", w.cgroup, "--pin-dir", w.pinDir, "--cni-socket", w.socket(),
-		"--state-dir", filepath.Join(w.runDir, "state"), "--metrics-addr", metricAddr)
-	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true} // Ctrl-C is ours to handle
-	if err := cmd.Start(); err != nil {
-		return fmt.Errorf("start agent: %w", err)
+	agent, err := lab.Start(lab.ProcOpts{
+		Name: "meshsplice agent",
+		Args: []string{w.bin("meshsplice"), "agent", "--standalone", "--istio-config", w.config,
+			"--cgroup", w.cgroup.Path, "--pin-dir", w.pinDir, "--cni-socket", w.socket(),
+			"--state-dir", filepath.Join(w.runDir, "state"), "--metrics-addr", metricAddr},
+		OnLine: func(_, line string) { fmt.Fprintln(logf, line) },
+	})
+	if err != nil {
+		return err
 	}
-	w.agent = cmd
+	// Before the pin directory's removal: the agent stops, the datapath
+	// stays until detach.
+	w.lab.Defer("stop the agent", func() error { agent.Stop(10 * time.Second); return nil })
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		if resp, err := http.Get("http://" + metricAddr + "/readyz"); err == nil {
@@ -231,7 +235,7 @@ func (w *world) startAgent(ctx context.Context) error {
 			return err
 		}
 	}
-	w.ok("agent ready: programs attached to %s, pinned at %s; log %s", w.cgroup, w.pinDir, logf.Name())
+	w.ok("agent ready: programs attached to %s, pinned at %s; log %s", w.cgroup.Path, w.pinDir, logf.Name())
 	w.info("metrics: curl http://%s/metrics   status: meshsplice status --pin-dir %s", metricAddr, w.pinDir)
 	return nil
 }
@@ -285,11 +289,10 @@ const conflist = `{
 }`
 
 func (w *world) createPods(ctx context.Context) error {
-	node := prefix + "-node"
-	if err := w.addNetns(node); err != nil {
+	var err error
+	if w.node, err = w.lab.NewNetns("node"); err != nil {
 		return err
 	}
-	var err error
 	w.conflist, err = libcni.ConfListFromBytes([]byte(fmt.Sprintf(conflist, subnet, filepath.Join(w.runDir, "ipam"), w.socket())))
 	if err != nil {
 		return fmt.Errorf("CNI config: %w", err)
@@ -301,13 +304,13 @@ func (w *world) createPods(ctx context.Context) error {
 		"sidecar.istio.io/status": `{"initContainers":null,"containers":["istio-proxy"]}`,
 	}
 	for _, name := range []string{"frontend", "backend"} {
-		ns := prefix + "-" + name
-		if err := w.addNetns(ns); err != nil {
+		ns, err := w.lab.NewNetns(name)
+		if err != nil {
 			return err
 		}
-		p := &pod{name: name, netns: "/run/netns/" + ns}
+		p := &pod{name: name, netns: ns}
 		p.rt = &libcni.RuntimeConf{
-			ContainerID: prefix + "-" + name, NetNS: p.netns, IfName: "eth0",
+			ContainerID: prefix + "-" + name, NetNS: ns.Path, IfName: "eth0",
 			Args: [][2]string{{"IgnoreUnknown", "1"}, {"K8S_POD_NAME", name}, {"K8S_POD_NAMESPACE", "demo"}, {"K8S_POD_SERVICE_ACCOUNT", name}},
 			CapabilityArgs: map[string]any{
 				"io.kubernetes.cri.pod-annotations": annotations,
@@ -315,7 +318,9 @@ func (w *world) createPods(ctx context.Context) error {
 			},
 		}
 		var res *cnitypes100.Result
-		err := inNetns("/run/netns/"+node, func() error {
+		// The plugins run in the node's namespace: that is where the
+		// bridge goes, not the host's.
+		err = w.node.Do(func() error {
 			r, err := w.cni.AddNetworkList(ctx, w.conflist, p.rt)
 			if err != nil {
 				return err
@@ -326,6 +331,9 @@ func (w *world) createPods(ctx context.Context) error {
 		if err != nil {
 			return fmt.Errorf("CNI ADD %s: %w", name, err)
 		}
+		w.lab.Defer("CNI DEL "+name, func() error {
+			return w.node.Do(func() error { return w.cni.DelNetworkList(context.Background(), w.conflist, p.rt) })
+		})
 		w.pods = append(w.pods, p)
 		for _, ipc := range res.IPs {
 			if a, ok := netip.AddrFromSlice(ipc.Address.IP); ok && a.Unmap().Is4() {
@@ -335,24 +343,13 @@ func (w *world) createPods(ctx context.Context) error {
 		if !p.ip.IsValid() {
 			return fmt.Errorf("CNI gave %s no IPv4 address", name)
 		}
-		w.ok("%s: netns %s, eth0 %s, registered with the agent", name, p.netns, p.ip)
+		w.ok("%s: netns %s, eth0 %s, registered with the agent", name, ns.Path, p.ip)
 	}
 	st, err := datapath.Inspect(w.pinDir)
 	if err != nil {
 		return err
 	}
 	w.ok("the kernel registry holds %d pods (meshsplice status --pin-dir %s)", len(st.Pods), w.pinDir)
-	return nil
-}
-
-func (w *world) addNetns(name string) error {
-	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
-		return fmt.Errorf("ip netns add %s: %v: %s", name, err, out)
-	}
-	w.netns = append(w.netns, name)
-	if out, err := exec.Command("nsenter", "--net=/run/netns/"+name, "ip", "link", "set", "lo", "up").CombinedOutput(); err != nil {
-		return fmt.Errorf("lo up in %s: %v: %s", name, err, out)
-	}
 	return nil
 }
 
@@ -363,14 +360,14 @@ func (w *world) startWorkloads(ctx context.Context) error {
 			return err
 		}
 		p.sidecar = sc
-		if _, err := sc.waitEvent(ctx, "ready", 10*time.Second); err != nil {
+		if _, err := sc.WaitEvent(ctx, "ready", 10*time.Second); err != nil {
 			return fmt.Errorf("sidecar of %s: %w", p.name, err)
 		}
 		app, err := w.start(p, p.name+"-app", appUID, "echo", "--port", fmt.Sprint(appPort))
 		if err != nil {
 			return err
 		}
-		if _, err := app.waitEvent(ctx, "ready", 10*time.Second); err != nil {
+		if _, err := app.WaitEvent(ctx, "ready", 10*time.Second); err != nil {
 			return fmt.Errorf("app of %s: %w", p.name, err)
 		}
 	}
@@ -409,13 +406,15 @@ func (w *world) traffic(ctx context.Context) error {
 	d := after.Sub(before)
 	w.ok("1000 requests of 1 KiB echoed, every checksum verified (p50 %.0f us)", res.P50US)
 	var orig string
-	for _, ev := range front.sidecar.eventsNamed("accept") {
-		orig = ev["orig_dst"].(string)
+	for _, ev := range front.sidecar.Events() {
+		if ev.Str("event") == "accept" {
+			orig = ev.Str("orig_dst")
+		}
 	}
 	w.info("frontend's sidecar got the app's connection on 15001 and read SO_ORIGINAL_DST = %s", orig)
 	rules := 0
 	for _, p := range w.pods {
-		out, err := exec.Command("nsenter", "--net="+p.netns, "iptables-save").Output()
+		out, err := exec.Command("nsenter", "--net="+p.netns.Path, "iptables-save").Output()
 		if err != nil {
 			return fmt.Errorf("iptables-save in %s: %w", p.name, err)
 		}
@@ -462,7 +461,7 @@ func (w *world) compare(ctx context.Context) error {
 			var undo []func() error
 			if m.iptables {
 				for _, p := range w.pods {
-					cleanup, err := baseline.Apply(p.netns, baseline.Options{})
+					cleanup, err := baseline.Apply(p.netns.Path, baseline.Options{})
 					if err != nil {
 						return fmt.Errorf("apply Istio's iptables rules in %s: %w", p.name, err)
 					}
@@ -549,12 +548,12 @@ func (w *world) policy(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
-		ev, err := c.waitEvent(ctx, "result", 20*time.Second)
-		c.wait()
+		ev, err := c.WaitEvent(ctx, "result", 20*time.Second)
+		finish(c) // it exits 1 when refused, as it should
 		if err != nil {
 			return err
 		}
-		if ok, _ := ev["ok"].(bool); !ok {
+		if !ev.Bool("ok") {
 			got = fmt.Sprint(ev["errors"])
 			if strings.Contains(got, "operation not permitted") {
 				break
@@ -597,235 +596,69 @@ func (w *world) runClient(ctx context.Context, p *pod, target netip.AddrPort, ar
 	if err != nil {
 		return clientResult{}, err
 	}
-	ev, err := c.waitEvent(ctx, "result", 120*time.Second)
-	c.wait()
+	ev, err := c.WaitEvent(ctx, "result", 120*time.Second)
+	finish(c) // its result says whether it failed
 	if err != nil {
 		return clientResult{}, err
 	}
 	var r clientResult
-	b, _ := json.Marshal(ev)
-	json.Unmarshal(b, &r)
+	if err := ev.Decode(&r); err != nil {
+		return clientResult{}, fmt.Errorf("client result: %w", err)
+	}
 	if !r.OK {
 		return r, fmt.Errorf("client failed: %v", ev["errors"])
 	}
 	return r, nil
 }
 
-// proc is a demo process inside a pod.
-type proc struct {
-	cmd    *exec.Cmd
-	mu     sync.Mutex
-	events []map[string]any
-	notify chan struct{}
-	done   chan struct{}
-}
-
 // start runs mstest inside the pod's netns and the demo cgroup (from its
-// first instruction), as uid, pinned to CPU 0.
-func (w *world) start(p *pod, name string, uid int, args ...string) (*proc, error) {
-	full := append([]string{"--net=" + p.netns, "--setuid", fmt.Sprint(uid), "--setgid", fmt.Sprint(uid), "--",
-		"taskset", "-c", "0", w.bin("mstest")}, args...)
-	cmd := exec.Command("nsenter", full...)
-	cmd.Env = append(os.Environ(), "GODEBUG=multipathtcp=0") // Envoy does not listen with MPTCP
-	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: w.cgroupFD, Setpgid: true}
-	stdout, err := cmd.StdoutPipe()
+// first instruction), as uid, pinned to CPU 0, its output in a log file.
+func (w *world) start(p *pod, name string, uid int, args ...string) (*lab.Proc, error) {
+	logf, err := w.logFile(name)
 	if err != nil {
 		return nil, err
 	}
-	logf, err := os.Create(filepath.Join(w.runDir, name+".log"))
+	pr, err := lab.Start(lab.ProcOpts{
+		Name: name, Netns: p.netns, Cgroup: w.cgroup, UID: uid, GID: uid, CPUs: "0",
+		Args:   append([]string{w.bin("mstest")}, args...),
+		Env:    []string{"GODEBUG=multipathtcp=0"}, // Envoy does not listen with MPTCP
+		OnLine: func(_, line string) { fmt.Fprintln(logf, line) },
+	})
 	if err != nil {
 		return nil, err
 	}
-	cmd.Stderr = logf
-	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("start %s: %w", name, err)
-	}
-	pr := &proc{cmd: cmd, notify: make(chan struct{}), done: make(chan struct{})}
-	go func() {
-		defer close(pr.done)
-		defer logf.Close()
-		sc := bufio.NewScanner(stdout)
-		sc.Buffer(make([]byte, 1<<20), 1<<20)
-		for sc.Scan() {
-			fmt.Fprintln(logf, sc.Text())
-			var ev map[string]any
-			if json.Unmarshal(sc.Bytes(), &ev) == nil {
-				pr.mu.Lock()
-				pr.events = append(pr.events, ev)
-				close(pr.notify)
-				pr.notify = make(chan struct{})
-				pr.mu.Unlock()
-			}
-		}
-	}()
-	w.procs = append(w.procs, pr)
+	w.lab.Defer("stop "+name, func() error { pr.Kill(); return nil })
 	return pr, nil
 }
 
-func (p *proc) eventsNamed(name string) []map[string]any {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	var out []map[string]any
-	for _, ev := range p.events {
-		if ev["event"] == name {
-			out = append(out, ev)
-		}
-	}
-	return out
-}
-
-func (p *proc) waitEvent(ctx context.Context, name string, timeout time.Duration) (map[string]any, error) {
-	t := time.NewTimer(timeout)
-	defer t.Stop()
-	for {
-		p.mu.Lock()
-		for _, ev := range p.events {
-			if ev["event"] == name {
-				p.mu.Unlock()
-				return ev, nil
-			}
-		}
-		ch := p.notify
-		p.mu.Unlock()
-		select {
-		case <-ch:
-		case <-p.done:
-			if evs := p.eventsNamed(name); len(evs) > 0 {
-				return evs[0], nil
-			}
-			return nil, fmt.Errorf("process exited without a %q event (see %s)", name, strings.Join(p.cmd.Args, " "))
-		case <-t.C:
-			return nil, fmt.Errorf("no %q event within %v", name, timeout)
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		}
+// finish waits for a client that printed its result to exit, and kills it
+// after 10 s.
+func finish(p *lab.Proc) {
+	select {
+	case <-p.Done():
+	case <-time.After(10 * time.Second):
+		p.Kill()
 	}
 }
 
-func (p *proc) wait() { <-p.done; p.cmd.Wait() }
-
-func (p *proc) kill() {
-	if p.cmd.Process != nil {
-		p.cmd.Process.Kill()
+// logFile creates RUNDIR/name.log, closed with the lab.
+func (w *world) logFile(name string) (*os.File, error) {
+	f, err := os.Create(filepath.Join(w.runDir, name+".log"))
+	if err != nil {
+		return nil, err
 	}
-	<-p.done
-	p.cmd.Wait()
+	w.lab.Defer("close "+f.Name(), f.Close)
+	return f, nil
 }
 
-// cleanup removes everything, in order, and reports every failure.
+// cleanup removes everything the demo made, in reverse order, and checks
+// that nothing named meshsplice-demo* is left; it reports every failure.
 func (w *world) cleanup() error {
-	var result *multierror.Error
-	for _, p := range w.procs {
-		p.kill()
+	if w.lab == nil {
+		return nil
 	}
-	if w.cgroup != "" {
-		os.WriteFile(filepath.Join(w.cgroup, "cgroup.kill"), []byte("1"), 0o644)
-	}
-	for _, p := range w.pods {
-		err := inNetns("/run/netns/"+prefix+"-node", func() error {
-			return w.cni.DelNetworkList(context.Background(), w.conflist, p.rt)
-		})
-		if err != nil {
-			result = multierror.Append(result, fmt.Errorf("CNI DEL %s: %w", p.name, err))
-		}
-	}
-	if w.agent != nil {
-		w.agent.Process.Signal(os.Interrupt)
-		done := make(chan struct{})
-		go func() { w.agent.Wait(); close(done) }()
-		select {
-		case <-done:
-		case <-time.After(10 * time.Second):
-			w.agent.Process.Kill()
-			<-done
-		}
-	}
-	if w.pinDir != "" {
-		if err := datapath.Detach(w.pinDir, time.Second); err != nil {
-			result = multierror.Append(result, err)
-		}
-	}
-	for _, ns := range slices.Backward(w.netns) {
-		if out, err := exec.Command("ip", "netns", "del", ns).CombinedOutput(); err != nil {
-			result = multierror.Append(result, fmt.Errorf("ip netns del %s: %v: %s", ns, err, out))
-		}
-	}
-	if w.cgroupFD >= 0 {
-		unix.Close(w.cgroupFD)
-	}
-	if w.cgroup != "" {
-		if err := removeCgroup(w.cgroup); err != nil {
-			result = multierror.Append(result, err)
-		}
-	}
-	if w.runDir != "" {
-		os.RemoveAll(w.runDir)
-	}
-	if left := leftovers(); len(left) > 0 {
-		result = multierror.Append(result, fmt.Errorf("left behind: %v", left))
-	}
-	return result.ErrorOrNil()
+	return w.lab.Close()
 }
-
-func removeCgroup(path string) error {
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		err := os.Remove(path)
-		if err == nil || errors.Is(err, os.ErrNotExist) {
-			return nil
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("remove cgroup %s: %w", path, err)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
-// removeLeftovers cleans what a demo killed with SIGKILL left behind.
-func (w *world) removeLeftovers() {
-	left := leftovers()
-	if len(left) == 0 {
-		return
-	}
-	w.info("removing what an earlier demo left: %v", left)
-	datapath.Detach("/sys/fs/bpf/"+prefix, 0)
-	entries, _ := os.ReadDir("/run/netns")
-	for _, e := range entries {
-		if strings.HasPrefix(e.Name(), prefix) {
-			exec.Command("ip", "netns", "del", e.Name()).Run()
-		}
-	}
-	if root, err := cgroups.Mount(); err == nil {
-		cg := filepath.Join(root, prefix)
-		os.WriteFile(filepath.Join(cg, "cgroup.kill"), []byte("1"), 0o644)
-		removeCgroup(cg)
-	}
-}
-
-// leftovers lists demo resources that exist on the machine.
-func leftovers() []string {
-	var left []string
-	entries, _ := os.ReadDir("/run/netns")
-	for _, e := range entries {
-		if strings.HasPrefix(e.Name(), prefix) {
-			left = append(left, "netns "+e.Name())
-		}
-	}
-	if _, err := os.Stat("/sys/fs/bpf/" + prefix); err == nil {
-		left = append(left, "pins /sys/fs/bpf/"+prefix)
-	}
-	if root, err := cgroups.Mount(); err == nil {
-		if _, err := os.Stat(filepath.Join(root, prefix)); err == nil {
-			left = append(left, "cgroup "+filepath.Join(root, prefix))
-		}
-	}
-	return left
-}
-
-// inNetns runs fn inside the netns at path; processes it starts (the CNI
-// plugins) inherit it, which is how the bridge ends up in the demo's node
-// namespace rather than the host's.
-func inNetns(path string, fn func() error) error { return netnsutil.Do(path, fn) }
 
 func sleep(ctx context.Context, d time.Duration) error {
 	select {

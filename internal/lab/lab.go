@@ -1,14 +1,17 @@
-// Package lab builds and tears down the machinery of a local network lab for
-// product code (meshsplice bench): named network namespaces, bridged "nodes"
-// with veth-attached pods, routed links between nodes, cgroups, a bpffs pin
-// directory, and processes started inside a namespace and a cgroup, pinned
-// to CPUs, with their JSON event lines parsed.
+// Package lab builds and tears down the machinery of a local network lab:
+// named network namespaces, bridged "nodes" with veth-attached pods, routed
+// links between nodes, cgroups, bpffs pin directories, and processes
+// started inside a namespace and a cgroup from their first instruction,
+// pinned to CPUs, with their JSON event lines parsed. It is the one
+// implementation of these for the benchmark (meshsplice bench), the demo
+// (meshsplice demo) and the tests: package internal/testnet is its
+// testing.TB layer (names, t.Cleanup, t.Fatal), nothing more.
 //
-// Everything a Lab creates is named after its prefix (e.g. msbench-1a2b3c)
-// and registered for removal: Close removes it in reverse order and reports
-// every failure, and Leftovers lists whatever still exists. Package
-// internal/testnet does the same for tests (with testing.TB); this package
-// must not depend on it.
+// The plain functions (NewNamedNetns, CreateCgroup, Start, AttachPod, ...)
+// create one thing and return what undoes it. A Lab strings them together:
+// everything it creates is named after its prefix (e.g. msbench-1a2b3c) and
+// registered for removal; Close removes it in reverse order and reports
+// every failure, and Leftovers lists whatever still exists.
 package lab
 
 import (
@@ -53,13 +56,20 @@ type cleanup struct {
 // New returns a lab whose resources are named <base>-<random>-..., e.g.
 // msbench-1a2b3c-node-a. log may be nil.
 func New(base string, log *slog.Logger) (*Lab, error) {
+	return Named(base+"-"+RandomSuffix(6), log)
+}
+
+// Named returns a lab whose resources are named <prefix>-... exactly, for
+// a program that must find what an earlier run of it left (meshsplice
+// demo). log may be nil.
+func Named(prefix string, log *slog.Logger) (*Lab, error) {
 	if os.Geteuid() != 0 {
 		return nil, errors.New("lab: needs root (network namespaces, cgroups, BPF)")
 	}
 	if log == nil {
 		log = slog.New(slog.NewTextHandler(io.Discard, nil))
 	}
-	return &Lab{Prefix: base + "-" + RandomSuffix(6), Log: log}, nil
+	return &Lab{Prefix: prefix, Log: log}, nil
 }
 
 // Name returns the lab's name for a resource: <Prefix>-<name>.

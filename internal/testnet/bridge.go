@@ -8,15 +8,15 @@ import (
 	"net/netip"
 	"sync"
 	"testing"
-	"time"
 
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/meshsplice/meshsplice/internal/lab"
 )
 
 // BridgeName is the name of the Linux bridge in every node namespace.
-const BridgeName = "br0"
+const BridgeName = lab.BridgeName
 
 // BridgeNetOpts configures NewBridgeNet.
 type BridgeNetOpts struct {
@@ -138,26 +138,10 @@ func NewBridgeNet(tb testing.TB, opts BridgeNetOpts) *BridgeNet {
 		GatewayV6: v6Addr(x, 1),
 		next:      2,
 	}
-	err = withNetlink(bn.Node, func(h *netlink.Handle) error {
-		br := &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{
-			Name: BridgeName,
-			// A fixed address keeps the bridge from taking over the
-			// lowest port address, which would change as pods come and
-			// go and leave stale neighbour entries in the pods.
-			HardwareAddr: net.HardwareAddr{0x02, 0x6d, 0x73, 0x00, byte(x), 0x01},
-		}}
-		if err := h.LinkAdd(br); err != nil {
-			return fmt.Errorf("add bridge: %w", err)
-		}
-		link, err := h.LinkByName(BridgeName)
-		if err != nil {
-			return fmt.Errorf("find bridge: %w", err)
-		}
-		if err := h.LinkSetUp(link); err != nil {
-			return fmt.Errorf("set bridge up: %w", err)
-		}
-		return addAddrs(h, link, netip.PrefixFrom(bn.GatewayV4, 24), netip.PrefixFrom(bn.GatewayV6, 64))
-	})
+	// Bridge MACs differ from lab's nodes' (02:6d:62:...) only for telling
+	// them apart in captures.
+	mac := net.HardwareAddr{0x02, 0x6d, 0x73, 0x00, byte(x), 0x01}
+	err = lab.AddBridge(bn.Node.ns, mac, netip.PrefixFrom(bn.GatewayV4, 24), netip.PrefixFrom(bn.GatewayV6, 64))
 	if err != nil {
 		tb.Fatalf("testnet: node %s: %v", bn.Node.Name(), err)
 	}
@@ -197,71 +181,14 @@ func (bn *BridgeNet) AddPod(tb testing.TB, name string) *Pod {
 		Net:      bn,
 	}
 
-	podNS, err := netns.GetFromPath(pod.NS.Path())
-	if err != nil {
-		tb.Fatalf("testnet: open netns %s: %v", pod.NS.Name(), err)
-	}
-	defer podNS.Close()
-
-	err = withNetlink(bn.Node, func(h *netlink.Handle) error {
-		br, err := h.LinkByName(BridgeName)
-		if err != nil {
-			return fmt.Errorf("find bridge: %w", err)
-		}
-		veth := &netlink.Veth{
-			LinkAttrs:     netlink.LinkAttrs{Name: pod.HostVeth, MasterIndex: br.Attrs().Index},
-			PeerName:      "eth0",
-			PeerNamespace: netlink.NsFd(int(podNS)),
-		}
-		if err := h.LinkAdd(veth); err != nil {
-			return fmt.Errorf("add veth %s: %w", pod.HostVeth, err)
-		}
-		link, err := h.LinkByName(pod.HostVeth)
-		if err != nil {
-			return fmt.Errorf("find veth %s: %w", pod.HostVeth, err)
-		}
-		if link.Attrs().MasterIndex != br.Attrs().Index {
-			if err := h.LinkSetMaster(link, br); err != nil {
-				return fmt.Errorf("attach %s to bridge: %w", pod.HostVeth, err)
-			}
-		}
-		if err := h.LinkSetUp(link); err != nil {
-			return fmt.Errorf("set %s up: %w", pod.HostVeth, err)
-		}
-		return nil
+	tb.Cleanup(func() { deleteLink(bn.Node, pod.HostVeth) })
+	err := lab.AttachPod(bn.Node.ns, pod.NS.ns, lab.PodLink{
+		HostVeth: pod.HostVeth,
+		Addrs:    []netip.Prefix{netip.PrefixFrom(pod.IPv4, 24), netip.PrefixFrom(pod.IPv6, 64)},
+		Gateways: []netip.Addr{bn.GatewayV4, bn.GatewayV6},
 	})
 	if err != nil {
 		tb.Fatalf("testnet: node %s: pod %s: %v", bn.Node.Name(), name, err)
-	}
-	tb.Cleanup(func() { deleteLink(bn.Node, pod.HostVeth) })
-
-	err = withNetlink(pod.NS, func(h *netlink.Handle) error {
-		eth0, err := h.LinkByName("eth0")
-		if err != nil {
-			return fmt.Errorf("find eth0: %w", err)
-		}
-		if err := h.LinkSetUp(eth0); err != nil {
-			return fmt.Errorf("set eth0 up: %w", err)
-		}
-		if err := addAddrs(h, eth0, netip.PrefixFrom(pod.IPv4, 24), netip.PrefixFrom(pod.IPv6, 64)); err != nil {
-			return err
-		}
-		for _, gw := range []netip.Addr{bn.GatewayV4, bn.GatewayV6} {
-			r := &netlink.Route{LinkIndex: eth0.Attrs().Index, Gw: gw.AsSlice()}
-			if err := h.RouteAdd(r); err != nil {
-				return fmt.Errorf("add default route via %s: %w", gw, err)
-			}
-		}
-		return nil
-	})
-	if err != nil {
-		tb.Fatalf("testnet: pod %s: %v", pod.NS.Name(), err)
-	}
-	if err := waitLinksReady(bn.Node, BridgeName, pod.HostVeth); err != nil {
-		tb.Fatalf("testnet: node %s: %v", bn.Node.Name(), err)
-	}
-	if err := waitLinksReady(pod.NS, "eth0"); err != nil {
-		tb.Fatalf("testnet: pod %s: %v", pod.NS.Name(), err)
 	}
 
 	bn.mu.Lock()
@@ -290,87 +217,23 @@ func ConnectNodes(tb testing.TB, a, b *BridgeNet) {
 	addrA6 := v6Addr(a.Subnet, b.Subnet, 1)
 	addrB6 := v6Addr(a.Subnet, b.Subnet, 2)
 
-	nsB, err := netns.GetFromPath(b.Node.Path())
-	if err != nil {
-		tb.Fatalf("testnet: open netns %s: %v", b.Node.Name(), err)
-	}
-	defer nsB.Close()
-
-	err = withNetlink(a.Node, func(h *netlink.Handle) error {
-		veth := &netlink.Veth{
-			LinkAttrs:     netlink.LinkAttrs{Name: nameA},
-			PeerName:      nameB,
-			PeerNamespace: netlink.NsFd(int(nsB)),
-		}
-		if err := h.LinkAdd(veth); err != nil {
-			return fmt.Errorf("add veth %s: %w", nameA, err)
-		}
-		return nil
-	})
+	tb.Cleanup(func() { deleteLink(a.Node, nameA) })
+	err := lab.LinkNodes(
+		lab.NodeSide{NS: a.Node.ns, Link: nameA,
+			Addrs:  []netip.Prefix{netip.PrefixFrom(addrA4, 30), netip.PrefixFrom(addrA6, 64)},
+			Routes: []lab.Route{{Dst: b.PrefixV4, Via: addrB4}, {Dst: b.PrefixV6, Via: addrB6}}},
+		lab.NodeSide{NS: b.Node.ns, Link: nameB,
+			Addrs:  []netip.Prefix{netip.PrefixFrom(addrB4, 30), netip.PrefixFrom(addrB6, 64)},
+			Routes: []lab.Route{{Dst: a.PrefixV4, Via: addrA4}, {Dst: a.PrefixV6, Via: addrA6}}})
 	if err != nil {
 		tb.Fatalf("testnet: connect %s to %s: %v", a.Node.Name(), b.Node.Name(), err)
 	}
-	tb.Cleanup(func() { deleteLink(a.Node, nameA) })
-
-	setup := func(node *BridgeNet, link string, v4, v6, peer4, peer6 netip.Addr, remote *BridgeNet) error {
-		for _, kv := range [][2]string{
-			{"net.ipv4.ip_forward", "1"},
-			{"net.ipv6.conf.all.forwarding", "1"},
-		} {
-			if err := node.Node.Sysctl(kv[0], kv[1]); err != nil {
-				return err
-			}
-		}
-		return withNetlink(node.Node, func(h *netlink.Handle) error {
-			l, err := h.LinkByName(link)
-			if err != nil {
-				return fmt.Errorf("find %s: %w", link, err)
-			}
-			if err := h.LinkSetUp(l); err != nil {
-				return fmt.Errorf("set %s up: %w", link, err)
-			}
-			if err := addAddrs(h, l, netip.PrefixFrom(v4, 30), netip.PrefixFrom(v6, 64)); err != nil {
-				return err
-			}
-			for _, r := range []struct {
-				dst netip.Prefix
-				gw  netip.Addr
-			}{{remote.PrefixV4, peer4}, {remote.PrefixV6, peer6}} {
-				route := &netlink.Route{LinkIndex: l.Attrs().Index, Dst: prefixToIPNet(r.dst), Gw: r.gw.AsSlice()}
-				if err := h.RouteAdd(route); err != nil {
-					return fmt.Errorf("add route %s via %s: %w", r.dst, r.gw, err)
-				}
-			}
-			return nil
-		})
-	}
-	if err := setup(a, nameA, addrA4, addrA6, addrB4, addrB6, b); err != nil {
-		tb.Fatalf("testnet: node %s: %v", a.Node.Name(), err)
-	}
-	if err := setup(b, nameB, addrB4, addrB6, addrA4, addrA6, a); err != nil {
-		tb.Fatalf("testnet: node %s: %v", b.Node.Name(), err)
-	}
-	if err := waitLinksReady(a.Node, nameA); err != nil {
-		tb.Fatalf("testnet: node %s: %v", a.Node.Name(), err)
-	}
-	if err := waitLinksReady(b.Node, nameB); err != nil {
-		tb.Fatalf("testnet: node %s: %v", b.Node.Name(), err)
-	}
-}
-
-func withNetlink(ns *NetNS, fn func(h *netlink.Handle) error) error {
-	h, err := ns.netlink()
-	if err != nil {
-		return err
-	}
-	defer h.Close()
-	return fn(h)
 }
 
 // deleteLink removes a link if it still exists; errors are ignored because
 // removing the namespace removes the link anyway.
 func deleteLink(ns *NetNS, name string) {
-	_ = withNetlink(ns, func(h *netlink.Handle) error {
+	_ = ns.ns.Netlink(func(h *netlink.Handle) error {
 		l, err := h.LinkByName(name)
 		if err != nil {
 			return err
@@ -379,81 +242,9 @@ func deleteLink(ns *NetNS, name string) {
 	})
 }
 
-// addAddrs adds an IPv4 and an IPv6 address; the IPv6 one with
-// IFA_F_NODAD so that it is usable immediately.
-func addAddrs(h *netlink.Handle, link netlink.Link, v4, v6 netip.Prefix) error {
-	if err := h.AddrAdd(link, &netlink.Addr{IPNet: prefixToIPNet(v4)}); err != nil {
-		return fmt.Errorf("add address %s to %s: %w", v4, link.Attrs().Name, err)
-	}
-	if err := h.AddrAdd(link, &netlink.Addr{IPNet: prefixToIPNet(v6), Flags: unix.IFA_F_NODAD}); err != nil {
-		return fmt.Errorf("add address %s to %s: %w", v6, link.Attrs().Name, err)
-	}
-	return nil
-}
-
-func prefixToIPNet(p netip.Prefix) *net.IPNet {
-	return &net.IPNet{
-		IP:   p.Addr().AsSlice(),
-		Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen()),
-	}
-}
-
 func truncate(s string, n int) string {
 	if len(s) > n {
 		return s[:n]
 	}
 	return s
-}
-
-// waitLinksReady waits until every named link in ns is operationally up
-// and has a usable (non-tentative) IPv6 link-local address.
-//
-// Carrier changes are applied by the kernel's linkwatch worker, which
-// handles a veth whose ifindex equals its peer's ifindex (easily the case
-// for links between two fresh namespaces) as non-urgent and delays it by up
-// to a second. Until then the link is not operationally up, a bridge port
-// does not forward and the IPv6 link-local address does not exist, and a
-// router sends no neighbour solicitation for forwarded packets without a
-// link-local source address: the first routed IPv6 packets are silently
-// dropped and TCP only recovers by retransmitting its SYN a second later.
-func waitLinksReady(ns *NetNS, names ...string) error {
-	return withNetlink(ns, func(h *netlink.Handle) error {
-		deadline := time.Now().Add(10 * time.Second)
-		for _, name := range names {
-			for {
-				ready, err := linkReady(h, name)
-				if err != nil {
-					return err
-				}
-				if ready {
-					break
-				}
-				if time.Now().After(deadline) {
-					return fmt.Errorf("%s not up with an IPv6 link-local address after 10s", name)
-				}
-				time.Sleep(5 * time.Millisecond)
-			}
-		}
-		return nil
-	})
-}
-
-func linkReady(h *netlink.Handle, name string) (bool, error) {
-	link, err := h.LinkByName(name)
-	if err != nil {
-		return false, fmt.Errorf("find %s: %w", name, err)
-	}
-	if link.Attrs().OperState != netlink.OperUp {
-		return false, nil
-	}
-	addrs, err := h.AddrList(link, netlink.FAMILY_V6)
-	if err != nil {
-		return false, fmt.Errorf("list addresses of %s: %w", name, err)
-	}
-	for _, a := range addrs {
-		if a.IP.IsLinkLocalUnicast() && a.Flags&(unix.IFA_F_TENTATIVE|unix.IFA_F_DADFAILED) == 0 {
-			return true, nil
-		}
-	}
-	return false, nil
 }

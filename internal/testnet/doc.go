@@ -1,7 +1,11 @@
 // Package testnet provides helpers for privileged, real-kernel tests of
 // meshsplice: network namespaces, cgroup v2 directories, bridge/veth pod
 // topologies spanning one or more "nodes", and processes started inside a
-// network namespace and a cgroup from their first instruction.
+// network namespace and a cgroup from their first instruction. It is the
+// testing.TB layer over package internal/lab, which implements all of
+// these for the benchmark, the demo and the tests alike: testnet names
+// things mstest-*, registers their removal with tb.Cleanup and fails the
+// test when it cannot set them up.
 //
 // Every helper takes a testing.TB, calls tb.Helper and registers its own
 // teardown with tb.Cleanup, so resources are removed also when a test fails.

@@ -1,16 +1,13 @@
 package testnet
 
 import (
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
-	"fmt"
 	"os"
-	"path/filepath"
 	"sort"
-	"strings"
 	"sync"
 	"testing"
+
+	"github.com/meshsplice/meshsplice/internal/lab"
 )
 
 // Prefix is the prefix of the name of every network namespace and cgroup
@@ -26,13 +23,7 @@ func RequireRoot(tb testing.TB) {
 }
 
 // randomSuffix returns n random lowercase hex characters.
-func randomSuffix(n int) string {
-	b := make([]byte, (n+1)/2)
-	if _, err := rand.Read(b); err != nil {
-		panic(fmt.Sprintf("testnet: crypto/rand: %v", err))
-	}
-	return hex.EncodeToString(b)[:n]
-}
+func randomSuffix(n int) string { return lab.RandomSuffix(n) }
 
 // created records every path this process created, so that Leftovers can
 // tell which of them still exist (other test binaries running in parallel
@@ -68,25 +59,4 @@ func Leftovers() []string {
 // ListLeftovers lists every mstest-* entry of /run/netns, of the cgroup2
 // mount and of /sys/fs/bpf, regardless of which process created it. While
 // other test binaries run it may list their live resources too.
-func ListLeftovers() ([]string, error) {
-	var left []string
-	dirs := []string{NetNSDir, "/sys/fs/bpf"}
-	if mnt, err := Cgroup2Mount(); err == nil {
-		dirs = append(dirs, mnt)
-	}
-	for _, dir := range dirs {
-		entries, err := os.ReadDir(dir)
-		if errors.Is(err, os.ErrNotExist) {
-			continue
-		}
-		if err != nil {
-			return nil, fmt.Errorf("list %s: %w", dir, err)
-		}
-		for _, e := range entries {
-			if strings.HasPrefix(e.Name(), Prefix) {
-				left = append(left, filepath.Join(dir, e.Name()))
-			}
-		}
-	}
-	return left, nil
-}
+func ListLeftovers() ([]string, error) { return lab.Leftovers(Prefix) }

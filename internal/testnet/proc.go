@@ -1,20 +1,17 @@
 package testnet
 
 import (
-	"bytes"
-	"encoding/json"
-	"errors"
+	"context"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
-	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
+
+	"github.com/meshsplice/meshsplice/internal/lab"
 )
 
 // StartOpts configures Start.
@@ -45,24 +42,20 @@ type Proc struct {
 	// Cmd is the underlying command; do not call its Wait.
 	Cmd *exec.Cmd
 
-	name string
-	done chan struct{}
-
+	p       *lab.Proc
+	name    string
 	mu      sync.Mutex
-	lines   []string
-	notify  chan struct{} // closed and replaced on every new line and at exit
-	exited  bool
-	waitErr error
 	stopLog bool
 }
 
-// Start starts a process inside opts.NetNS and opts.Cgroup. The network
-// namespace is entered with "nsenter --net=PATH" (never "ip netns exec",
-// which remounts /sys and hides the cgroup2 mount); the cgroup is entered at
-// birth with clone3(CLONE_INTO_CGROUP), so every socket the program creates
-// belongs to it. With UID/GID set, nsenter switches credentials (-S/-G)
-// right before executing the program, so the pid returned is the program's
-// own and it runs with those credentials from its first instruction.
+// Start starts a process inside opts.NetNS and opts.Cgroup (lab.Start). The
+// network namespace is entered with "nsenter --net=PATH" (never "ip netns
+// exec", which remounts /sys and hides the cgroup2 mount); the cgroup is
+// entered at birth with clone3(CLONE_INTO_CGROUP), so every socket the
+// program creates belongs to it. With UID/GID set, nsenter switches
+// credentials (-S/-G) right before executing the program, so the pid
+// returned is the program's own and it runs with those credentials from
+// its first instruction.
 //
 // The test's cleanup kills the process (if still running) and waits for it.
 func Start(tb testing.TB, opts StartOpts) *Proc {
@@ -74,118 +67,66 @@ func Start(tb testing.TB, opts StartOpts) *Proc {
 	if name == "" {
 		name = filepath.Base(opts.Args[0])
 	}
-
-	args := opts.Args
-	attr := &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	pr := &Proc{name: name}
+	lopts := lab.ProcOpts{
+		Name: name, Cgroup: opts.Cgroup, UID: opts.UID, GID: opts.GID,
+		Args: opts.Args, Env: opts.Env, Dir: opts.Dir, KeepStdout: true,
+		OnLine: func(stream, line string) {
+			pr.mu.Lock()
+			defer pr.mu.Unlock()
+			switch {
+			case pr.stopLog:
+			case pr.Cmd == nil: // a line before Start returned
+				tb.Logf("%s %s: %s", name, stream, line)
+			default:
+				tb.Logf("%s[%d] %s: %s", name, pr.Cmd.Process.Pid, stream, line)
+			}
+		},
+	}
 	if opts.NetNS != nil {
-		// nsenter does not fork when entering only a network namespace:
-		// it calls setns, drops credentials if asked and execs the program.
-		pre := []string{"nsenter", "--net=" + opts.NetNS.Path()}
-		if opts.UID != 0 || opts.GID != 0 {
-			// Both, always: --setgid is what makes nsenter clear the
-			// supplementary groups.
-			pre = append(pre, "--setuid", strconv.Itoa(opts.UID), "--setgid", strconv.Itoa(opts.GID))
-		}
-		args = append(append(pre, "--"), args...)
-	} else if opts.UID != 0 || opts.GID != 0 {
-		attr.Credential = &syscall.Credential{Uid: uint32(opts.UID), Gid: uint32(opts.GID)}
+		lopts.Netns = opts.NetNS.ns
 	}
-	if opts.Cgroup != nil {
-		attr.UseCgroupFD = true
-		attr.CgroupFD = opts.Cgroup.FD()
+	p, err := lab.Start(lopts)
+	if err != nil {
+		tb.Fatalf("testnet: %v", err)
 	}
-
-	cmd := exec.Command(args[0], args[1:]...)
-	cmd.SysProcAttr = attr
-	cmd.Dir = opts.Dir
-	if len(opts.Env) > 0 {
-		cmd.Env = append(os.Environ(), opts.Env...)
-	}
-	cmd.WaitDelay = 5 * time.Second
-
-	p := &Proc{Cmd: cmd, name: name, done: make(chan struct{}), notify: make(chan struct{})}
-	logLine := func(stream, line string) {
-		p.mu.Lock()
-		defer p.mu.Unlock()
-		if !p.stopLog {
-			// cmd.Process is set before the output-copying goroutines
-			// that call this start.
-			tb.Logf("%s[%d] %s: %s", name, cmd.Process.Pid, stream, line)
-		}
-	}
-	stdout := &lineWriter{fn: func(line string) {
-		logLine("stdout", line)
-		p.addLine(line)
-	}}
-	stderr := &lineWriter{fn: func(line string) { logLine("stderr", line) }}
-	cmd.Stdout = stdout
-	cmd.Stderr = stderr
-
-	// The process is started, and waited for, on a goroutine locked to its
-	// OS thread: Pdeathsig fires when the thread that forked the child exits,
-	// and Go terminates threads whose goroutine exits while locked (as
-	// namespace helpers do on purpose), so the forking thread must outlive
-	// the child.
-	startErr := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		defer runtime.UnlockOSThread()
-		if err := cmd.Start(); err != nil {
-			startErr <- err
-			return
-		}
-		startErr <- nil
-		err := cmd.Wait()
-		stdout.flush()
-		stderr.flush()
-		p.mu.Lock()
-		p.exited = true
-		p.waitErr = err
-		close(p.notify)
-		p.notify = make(chan struct{})
-		p.mu.Unlock()
-		close(p.done)
-	}()
-	if err := <-startErr; err != nil {
-		tb.Fatalf("testnet: start %s: %v", strings.Join(args, " "), err)
-	}
-	pid := cmd.Process.Pid
-
+	pr.mu.Lock()
+	pr.p, pr.Cmd = p, p.Cmd
+	pr.mu.Unlock()
+	pid := p.PID()
 	tb.Cleanup(func() {
-		_ = p.Kill()
+		p.Signal(os.Kill)
 		select {
-		case <-p.done:
+		case <-p.Done():
 		case <-time.After(15 * time.Second):
 			tb.Errorf("testnet: %s[%d] did not exit after SIGKILL", name, pid)
 		}
-		p.mu.Lock()
-		p.stopLog = true
-		p.mu.Unlock()
+		pr.mu.Lock()
+		pr.stopLog = true
+		pr.mu.Unlock()
 	})
-	return p
+	return pr
 }
 
 // PID returns the process id (of the program itself, nsenter having
 // exec'ed it).
-func (p *Proc) PID() int { return p.Cmd.Process.Pid }
+func (p *Proc) PID() int { return p.p.PID() }
 
 // Done is closed when the process has exited and its output is collected.
-func (p *Proc) Done() <-chan struct{} { return p.done }
+func (p *Proc) Done() <-chan struct{} { return p.p.Done() }
 
 // Wait waits for the process to exit and returns its exit error (nil for
 // exit status 0, an *exec.ExitError otherwise).
 func (p *Proc) Wait() error {
-	<-p.done
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.waitErr
+	<-p.p.Done()
+	return p.p.ExitErr()
 }
 
 // WaitTimeout is Wait with a limit; it returns an error, without killing
 // the process, if it has not exited within d.
 func (p *Proc) WaitTimeout(d time.Duration) error {
 	select {
-	case <-p.done:
+	case <-p.p.Done():
 		return p.Wait()
 	case <-time.After(d):
 		return fmt.Errorf("%s[%d] still running after %v", p.name, p.PID(), d)
@@ -196,7 +137,7 @@ func (p *Proc) WaitTimeout(d time.Duration) error {
 // signal.
 func (p *Proc) ExitCode() int {
 	select {
-	case <-p.done:
+	case <-p.p.Done():
 		return p.Cmd.ProcessState.ExitCode()
 	default:
 		return -1
@@ -204,98 +145,38 @@ func (p *Proc) ExitCode() int {
 }
 
 // Signal sends sig to the process.
-func (p *Proc) Signal(sig os.Signal) error {
-	if err := p.Cmd.Process.Signal(sig); err != nil && !errors.Is(err, os.ErrProcessDone) {
-		return fmt.Errorf("signal %s[%d]: %w", p.name, p.PID(), err)
-	}
-	return nil
-}
+func (p *Proc) Signal(sig os.Signal) error { return p.p.Signal(sig) }
 
 // Kill sends SIGKILL and waits for the process to exit. Killing an exited
 // process is not an error.
 func (p *Proc) Kill() error {
-	if err := p.Signal(os.Kill); err != nil {
+	if err := p.p.Signal(os.Kill); err != nil {
 		return err
 	}
-	<-p.done
+	<-p.p.Done()
 	return nil
 }
 
 // Lines returns the standard output lines received so far.
-func (p *Proc) Lines() []string {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return append([]string(nil), p.lines...)
-}
+func (p *Proc) Lines() []string { return p.p.Stdout() }
 
 // WaitLine waits until a standard output line (including lines already
 // received) satisfies match and returns it. It returns an error after
 // timeout, or when the process exits without printing such a line.
 func (p *Proc) WaitLine(timeout time.Duration, match func(line string) bool) (string, error) {
-	timer := time.NewTimer(timeout)
-	defer timer.Stop()
-	seen := 0
-	for {
-		p.mu.Lock()
-		lines := p.lines[seen:]
-		seen = len(p.lines)
-		ch, exited, werr := p.notify, p.exited, p.waitErr
-		p.mu.Unlock()
-		for _, l := range lines {
-			if match(l) {
-				return l, nil
-			}
-		}
-		if exited {
-			return "", fmt.Errorf("%s[%d] exited (%v) without printing the expected line", p.name, p.PID(), werr)
-		}
-		select {
-		case <-ch:
-		case <-timer.C:
-			return "", fmt.Errorf("%s[%d] printed no expected line within %v", p.name, p.PID(), timeout)
-		}
-	}
+	return p.p.WaitLine(context.Background(), timeout, match)
 }
 
-// Event is one JSON object printed on a line of standard output.
-type Event map[string]any
-
-// Str returns field k as a string ("" if absent or not a string).
-func (e Event) Str(k string) string {
-	s, _ := e[k].(string)
-	return s
-}
-
-// Int returns numeric field k (0 if absent or not a number).
-func (e Event) Int(k string) int64 {
-	f, _ := e[k].(float64)
-	return int64(f)
-}
-
-// Bool returns boolean field k (false if absent or not a boolean).
-func (e Event) Bool(k string) bool {
-	b, _ := e[k].(bool)
-	return b
-}
-
-func parseEvent(line string) (Event, bool) {
-	line = strings.TrimSpace(line)
-	if !strings.HasPrefix(line, "{") {
-		return nil, false
-	}
-	var ev Event
-	if err := json.Unmarshal([]byte(line), &ev); err != nil {
-		return nil, false
-	}
-	return ev, true
-}
+// Event is one JSON object printed on a line of standard output (Str, Int,
+// Bool read its fields).
+type Event = lab.Event
 
 // Events returns the standard output lines received so far that are JSON
 // objects.
 func (p *Proc) Events() []Event {
 	var evs []Event
 	for _, l := range p.Lines() {
-		if ev, ok := parseEvent(l); ok {
+		if ev, ok := lab.ParseEvent(l); ok {
 			evs = append(evs, ev)
 		}
 	}
@@ -305,64 +186,12 @@ func (p *Proc) Events() []Event {
 // WaitEvent waits for a JSON line whose "event" field is name and that
 // satisfies every match function, and returns it (see WaitLine).
 func (p *Proc) WaitEvent(timeout time.Duration, name string, match ...func(Event) bool) (Event, error) {
-	var found Event
-	_, err := p.WaitLine(timeout, func(line string) bool {
-		ev, ok := parseEvent(line)
-		if !ok || ev.Str("event") != name {
-			return false
-		}
-		for _, m := range match {
-			if !m(ev) {
-				return false
-			}
-		}
-		found = ev
-		return true
-	})
+	ev, err := p.p.WaitEvent(context.Background(), name, timeout, match...)
 	if err != nil {
 		return nil, fmt.Errorf("wait for event %q: %w", name, err)
 	}
-	return found, nil
+	return ev, nil
 }
 
-func (p *Proc) addLine(line string) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	p.lines = append(p.lines, line)
-	close(p.notify)
-	p.notify = make(chan struct{})
-}
-
-// lineWriter calls fn for every complete line written to it.
-type lineWriter struct {
-	mu  sync.Mutex
-	buf []byte
-	fn  func(string)
-}
-
-func (w *lineWriter) Write(b []byte) (int, error) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	w.buf = append(w.buf, b...)
-	for {
-		i := bytes.IndexByte(w.buf, '\n')
-		if i < 0 {
-			break
-		}
-		line := string(bytes.TrimSuffix(w.buf[:i], []byte("\r")))
-		w.buf = w.buf[i+1:]
-		w.fn(line)
-	}
-	return len(b), nil
-}
-
-// flush emits a last line that had no trailing newline.
-func (w *lineWriter) flush() {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	if len(w.buf) > 0 {
-		line := string(w.buf)
-		w.buf = nil
-		w.fn(line)
-	}
-}
+// Tail returns the process's last output lines, for error messages.
+func (p *Proc) Tail() string { return strings.TrimSpace(p.p.Tail()) }
