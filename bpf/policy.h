@@ -116,7 +116,8 @@ static __always_inline int egress_judged(const __u32 *src, const __u32 *dst,
 	dst_pod = bpf_map_lookup_elem(&ms_pods, dst_netns);
 	if (!dst_pod)
 		return 1;
-	return sidecar_judges_inbound(*dst_netns, dst_pod, port, src);
+	return sidecar_judges_inbound(*dst_netns, dst_pod, port, src,
+				      from_self_established(*dst_netns, src));
 }
 
 /*

@@ -70,7 +70,8 @@ static __always_inline int ingress_denies(__u64 netns, struct ms_pod *pod,
 					  struct ms_addr *remote,
 					  struct ms_denial *d)
 {
-	if (!sidecar_judges_inbound(netns, pod, lport, remote->ip))
+	if (!sidecar_judges_inbound(netns, pod, lport, remote->ip,
+				    from_self_established(netns, remote->ip)))
 		return 0;
 	return policy_denies(remote->ip, identity_of(remote->ip), local->ip,
 			     lport, 0, d);

@@ -189,7 +189,7 @@ func TestMapSizes(t *testing.T) {
 		"ms_pods": "MS_MAX_PODS", "ms_pod_ips": "MS_MAX_POD_IPS", "ms_ports": "MS_MAX_PORT_RULES",
 		"ms_ranges": "MS_MAX_RANGE_RULES", "ms_socks": "MS_MAX_SOCKS", "ms_orig_dst": "MS_MAX_ORIG_DST",
 		"ms_listeners": "MS_MAX_LISTENERS", "ms_ip_info": "MS_MAX_POL_IPS", "ms_pol_sets": "MS_MAX_POL_SETS",
-		"ms_pol_ids": "MS_MAX_POL_ENTRIES", "ms_denial_log": "MS_DENIAL_LOG",
+		"ms_pol_ids": "MS_MAX_POL_IDS", "ms_denial_log": "MS_DENIAL_LOG",
 	} {
 		ms, ok := spec.Maps[m]
 		if !ok {
@@ -228,7 +228,7 @@ func TestProxyPortsMatchGo(t *testing.T) {
 }
 
 // TestPassthroughSourceMatchesGo: addr_is_passthrough in common.h knows
-// Envoy's passthrough sources as istio's CaptureInbound does.
+// Envoy's passthrough sources as istio's Decide does.
 func TestPassthroughSourceMatchesGo(t *testing.T) {
 	body := function(t, "../bpf/common.h", "addr_is_passthrough")
 	var lits []uint32
@@ -248,7 +248,9 @@ func TestPassthroughSourceMatchesGo(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	dst := netip.MustParseAddrPort("10.1.2.3:8080")
+	// The sidecar's passthrough: from the source, over lo, to its own pod.
+	pod4, pod6 := netip.MustParseAddr("10.1.2.3"), netip.MustParseAddr("fd00::3")
+	tr.PodIPs, tr.DualStack = []netip.Addr{pod4, pod6}, true
 	for _, tc := range []struct {
 		src         netip.Addr
 		passthrough bool
@@ -256,9 +258,13 @@ func TestPassthroughSourceMatchesGo(t *testing.T) {
 		{v4, true}, {v6, true},
 		{v4.Next(), false}, {v6.Next(), false},
 	} {
-		_, reason := tr.CaptureInbound(dst, tc.src)
+		dst := netip.AddrPortFrom(pod4, 8080)
+		if tc.src.Is6() {
+			dst = netip.AddrPortFrom(pod6, 8080)
+		}
+		_, reason := tr.Decide(istio.Conn{Local: true, Src: tc.src, Dst: dst, UID: tr.ProxyUID, GID: tr.ProxyGID})
 		if got := reason == istio.ReasonInboundPassthroughSource; got != tc.passthrough {
-			t.Errorf("source %s: C says passthrough=%v, istio.CaptureInbound says %s", tc.src, tc.passthrough, reason)
+			t.Errorf("source %s: C says passthrough=%v, istio.Decide says %s", tc.src, tc.passthrough, reason)
 		}
 	}
 }
