@@ -262,12 +262,18 @@ struct ms_pol_port_key {
 	__u16 pad;
 };
 
-/* LPM: prefixlen counts bits from `set` on (32 + address bits). */
+/* LPM trie key: prefixlen counts bits from `set` on, so set and family
+ * (the first 64 bits) always match exactly and the rest is the address
+ * prefix. The family keeps an IPv6 ipBlock (::/0, ::ffff:0:0/96,
+ * ::ffff:10.0.0.0/104) from matching an IPv4 source: Envoy never matches an
+ * IPv4 address with an IPv6 CIDR. */
 struct ms_pol_prefix_key {
 	__u32 prefixlen;
 	__u32 set;
-	__u32 ip[4];
+	__u32 family; /* AF_INET or AF_INET6 */
+	__u32 ip[4];  /* IPv4 as ::ffff:a.b.c.d */
 };
+#define MS_POL_PREFIX_FIXED_BITS 64
 
 enum ms_denial_reason {
 	MS_DENY_RULE = 1,     /* a DENY atom matched */

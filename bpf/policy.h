@@ -173,8 +173,9 @@ static __always_inline int policy_denies(const __u32 *src_ip, __u32 src_id,
 	m = v ? *v : ps->default_id_mask;
 	v = bpf_map_lookup_elem(&ms_pol_ports, &portk);
 	m &= v ? *v : ps->default_port_mask;
-	pk.prefixlen = 32 + 128;
+	pk.prefixlen = MS_POL_PREFIX_FIXED_BITS + 128;
 	pk.set = set;
+	pk.family = addr_is_v4(src_ip) ? AF_INET : AF_INET6;
 	__builtin_memcpy(pk.ip, src_ip, 16);
 	v = bpf_map_lookup_elem(&ms_pol_prefixes, &pk);
 	m &= v ? *v : 0;

@@ -145,6 +145,7 @@ func TestDefinesParse(t *testing.T) {
 func TestCDefinesMatchGo(t *testing.T) {
 	d := defines(t, "../bpf/common.h", "../bpf/policy.h", "../bpf/capture.c", "../bpf/splice.c", "../bpf/teardown.c")
 	var rangeKey redirect.CaptureMsRangeKey
+	var polPrefixKey redirect.CaptureMsPolPrefixKey
 	for _, tc := range []struct {
 		name string
 		go_  int64
@@ -163,6 +164,9 @@ func TestCDefinesMatchGo(t *testing.T) {
 		// prefixlen of ms_range_key counts bits from kind on: kind and
 		// netns are the fixed part, before the address.
 		{"MS_RANGE_FIXED_BITS", int64(8 * (unsafe.Offsetof(rangeKey.Ip) - unsafe.Offsetof(rangeKey.Kind))), "ms_range_key layout (redirect.CaptureMsRangeKey)"},
+		// prefixlen of ms_pol_prefix_key counts bits from set on: set and
+		// family are the fixed part.
+		{"MS_POL_PREFIX_FIXED_BITS", int64(8 * (unsafe.Offsetof(polPrefixKey.Ip) - unsafe.Offsetof(polPrefixKey.Set))), "ms_pol_prefix_key layout (redirect.CaptureMsPolPrefixKey)"},
 		// The agent gives each pod two listener slots (IPv4, IPv6).
 		{"MS_MAX_LISTENERS", 2 * d["MS_MAX_PODS"], "2 * MS_MAX_PODS (datapath/registry.go)"},
 	} {

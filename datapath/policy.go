@@ -377,14 +377,26 @@ func (d *Datapath) deleteSets(ids []uint32) error {
 	return result.ErrorOrNil()
 }
 
-// polPrefixKey: 32 fixed bits (the set), then the 128-bit address prefix,
-// IPv4 as part of ::ffff:0:0/96.
+// polPrefixFixedBits is MS_POL_PREFIX_FIXED_BITS: the set and the address
+// family, matched exactly.
+const polPrefixFixedBits = 64
+
+// polPrefixKey is an LPM key: the fixed bits (set, family) then the prefix
+// of the 128-bit address, IPv4 prefixes as part of ::ffff:0:0/96. The
+// family keeps IPv6 prefixes (::/0, v4-mapped ones such as ::ffff:0:0/96)
+// from matching IPv4 sources, as in Envoy, and from sharing a key with an
+// IPv4 prefix.
 func polPrefixKey(set uint32, p netip.Prefix) redirect.CaptureMsPolPrefixKey {
-	bits := p.Bits()
+	bits, family := p.Bits(), uint32(unix.AF_INET6)
 	if p.Addr().Is4() {
-		bits += 96
+		bits, family = bits+96, unix.AF_INET
 	}
-	return redirect.CaptureMsPolPrefixKey{Prefixlen: uint32(32 + bits), Set: set, Ip: addrKey(p.Masked().Addr()).Ip}
+	return redirect.CaptureMsPolPrefixKey{
+		Prefixlen: uint32(polPrefixFixedBits + bits),
+		Set:       set,
+		Family:    family,
+		Ip:        addrKey(p.Masked().Addr()).Ip,
+	}
 }
 
 // TeardownSupported reports whether this kernel can close live connections

@@ -185,8 +185,11 @@
 // address lies in exactly the entries that contain the matched prefix, so the
 // mask of entry P holds the atoms whose address condition is true when "in
 // Q" reads "Q contains P". PrefixMasks always has 0.0.0.0/0 and ::/0; IPv4
-// and IPv6 are separate families (a v4-mapped address is IPv6), and entries
-// whose mask equals their parent's are left out. Compile drops atoms that
+// and IPv6 are separate families, as in Envoy: an IPv6 block (::/0, ::/80,
+// v4-mapped ones such as ::ffff:10.0.0.0/104) never matches an IPv4 source,
+// and a v4-mapped source address is IPv4 (the kernel stores IPv4 that way;
+// its prefix trie keys carry the family). Entries whose mask equals their
+// parent's are left out. Compile drops atoms that
 // can match nothing. A workload whose policies need more than 64 atoms gets
 // no kernel policy ([ErrTooManyAtoms] in [Result.Unenforced]) rather than a
 // wrong one. Workloads with identical policies share one set.

@@ -114,7 +114,7 @@ var (
 	fuzzDomains    = []string{"cluster.local", "*", "cluster.*", "*.local", "old.org", "example.org"}
 	fuzzIPs        = []string{"10.0.0.0/8", "10.0.1.0/24", "10.0.1.1", "10.0.1.2/31", "10.0.1.7/24", "0.0.0.0/0", "::/0",
 		"fd00::/8", "fd00::1:0/112", "fd00::1:1", "192.0.2.0/24", "2001:db8::/32", "::ffff:10.0.1.1",
-		"::ffff:10.0.0.0/104", "10.1.0.0/16", "10.0.2.0/23", "10.0.0.10", "10.0.1.4"}
+		"::ffff:10.0.0.0/104", "::/80", "::ffff:0:0/96", "::ffff:10.0.1.0/120", "10.1.0.0/16", "10.0.2.0/23", "10.0.0.10", "10.0.1.4"}
 	fuzzPorts = []string{"8080", "9090", "5432", "0", "65535", "080", "22", "8081"}
 	fuzzL7    = []string{"GET", "/api/*", "/{*}/x", "/{**}", "example.com", "*.example.com"}
 	fuzzKeys  = []string{"source.ip", "source.namespace", "source.principal", "source.serviceAccount", "source.trustDomain",

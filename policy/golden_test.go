@@ -88,6 +88,7 @@ var goldenCases = []goldenCase{
 	{name: "invalid-deny", why: "An invalid DENY is not enforced; the valid ALLOW next to it still is."},
 	{name: "multiple-allow-policies", why: "ALLOW policies are ORed, and a namespace-wide one stacks with a selected one."},
 	{name: "ipv6-prefixes", why: "IPv6 blocks apply to IPv6 sources only: IPv4 sources are outside them."},
+	{name: "ipv6-blocks-ipv4-sources", why: "Envoy never matches an IPv4 source with an IPv6 block, not even ::/0, ::/80 or a v4-mapped one (::ffff:10.0.1.0/120): DENYs of IPv6 blocks deny no IPv4 source, and an ALLOW of ::ffff:0:0/96 allows none."},
 	{name: "unsatisfiable", why: "A rule that can match nothing (port 80 and port 81) yields no atom, but the ALLOW policy still denies everything else."},
 	{name: "default-service-account", why: "A workload without a service account runs as default: prod/worker is cluster.local/ns/prod/sa/default."},
 	{name: "e2e-scenario", why: "The e2e scenario: frontend may reach backend on 8080 and backend may reach db on 5432; frontend (a compromised sidecar included) cannot reach db on any port."},

@@ -317,6 +317,10 @@ func refIPIn(blocks []string, ip netip.Addr, ifEmpty bool) bool {
 	if len(blocks) == 0 {
 		return ifEmpty
 	}
+	// Envoy's peer address of an IPv4 connection is IPv4, also on a
+	// dual-stack listener, and a CIDR never matches an address of the
+	// other family (CidrRange::isInRange), v4-mapped CIDRs included.
+	ip = ip.Unmap()
 	for _, b := range blocks {
 		var p netip.Prefix
 		if strings.Contains(b, "/") {

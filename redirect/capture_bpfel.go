@@ -181,6 +181,7 @@ type CaptureMsPolPrefixKey struct {
 	_         structs.HostLayout
 	Prefixlen uint32
 	Set       uint32
+	Family    uint32
 	Ip        [4]uint32
 }
 

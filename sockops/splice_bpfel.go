@@ -145,6 +145,7 @@ type SpliceMsPolPrefixKey struct {
 	_         structs.HostLayout
 	Prefixlen uint32
 	Set       uint32
+	Family    uint32
 	Ip        [4]uint32
 }
 
