@@ -12,10 +12,13 @@
 //	mstest fionread-server --port P
 //	mstest sink --port P
 //	mstest client --target IP:PORT [--messages N] [--size S] [--pipelined] [--conns C] ...
-//	mstest client --target IP:PORT --duration D [--warmup W] [--rate R] [--stream|--reconnect] ...
+//	mstest client --target IP:PORT --duration D [--warmup W] [--rate R] [--stream|--reconnect] [--cpu-stat ROLE=DIR]...
+//	mstest window --cpu-stat ROLE=DIR... --start PREFIX --end PREFIX -- PROGRAM [ARGS...]
 //
 // Every subcommand prints one JSON object per line on standard output, one
-// per event, each with an "event" field, and diagnostics on standard error.
+// per event, each with an "event" field, and diagnostics on standard error
+// (window prints its events on standard error: standard output is its
+// program's).
 // Run a subcommand with -h for its flags.
 //
 // No code path copies between two TCP connections with io.Copy, ReadFrom or
@@ -50,6 +53,7 @@ func main() {
 		"fionread-server": runFionreadServer,
 		"sink":            runSink,
 		"client":          runClient,
+		"window":          runWindow,
 	}
 	cmd, ok := cmds[os.Args[1]]
 	if !ok {
@@ -72,6 +76,7 @@ subcommands:
   fionread-server  TCP echo server polling ioctl(FIONREAD) before reads
   sink             TCP server that discards what it reads and answers the byte count at EOF
   client           verifying client for the echo servers
+  window           run a load generator, reading cgroups' CPU time at its window's edges
 
 Run "mstest SUBCOMMAND -h" for its flags.`)
 }
