@@ -66,13 +66,14 @@ type Agent struct {
 	log *slog.Logger
 	dp  *datapath.Datapath
 
-	mu     sync.Mutex
-	pods   map[string]*pod // by container ID
-	istio  istio.Config
-	ids    *policy.Allocator // workload identities, stable across restarts
-	policy policy.Result     // the policy the kernel holds
-	ready  bool
-	loaded chan struct{} // closed once the first Istio config arrived
+	mu      sync.Mutex
+	pods    map[string]*pod // by container ID
+	istio   istio.Config
+	ids     *policy.Allocator // workload identities, stable across restarts
+	policy  policy.Result     // the last compiled policy
+	applied datapath.Policy   // the policy the kernel holds
+	ready   bool
+	loaded  chan struct{} // closed once the first Istio config arrived
 }
 
 // podReg is a pod's registration, as the CNI plugin sent it.
@@ -271,7 +272,7 @@ func (a *Agent) applyConfig(c istio.Config) {
 	if err := result.ErrorOrNil(); err != nil {
 		a.log.Error("reconcile pods with the new config", "error", err)
 	}
-	if err := a.reconcilePolicy(true); err != nil {
+	if err := a.reconcilePolicy(); err != nil {
 		a.log.Error("authorization policy not applied; the kernel keeps the previous one", "error", err)
 	}
 	a.log.Info("istio config applied", "node", node, "pods", len(a.pods),
@@ -347,10 +348,10 @@ func (a *Agent) AddPod(_ context.Context, req api.PodRegistration) (api.PodStatu
 		a.log.Warn("pod settings", "pod", req.String(), "warning", w)
 	}
 	// The pod's own policy set and its identity as a source.
-	if err := a.reconcilePolicy(false); err != nil {
+	if err := a.reconcilePolicy(); err != nil {
 		a.log.Error("authorization policy not applied; the kernel keeps the previous one", "error", err)
 	}
-	return statusOf(p), nil
+	return a.statusOf(p), nil
 }
 
 // replacePod programs p in place of the previous registration of its
@@ -397,7 +398,9 @@ func (a *Agent) CheckPod(_ context.Context, containerID string) (api.PodStatus, 
 	}
 	for _, kp := range pods {
 		if kp.Cookie == p.Cookie {
-			return statusOf(p), nil
+			a.mu.Lock()
+			defer a.mu.Unlock()
+			return a.statusOf(p), nil
 		}
 	}
 	return api.PodStatus{}, fmt.Errorf("%w: %s is registered but missing from the kernel tables", api.ErrConflict, p.Reg)
@@ -422,7 +425,7 @@ func (a *Agent) RemovePod(_ context.Context, containerID string) error {
 		}
 	}
 	a.log.Info("pod unregistered", "pod", p.Reg.String())
-	if err := a.reconcilePolicy(false); err != nil {
+	if err := a.reconcilePolicy(); err != nil {
 		a.log.Error("authorization policy not applied; the kernel keeps the previous one", "error", err)
 	}
 	return a.saveState()
@@ -443,18 +446,31 @@ func (a *Agent) Pods() []api.PodStatus {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	out := make([]api.PodStatus, 0, len(a.pods))
+	kernel, err := a.dp.PodPolicies()
 	for _, p := range a.pods {
-		out = append(out, statusOf(p))
+		out = append(out, a.statusWith(p, kernel, err))
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Pod.ContainerID < out[j].Pod.ContainerID })
 	return out
 }
 
-func statusOf(p *pod) api.PodStatus {
+// statusOf is a pod's status, its policy included. Called with a.mu held.
+func (a *Agent) statusOf(p *pod) api.PodStatus {
+	kernel, err := a.dp.PodPolicies()
+	return a.statusWith(p, kernel, err)
+}
+
+// statusWith is statusOf with the kernel's policy tables read already.
+func (a *Agent) statusWith(p *pod, kernel map[uint64]datapath.PodPolicy, err error) api.PodStatus {
 	st := api.PodStatus{Pod: p.Reg, Capture: p.Traffic.Capture, Splice: p.Traffic.Splice, Warnings: p.Warnings}
 	if p.inbound.known {
 		ready := p.inbound.ready
 		st.InboundReady, st.InboundReason = &ready, p.inbound.reason
+	}
+	if err != nil {
+		st.Policy = &api.PolicyStatus{Reason: "cannot read the kernel's policy tables: " + err.Error()}
+	} else {
+		st.Policy = a.podPolicy(p, kernel)
 	}
 	return st
 }

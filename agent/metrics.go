@@ -15,8 +15,11 @@ import (
 //	/healthz  200 while the process runs
 //	/readyz   200 once the datapath is attached and the CNI API serves
 //	/metrics  Prometheus: meshsplice_datapath_events_total{program,event}
-//	          (every kernel counter), meshsplice_pods{capture,splice}
-//	/pods     the registered pods as JSON
+//	          (every kernel counter), meshsplice_pods{capture,splice},
+//	          meshsplice_policy_pods{enforced},
+//	          meshsplice_policy_not_applied_total, meshsplice_policy_applied
+//	/pods     the registered pods as JSON, with policy.enforced and
+//	          policy.reason per pod
 //	/denials  the most recent connections policy denied, with the policies
 func (a *Agent) metricsHandler() http.Handler {
 	reg := prometheus.NewRegistry()
@@ -50,6 +53,14 @@ var (
 		[]string{"program", "event"}, nil)
 	podsDesc = prometheus.NewDesc("meshsplice_pods",
 		"Pods registered with the agent.", []string{"capture", "splice"}, nil)
+	policyPodsDesc = prometheus.NewDesc("meshsplice_policy_pods",
+		"Registered pods by whether the kernel enforces their authorization policy (/pods says why not).",
+		[]string{"enforced"}, nil)
+	policyNotAppliedDesc = prometheus.NewDesc("meshsplice_policy_not_applied_total",
+		"Authorization policies the kernel refused as a whole (too big for its maps, or a write failed); the previous one stayed in force.",
+		nil, nil)
+	policyAppliedDesc = prometheus.NewDesc("meshsplice_policy_applied",
+		"1 when the kernel holds the latest authorization policy, 0 when the last one was not applied.", nil, nil)
 )
 
 // collector reads the kernel counters at scrape time.
@@ -58,6 +69,9 @@ type collector struct{ a *Agent }
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- eventsDesc
 	ch <- podsDesc
+	ch <- policyPodsDesc
+	ch <- policyNotAppliedDesc
+	ch <- policyAppliedDesc
 }
 
 func (c *collector) Collect(ch chan<- prometheus.Metric) {
@@ -69,9 +83,21 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	}
 	type key struct{ capture, splice bool }
 	n := map[key]int{}
+	enforced := map[bool]int{false: 0, true: 0}
 	for _, p := range c.a.Pods() {
 		n[key{p.Capture, p.Splice}]++
+		enforced[p.Policy != nil && p.Policy.Enforced]++
 	}
+	for e, v := range enforced {
+		ch <- prometheus.MustNewConstMetric(policyPodsDesc, prometheus.GaugeValue, float64(v), boolLabel(e))
+	}
+	ps := c.a.dp.PolicyState()
+	ch <- prometheus.MustNewConstMetric(policyNotAppliedDesc, prometheus.CounterValue, float64(ps.NotApplied))
+	applied := 1.0
+	if ps.LastError != "" {
+		applied = 0
+	}
+	ch <- prometheus.MustNewConstMetric(policyAppliedDesc, prometheus.GaugeValue, applied)
 	for k, v := range n {
 		ch <- prometheus.MustNewConstMetric(podsDesc, prometheus.GaugeValue, float64(v),
 			boolLabel(k.capture), boolLabel(k.splice))

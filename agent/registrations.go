@@ -66,7 +66,7 @@ func (a *Agent) forgetGone() {
 	if err := a.saveState(); err != nil {
 		a.log.Error("save registrations", "error", err)
 	}
-	if err := a.reconcilePolicy(false); err != nil {
+	if err := a.reconcilePolicy(); err != nil {
 		a.log.Error("authorization policy not applied; the kernel keeps the previous one", "error", err)
 	}
 }

@@ -7,7 +7,6 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -187,7 +186,7 @@ func reportPod(st *datapath.Status, kp datapath.Pod, reg *pod, stateErr error, c
 		}
 		r.InboundReady = no("inbound connections are refused: %s", why)
 	}
-	r.PolicyEnforced = PolicyEnforced(kp, k, r.Captured.State == "yes")
+	r.PolicyEnforced = PolicyEnforced(k)
 	return r
 }
 
@@ -213,23 +212,17 @@ func captureOffReason(ann map[string]string) string {
 }
 
 // PolicyEnforced says whether the kernel enforces AuthorizationPolicy for
-// connections to the pod, from what it holds for the pod's IPs. It is the
-// one place that decides how policy relates to capture.
-func PolicyEnforced(kp datapath.Pod, k datapath.PodKernel, captured bool) Verdict {
-	if k.PolicySets == nil {
-		return unknown("cannot read the kernel's policy table: %v", k.PolicyErr)
+// the pod, from datapath.ReadPodPolicies: the one place that decides how
+// policy relates to capture (it stays on with capture off).
+func PolicyEnforced(k datapath.PodKernel) Verdict {
+	if k.Policy == nil {
+		return unknown("cannot read the kernel's policy tables: %v", k.PolicyErr)
 	}
-	var sets []uint32
-	for _, ip := range kp.IPs {
-		if s := k.PolicySets[ip]; s != 0 && !slices.Contains(sets, s) {
-			sets = append(sets, s)
-		}
+	if !k.Policy.Enforced {
+		return no("%s", k.Policy.Reason)
 	}
-	switch {
-	case len(sets) == 0:
-		return no("no policy set for the pod's IPs in the kernel: no AuthorizationPolicy selects the pod, or its rules are left to the sidecar")
-	case !captured:
-		return yes("policy set %v for the pod's IPs, judged by the kernel on the ports its sidecar would capture; the pod is not captured", sets)
+	if k.Policy.Reason != "" {
+		return yes("policy set %d: %s", k.Policy.PolicySet, k.Policy.Reason)
 	}
-	return yes("policy set %v: the kernel judges connections to the pod (RST) and peers' connects to it (EPERM)", sets)
+	return yes("policy set %d: the kernel judges connections to the pod (RST) and peers' connects to it (EPERM)", k.Policy.PolicySet)
 }

@@ -385,14 +385,33 @@ static __always_inline void closed(struct bpf_sock_ops *skops)
 	if (!(st->flags & MS_SK_ORIG_KEYED))
 		return;
 	reverse_key(&ok, &k, netns);
-	bpf_map_delete_elem(&ms_orig_dst, &ok);
+	if (bpf_map_delete_elem(&ms_orig_dst, &ok) != 0)
+		count(MS_C_ORIG_DST_EVICTED, 1); /* LRU pressure */
 	st->flags &= ~MS_SK_ORIG_KEYED;
+}
+
+/* A connect to one of the pod's own addresses: tell sk_lookup, before the
+ * SYN leaves, that the pod itself makes it (ms_self_syn, capture.c). */
+static __always_inline void self_connect(struct bpf_sock_ops *skops)
+{
+	__u64 netns = bpf_get_netns_cookie(skops);
+	struct ms_sock_key k = {}, in;
+	__u8 one = 1;
+
+	if (!bpf_map_lookup_elem(&ms_pods, &netns))
+		return;
+	key_from_skops(&k, skops, netns);
+	if (!addr_is_own(netns, k.remote_ip))
+		return;
+	reverse_key(&in, &k, netns);
+	bpf_map_update_elem(&ms_self_syn, &in, &one, BPF_ANY);
 }
 
 SEC("sockops")
 int ms_sockops(struct bpf_sock_ops *skops)
 {
 	switch (skops->op) {
+	case BPF_SOCK_OPS_TCP_CONNECT_CB: self_connect(skops); break;
 	case BPF_SOCK_OPS_TCP_LISTEN_CB: listener_started(skops); break;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB: established(skops); break;

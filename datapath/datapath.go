@@ -83,6 +83,8 @@ type Datapath struct {
 	teardownIter *link.Iter // nil: kernel without bpf_sock_destroy
 	polMu        sync.Mutex
 	sets         map[uint32]PolicySet // kernel set ID -> set
+	newSets      map[uint32]PolicySet // the sets a SetPolicy is writing
+	polState     PolicyState
 	nextSet      uint32
 	denials      []Denial
 	denialReader *ringbuf.Reader

@@ -121,6 +121,18 @@ func (d *Datapath) AddPod(p Pod) (err error) {
 		return fmt.Errorf("add pod %d: %w", p.Cookie, err)
 	}
 	t := p.Traffic
+	// The proxy's ids as the programs see them (the host's view), before
+	// anything is written: a pod meshsplice cannot map is refused whole.
+	proxyUID, proxyGID := t.ProxyUID, t.ProxyGID
+	if p.NetnsPath != "" {
+		var err error
+		if proxyUID, proxyGID, err = proxyIDsOnHost(p.NetnsPath, t.ProxyUID, t.ProxyGID); err != nil {
+			return fmt.Errorf("add pod %d: %w", p.Cookie, err)
+		}
+	}
+	if len(t.PodIPs) == 0 {
+		t.PodIPs = p.IPs // what istio-iptables decides IPv6 capture from
+	}
 	ports := map[redirect.CaptureMsPortKey]bool{}
 	addPorts := func(kind redirect.CaptureMsPortKind, list []uint16) {
 		for _, port := range list {
@@ -170,6 +182,7 @@ func (d *Datapath) AddPod(p Pod) (err error) {
 	}
 	pod := podValue(t)
 	pod.Identity = p.Identity
+	pod.ProxyUid, pod.ProxyGid = proxyUID, proxyGID
 	for _, ip := range p.IPs {
 		if ip.Unmap().Is4() && pod.Ip4 == (redirect.CaptureMsAddr{}) {
 			pod.Ip4 = addrKey(ip)
@@ -558,6 +571,8 @@ func podValue(t istio.Traffic) redirect.CaptureMsPod {
 	set(t.IncludeAllOutbound, redirect.CaptureMsPodFlagMS_POD_INCLUDE_ALL_OUT)
 	set(t.IncludeAllInbound, redirect.CaptureMsPodFlagMS_POD_INCLUDE_ALL_IN)
 	set(t.IncludeOutboundLoopback, redirect.CaptureMsPodFlagMS_POD_INCLUDE_LOOPBACK)
+	set(t.Sidecar || t.Capture, redirect.CaptureMsPodFlagMS_POD_SIDECAR)
+	set(t.CaptureIPv6(), redirect.CaptureMsPodFlagMS_POD_CAPTURE_IPV6)
 	return v
 }
 
@@ -570,10 +585,14 @@ func trafficFromValue(v redirect.CaptureMsPod) istio.Traffic {
 		IncludeAllOutbound:      has(redirect.CaptureMsPodFlagMS_POD_INCLUDE_ALL_OUT),
 		IncludeAllInbound:       has(redirect.CaptureMsPodFlagMS_POD_INCLUDE_ALL_IN),
 		IncludeOutboundLoopback: has(redirect.CaptureMsPodFlagMS_POD_INCLUDE_LOOPBACK),
-		ProxyUID:                v.ProxyUid,
-		ProxyGID:                v.ProxyGid,
-		OutboundPort:            v.OutboundPort,
-		InboundPort:             v.InboundPort,
+		Sidecar:                 has(redirect.CaptureMsPodFlagMS_POD_SIDECAR),
+		// Read back with the pod's IPs, this gives the kernel's answer
+		// for CaptureIPv6 (an IPv6-only pod's is true either way).
+		DualStack:    has(redirect.CaptureMsPodFlagMS_POD_CAPTURE_IPV6),
+		ProxyUID:     v.ProxyUid,
+		ProxyGID:     v.ProxyGid,
+		OutboundPort: v.OutboundPort,
+		InboundPort:  v.InboundPort,
 	}
 }
 
@@ -596,26 +615,34 @@ func addrFromKey(a redirect.CaptureMsAddr) netip.Addr {
 	return netip.AddrFrom16(b).Unmap()
 }
 
-// rangeKey is an LPM key: the 96 fixed bits (kind, netns) then the prefix of
-// the 128-bit address, IPv4 prefixes as part of ::ffff:0:0/96.
+// rangeFixedBits is MS_RANGE_FIXED_BITS (bpf/common.h): kind, netns and
+// family, matched exactly.
+const rangeFixedBits = 128
+
+// rangeKey is an LPM key: the fixed bits (kind, netns, family) then the
+// prefix of the 128-bit address, IPv4 prefixes as part of ::ffff:0:0/96. The
+// family keeps IPv6 ranges such as ::/0 from matching v4-mapped addresses.
 func rangeKey(cookie uint64, kind redirect.CaptureMsRangeKind, p netip.Prefix) redirect.CaptureMsRangeKey {
-	bits := p.Bits()
+	bits, family := p.Bits(), uint32(unix.AF_INET6)
 	if p.Addr().Is4() {
-		bits += 96
+		bits, family = bits+96, unix.AF_INET
 	}
 	return redirect.CaptureMsRangeKey{
-		Prefixlen: uint32(96 + bits),
+		Prefixlen: uint32(rangeFixedBits + bits),
 		Kind:      kind,
 		Netns:     cookie,
+		Family:    family,
 		Ip:        addrKey(p.Masked().Addr()).Ip,
 	}
 }
 
 func prefixFromRangeKey(k redirect.CaptureMsRangeKey) netip.Prefix {
 	addr := addrFromKey(redirect.CaptureMsAddr{Ip: k.Ip})
-	bits := int(k.Prefixlen) - 96
-	if addr.Is4() {
+	bits := int(k.Prefixlen) - rangeFixedBits
+	if k.Family == unix.AF_INET {
 		bits -= 96
+	} else {
+		addr = netip.AddrFrom16(addr.As16()) // ::ffff:0:0/96 stays IPv6
 	}
 	return netip.PrefixFrom(addr, bits)
 }

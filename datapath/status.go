@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"net/netip"
 	"os"
 	"path/filepath"
 	"sort"
@@ -65,10 +64,10 @@ type PodKernel struct {
 	// ms_listeners (nil: ListenerErr says why it could not be read).
 	ListenerReady *bool
 	ListenerErr   error
-	// PolicySets are the policy sets the kernel judges connections to each
-	// of the pod's IPs with (0: none); nil with PolicyErr when unreadable.
-	PolicySets map[netip.Addr]uint32
-	PolicyErr  error
+	// Policy is whether the kernel enforces the pod's policy, and why not
+	// (ReadPodPolicies); nil with PolicyErr when unreadable.
+	Policy    *PodPolicy
+	PolicyErr error
 }
 
 // Inspect reads the status of the datapath pinned at pinDir. It returns an
@@ -151,10 +150,7 @@ func inspectPodKernel(pinDir string, podsMap *ebpf.Map, pods []Pod) map[uint64]P
 	if lerr == nil {
 		defer listeners.Close()
 	}
-	ipInfo, perr := open(redirect.CaptureMapMsIpInfo)
-	if perr == nil {
-		defer ipInfo.Close()
-	}
+	policies, perr := ReadPodPolicies(pinDir)
 	for _, p := range pods {
 		k := PodKernel{ListenerErr: lerr, PolicyErr: perr}
 		var v redirect.CaptureMsPod
@@ -173,15 +169,10 @@ func inspectPodKernel(pinDir string, podsMap *ebpf.Map, pods []Pod) map[uint64]P
 			}
 		}
 		if perr == nil {
-			k.PolicySets = map[netip.Addr]uint32{}
-			for _, ip := range p.IPs {
-				key := addrKey(ip)
-				var info redirect.CaptureMsIpInfo
-				if err := ipInfo.Lookup(&key, &info); err == nil {
-					k.PolicySets[ip] = info.PolicySet
-				} else {
-					k.PolicySets[ip] = 0
-				}
+			if pp, ok := policies[p.Cookie]; ok {
+				k.Policy = &pp
+			} else {
+				k.PolicyErr = fmt.Errorf("pod %d is not in the kernel's pod table", p.Cookie)
 			}
 		}
 		out[p.Cookie] = k

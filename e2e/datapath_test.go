@@ -656,7 +656,7 @@ func TestMPTCPSidecarListener(t *testing.T) {
 	node := testnet.NewBridgeNet(t, testnet.BridgeNetOpts{})
 	server := m.addPod(node, "server", nil)
 	client := m.addPod(node, "client", nil)
-	tr, _, err := istio.ParseTraffic(injected(), istio.DefaultDefaults())
+	tr, _, err := istio.ParseTraffic(injected(), testDefaults())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -698,7 +698,7 @@ func TestSwitchesNeverBreakLiveConnections(t *testing.T) {
 		t.Fatal(err)
 	}
 	reregister := func(ann map[string]string) {
-		tr, _, err := istio.ParseTraffic(ann, istio.DefaultDefaults())
+		tr, _, err := istio.ParseTraffic(ann, testDefaults())
 		if err != nil {
 			t.Fatal(err)
 		}

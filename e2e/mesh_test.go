@@ -112,6 +112,15 @@ type meshPod struct {
 	App     *testnet.Proc
 }
 
+// testDefaults are the mesh defaults of the test world: Istio's, in a
+// dual-stack mesh (ISTIO_DUAL_STACK=true), since every test pod has an IPv4
+// and an IPv6 address and IPv6 is captured only then.
+func testDefaults() istio.Defaults {
+	d := istio.DefaultDefaults()
+	d.DualStack = true
+	return d
+}
+
 // injected is the annotation set of a pod the Istio injector processed.
 func injected(extra ...string) map[string]string {
 	ann := map[string]string{istio.AnnotationStatus: `{"containers":["istio-proxy"]}`}
@@ -140,13 +149,14 @@ func (m *mesh) addPodWith(node *testnet.BridgeNet, name string, ann map[string]s
 	}
 	p.Cookie = cookie
 	if ann != nil {
-		tr, warnings, err := istio.ParseTraffic(ann, istio.DefaultDefaults())
+		tr, warnings, err := istio.ParseTraffic(ann, testDefaults())
 		if err != nil {
 			t.Fatalf("pod %s annotations: %v", name, err)
 		}
 		for _, w := range warnings {
 			t.Logf("pod %s: %s", name, w)
 		}
+		tr.PodIPs = []netip.Addr{p.IPv4, p.IPv6}
 		p.Traffic = tr
 		if err := redirect.PreparePodNetns(p.NS.Path()); err != nil {
 			t.Fatal(err)

@@ -130,7 +130,7 @@ spec:
 		captured, spliced, inbound, policy want
 	}{
 		{"meshed", want{"yes", "sidecar"}, want{"yes", "sidecar <-> sidecar"}, want{"yes", "in the kernel's table"}, want{"yes", "policy set"}},
-		{"optout", want{"no", "meshsplice.io/capture: disabled"}, want{"no", "not captured"}, want{"n/a", "not captured"}, want{"no", "no policy set"}},
+		{"optout", want{"no", "meshsplice.io/capture: disabled"}, want{"no", "not captured"}, want{"n/a", "not captured"}, want{"no", "no ALLOW or DENY policy"}},
 		{"nosplice", want{"yes", ""}, want{"no", "meshsplice.io/splice: disabled"}, want{"no", "nothing listens on port 15006"}, want{"no", ""}},
 		{"plain", want{"no", "not injected"}, want{"no", ""}, want{"n/a", ""}, want{"no", ""}},
 	} {

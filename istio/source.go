@@ -3,6 +3,7 @@ package istio
 import (
 	"context"
 	"fmt"
+	"strconv"
 
 	meshv1alpha1 "istio.io/api/mesh/v1alpha1"
 	networkingv1 "istio.io/client-go/pkg/apis/networking/v1"
@@ -63,6 +64,11 @@ func (c Config) Defaults() Defaults {
 		}
 		if p := dc.GetStatusPort(); p > 0 && p < 65536 {
 			d.StatusPort = uint16(p)
+		}
+		// The proxy's environment, where istio-cni reads it from
+		// (ProxyEnvironments["ISTIO_DUAL_STACK"]).
+		if b, err := strconv.ParseBool(dc.GetProxyMetadata()["ISTIO_DUAL_STACK"]); err == nil {
+			d.DualStack = b
 		}
 	}
 	return d

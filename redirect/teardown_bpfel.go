@@ -35,6 +35,7 @@ const (
 	TeardownMapMsPolSets         = "ms_pol_sets"
 	TeardownMapMsPorts           = "ms_ports"
 	TeardownMapMsRanges          = "ms_ranges"
+	TeardownMapMsSelfSyn         = "ms_self_syn"
 	TeardownMapMsSkState         = "ms_sk_state"
 	TeardownMapMsSocks           = "ms_socks"
 	TeardownMapMsSpliceReaders   = "ms_splice_readers"
@@ -111,6 +112,7 @@ type TeardownMapSpecs struct {
 	MsPolSets       *ebpf.MapSpec `ebpf:"ms_pol_sets"`
 	MsPorts         *ebpf.MapSpec `ebpf:"ms_ports"`
 	MsRanges        *ebpf.MapSpec `ebpf:"ms_ranges"`
+	MsSelfSyn       *ebpf.MapSpec `ebpf:"ms_self_syn"`
 	MsSkState       *ebpf.MapSpec `ebpf:"ms_sk_state"`
 	MsSocks         *ebpf.MapSpec `ebpf:"ms_socks"`
 	MsSpliceReaders *ebpf.MapSpec `ebpf:"ms_splice_readers"`
@@ -163,6 +165,7 @@ type TeardownMaps struct {
 	MsPolSets       *ebpf.Map `ebpf:"ms_pol_sets"`
 	MsPorts         *ebpf.Map `ebpf:"ms_ports"`
 	MsRanges        *ebpf.Map `ebpf:"ms_ranges"`
+	MsSelfSyn       *ebpf.Map `ebpf:"ms_self_syn"`
 	MsSkState       *ebpf.Map `ebpf:"ms_sk_state"`
 	MsSocks         *ebpf.Map `ebpf:"ms_socks"`
 	MsSpliceReaders *ebpf.Map `ebpf:"ms_splice_readers"`
@@ -189,6 +192,7 @@ func (m *TeardownMaps) Close() error {
 		m.MsPolSets,
 		m.MsPorts,
 		m.MsRanges,
+		m.MsSelfSyn,
 		m.MsSkState,
 		m.MsSocks,
 		m.MsSpliceReaders,

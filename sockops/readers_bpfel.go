@@ -29,57 +29,63 @@ const (
 	ReadersMsCounterMS_C_SKIP_EXCLUDED_PORT         ReadersMsCounter = 5
 	ReadersMsCounterMS_C_SKIP_EXCLUDED_RANGE        ReadersMsCounter = 6
 	ReadersMsCounterMS_C_SKIP_NOT_INCLUDED          ReadersMsCounter = 7
-	ReadersMsCounterMS_C_CONNECT_NO_STORAGE         ReadersMsCounter = 8
-	ReadersMsCounterMS_C_ORIG_DST_OUTBOUND          ReadersMsCounter = 9
-	ReadersMsCounterMS_C_ORIG_DST_INBOUND           ReadersMsCounter = 10
-	ReadersMsCounterMS_C_ORIG_DST_KERNEL            ReadersMsCounter = 11
-	ReadersMsCounterMS_C_ORIG_DST_SHORT_BUF         ReadersMsCounter = 12
-	ReadersMsCounterMS_C_INBOUND_MESHED             ReadersMsCounter = 13
-	ReadersMsCounterMS_C_INBOUND_CAPTURED           ReadersMsCounter = 14
-	ReadersMsCounterMS_C_INBOUND_SKIP_OFF           ReadersMsCounter = 15
-	ReadersMsCounterMS_C_INBOUND_SKIP_PROXY_PORT    ReadersMsCounter = 16
-	ReadersMsCounterMS_C_INBOUND_SKIP_PASSTHROUGH   ReadersMsCounter = 17
-	ReadersMsCounterMS_C_INBOUND_SKIP_LOOPBACK      ReadersMsCounter = 18
-	ReadersMsCounterMS_C_INBOUND_SKIP_EXCLUDED_PORT ReadersMsCounter = 19
-	ReadersMsCounterMS_C_INBOUND_SKIP_NOT_INCLUDED  ReadersMsCounter = 20
-	ReadersMsCounterMS_C_INBOUND_NO_LISTENER        ReadersMsCounter = 21
-	ReadersMsCounterMS_C_INBOUND_ASSIGN_FAILED      ReadersMsCounter = 22
-	ReadersMsCounterMS_C_LISTENER_STARTED           ReadersMsCounter = 23
-	ReadersMsCounterMS_C_LISTENER_REGISTERED        ReadersMsCounter = 24
-	ReadersMsCounterMS_C_LISTENER_REFUSED           ReadersMsCounter = 25
-	ReadersMsCounterMS_C_ORIG_DST_STORED            ReadersMsCounter = 26
-	ReadersMsCounterMS_C_SOCK_INSERTED              ReadersMsCounter = 27
-	ReadersMsCounterMS_C_SOCK_INSERT_FAILED         ReadersMsCounter = 28
-	ReadersMsCounterMS_C_SOCK_SKIP_SPLICE_OFF       ReadersMsCounter = 29
-	ReadersMsCounterMS_C_SOCK_SKIP_PEER_UNKNOWN     ReadersMsCounter = 30
-	ReadersMsCounterMS_C_SOCK_SKIP_ROLE_UNKNOWN     ReadersMsCounter = 31
-	ReadersMsCounterMS_C_SOCK_SKIP_APP              ReadersMsCounter = 32
-	ReadersMsCounterMS_C_SOCK_SKIP_EARLY_DATA       ReadersMsCounter = 33
-	ReadersMsCounterMS_C_POLICY_EGRESS_ALLOWED      ReadersMsCounter = 34
-	ReadersMsCounterMS_C_POLICY_EGRESS_DENIED       ReadersMsCounter = 35
-	ReadersMsCounterMS_C_POLICY_INGRESS_ALLOWED     ReadersMsCounter = 36
-	ReadersMsCounterMS_C_POLICY_INGRESS_DENIED      ReadersMsCounter = 37
-	ReadersMsCounterMS_C_POLICY_DENIAL_NOT_RECORDED ReadersMsCounter = 38
-	ReadersMsCounterMS_C_POLICY_TORN_DOWN           ReadersMsCounter = 39
-	ReadersMsCounterMS_C_POLICY_TEARDOWN_FAILED     ReadersMsCounter = 40
-	ReadersMsCounterMS_C_MSG_REDIRECTED             ReadersMsCounter = 41
-	ReadersMsCounterMS_C_BYTES_REDIRECTED           ReadersMsCounter = 42
-	ReadersMsCounterMS_C_MSG_MISS_FIRST             ReadersMsCounter = 43
-	ReadersMsCounterMS_C_MSG_MISS_LATER             ReadersMsCounter = 44
-	ReadersMsCounterMS_C_MSG_AFTER_MISS             ReadersMsCounter = 45
-	ReadersMsCounterMS_C_BYTES_AFTER_MISS           ReadersMsCounter = 46
-	ReadersMsCounterMS_C_MSG_DRAIN                  ReadersMsCounter = 47
-	ReadersMsCounterMS_C_MSG_PASS                   ReadersMsCounter = 48
-	ReadersMsCounterMS_C_BYTES_PASS                 ReadersMsCounter = 49
-	ReadersMsCounterMS_C_LISTENER_EVENT_LOST        ReadersMsCounter = 50
-	ReadersMsCounterMS_C_LISTENER_RESYNCED          ReadersMsCounter = 51
-	ReadersMsCounterMS_C_SPLICE_REFUSED             ReadersMsCounter = 52
-	ReadersMsCounterMS_C_SPLICE_UNGUARDED           ReadersMsCounter = 53
-	ReadersMsCounterMS_C_SPLICE_READER_RESET        ReadersMsCounter = 54
-	ReadersMsCounterMS_C_SOCK_SKIP_SPLICE_READER    ReadersMsCounter = 55
-	ReadersMsCounterMS_C_MSG_BACKPRESSURE           ReadersMsCounter = 56
-	ReadersMsCounterMS_C_MSG_RESUMED                ReadersMsCounter = 57
-	ReadersMsCounterMS_C_MAX                        ReadersMsCounter = 58
+	ReadersMsCounterMS_C_SKIP_IPV6                  ReadersMsCounter = 8
+	ReadersMsCounterMS_C_CONNECT_HAIRPIN            ReadersMsCounter = 9
+	ReadersMsCounterMS_C_CONNECT_NO_STORAGE         ReadersMsCounter = 10
+	ReadersMsCounterMS_C_ORIG_DST_OUTBOUND          ReadersMsCounter = 11
+	ReadersMsCounterMS_C_ORIG_DST_INBOUND           ReadersMsCounter = 12
+	ReadersMsCounterMS_C_ORIG_DST_KERNEL            ReadersMsCounter = 13
+	ReadersMsCounterMS_C_ORIG_DST_SHORT_BUF         ReadersMsCounter = 14
+	ReadersMsCounterMS_C_ORIG_DST_MISSING           ReadersMsCounter = 15
+	ReadersMsCounterMS_C_INBOUND_MESHED             ReadersMsCounter = 16
+	ReadersMsCounterMS_C_INBOUND_CAPTURED           ReadersMsCounter = 17
+	ReadersMsCounterMS_C_INBOUND_SKIP_OFF           ReadersMsCounter = 18
+	ReadersMsCounterMS_C_INBOUND_SKIP_PROXY_PORT    ReadersMsCounter = 19
+	ReadersMsCounterMS_C_INBOUND_SKIP_PASSTHROUGH   ReadersMsCounter = 20
+	ReadersMsCounterMS_C_INBOUND_SKIP_LOOPBACK      ReadersMsCounter = 21
+	ReadersMsCounterMS_C_INBOUND_SKIP_SELF          ReadersMsCounter = 22
+	ReadersMsCounterMS_C_INBOUND_SKIP_IPV6          ReadersMsCounter = 23
+	ReadersMsCounterMS_C_INBOUND_SKIP_EXCLUDED_PORT ReadersMsCounter = 24
+	ReadersMsCounterMS_C_INBOUND_SKIP_NOT_INCLUDED  ReadersMsCounter = 25
+	ReadersMsCounterMS_C_INBOUND_NO_LISTENER        ReadersMsCounter = 26
+	ReadersMsCounterMS_C_INBOUND_ASSIGN_FAILED      ReadersMsCounter = 27
+	ReadersMsCounterMS_C_LISTENER_STARTED           ReadersMsCounter = 28
+	ReadersMsCounterMS_C_LISTENER_REGISTERED        ReadersMsCounter = 29
+	ReadersMsCounterMS_C_LISTENER_REFUSED           ReadersMsCounter = 30
+	ReadersMsCounterMS_C_ORIG_DST_STORED            ReadersMsCounter = 31
+	ReadersMsCounterMS_C_ORIG_DST_EVICTED           ReadersMsCounter = 32
+	ReadersMsCounterMS_C_SOCK_INSERTED              ReadersMsCounter = 33
+	ReadersMsCounterMS_C_SOCK_INSERT_FAILED         ReadersMsCounter = 34
+	ReadersMsCounterMS_C_SOCK_SKIP_SPLICE_OFF       ReadersMsCounter = 35
+	ReadersMsCounterMS_C_SOCK_SKIP_PEER_UNKNOWN     ReadersMsCounter = 36
+	ReadersMsCounterMS_C_SOCK_SKIP_ROLE_UNKNOWN     ReadersMsCounter = 37
+	ReadersMsCounterMS_C_SOCK_SKIP_APP              ReadersMsCounter = 38
+	ReadersMsCounterMS_C_SOCK_SKIP_EARLY_DATA       ReadersMsCounter = 39
+	ReadersMsCounterMS_C_POLICY_EGRESS_ALLOWED      ReadersMsCounter = 40
+	ReadersMsCounterMS_C_POLICY_EGRESS_DENIED       ReadersMsCounter = 41
+	ReadersMsCounterMS_C_POLICY_INGRESS_ALLOWED     ReadersMsCounter = 42
+	ReadersMsCounterMS_C_POLICY_INGRESS_DENIED      ReadersMsCounter = 43
+	ReadersMsCounterMS_C_POLICY_DENIAL_NOT_RECORDED ReadersMsCounter = 44
+	ReadersMsCounterMS_C_POLICY_TORN_DOWN           ReadersMsCounter = 45
+	ReadersMsCounterMS_C_POLICY_TEARDOWN_FAILED     ReadersMsCounter = 46
+	ReadersMsCounterMS_C_MSG_REDIRECTED             ReadersMsCounter = 47
+	ReadersMsCounterMS_C_BYTES_REDIRECTED           ReadersMsCounter = 48
+	ReadersMsCounterMS_C_MSG_MISS_FIRST             ReadersMsCounter = 49
+	ReadersMsCounterMS_C_MSG_MISS_LATER             ReadersMsCounter = 50
+	ReadersMsCounterMS_C_MSG_AFTER_MISS             ReadersMsCounter = 51
+	ReadersMsCounterMS_C_BYTES_AFTER_MISS           ReadersMsCounter = 52
+	ReadersMsCounterMS_C_MSG_DRAIN                  ReadersMsCounter = 53
+	ReadersMsCounterMS_C_MSG_PASS                   ReadersMsCounter = 54
+	ReadersMsCounterMS_C_BYTES_PASS                 ReadersMsCounter = 55
+	ReadersMsCounterMS_C_LISTENER_EVENT_LOST        ReadersMsCounter = 56
+	ReadersMsCounterMS_C_LISTENER_RESYNCED          ReadersMsCounter = 57
+	ReadersMsCounterMS_C_SPLICE_REFUSED             ReadersMsCounter = 58
+	ReadersMsCounterMS_C_SPLICE_UNGUARDED           ReadersMsCounter = 59
+	ReadersMsCounterMS_C_SPLICE_READER_RESET        ReadersMsCounter = 60
+	ReadersMsCounterMS_C_SOCK_SKIP_SPLICE_READER    ReadersMsCounter = 61
+	ReadersMsCounterMS_C_MSG_BACKPRESSURE           ReadersMsCounter = 62
+	ReadersMsCounterMS_C_MSG_RESUMED                ReadersMsCounter = 63
+	ReadersMsCounterMS_C_MAX                        ReadersMsCounter = 64
 )
 
 type ReadersMsDenial struct {
@@ -145,6 +151,7 @@ type ReadersMsPolPrefixKey struct {
 	_         structs.HostLayout
 	Prefixlen uint32
 	Set       uint32
+	Family    uint32
 	Ip        [4]uint32
 }
 
@@ -171,7 +178,9 @@ type ReadersMsRangeKey struct {
 	Prefixlen uint32
 	Kind      uint32
 	Netns     uint64
+	Family    uint32
 	Ip        [4]uint32
+	Pad       uint32
 }
 
 type ReadersMsReaderEvent struct {
@@ -232,6 +241,7 @@ const (
 	ReadersMapMsPorts             = "ms_ports"
 	ReadersMapMsRanges            = "ms_ranges"
 	ReadersMapMsReaderEvents      = "ms_reader_events"
+	ReadersMapMsSelfSyn           = "ms_self_syn"
 	ReadersMapMsSkState           = "ms_sk_state"
 	ReadersMapMsSocks             = "ms_socks"
 	ReadersMapMsSpliceReaders     = "ms_splice_readers"
@@ -320,6 +330,7 @@ type ReadersMapSpecs struct {
 	MsPorts         *ebpf.MapSpec `ebpf:"ms_ports"`
 	MsRanges        *ebpf.MapSpec `ebpf:"ms_ranges"`
 	MsReaderEvents  *ebpf.MapSpec `ebpf:"ms_reader_events"`
+	MsSelfSyn       *ebpf.MapSpec `ebpf:"ms_self_syn"`
 	MsSkState       *ebpf.MapSpec `ebpf:"ms_sk_state"`
 	MsSocks         *ebpf.MapSpec `ebpf:"ms_socks"`
 	MsSpliceReaders *ebpf.MapSpec `ebpf:"ms_splice_readers"`
@@ -376,6 +387,7 @@ type ReadersMaps struct {
 	MsPorts         *ebpf.Map `ebpf:"ms_ports"`
 	MsRanges        *ebpf.Map `ebpf:"ms_ranges"`
 	MsReaderEvents  *ebpf.Map `ebpf:"ms_reader_events"`
+	MsSelfSyn       *ebpf.Map `ebpf:"ms_self_syn"`
 	MsSkState       *ebpf.Map `ebpf:"ms_sk_state"`
 	MsSocks         *ebpf.Map `ebpf:"ms_socks"`
 	MsSpliceReaders *ebpf.Map `ebpf:"ms_splice_readers"`
@@ -405,6 +417,7 @@ func (m *ReadersMaps) Close() error {
 		m.MsPorts,
 		m.MsRanges,
 		m.MsReaderEvents,
+		m.MsSelfSyn,
 		m.MsSkState,
 		m.MsSocks,
 		m.MsSpliceReaders,

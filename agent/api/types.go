@@ -247,6 +247,17 @@ type PodStatus struct {
 	// Warnings are what the agent found odd in the pod's settings
 	// (unsupported or unknown annotations, ignored values).
 	Warnings []string `json:"warnings,omitempty"`
+	// Policy says whether the kernel enforces the pod's authorization
+	// policy, and why not (nil from an agent that does not say).
+	Policy *PolicyStatus `json:"policy,omitempty"`
+}
+
+// PolicyStatus is whether the kernel enforces a pod's authorization policy
+// (the agent's view of datapath.PodPolicy).
+type PolicyStatus struct {
+	Enforced bool `json:"enforced"`
+	// Reason says why not, or, when enforced, what is left to the sidecar.
+	Reason string `json:"reason,omitempty"`
 }
 
 // fieldError is a problem with one field of a request.

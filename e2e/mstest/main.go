@@ -12,12 +12,15 @@
 //	mstest fionread-server --port P
 //	mstest sink --port P
 //	mstest client --target IP:PORT [--messages N] [--size S] [--pipelined] [--conns C] ...
-//	mstest client --target IP:PORT --duration D [--warmup W] [--rate R] [--stream|--reconnect] ...
+//	mstest client --target IP:PORT --duration D [--warmup W] [--rate R] [--stream|--reconnect] [--cpu-stat ROLE=DIR]...
+//	mstest window --cpu-stat ROLE=DIR... --start PREFIX --end PREFIX -- PROGRAM [ARGS...]
 //	mstest reader --port P --read read|recv|recvmsg|splice|iocopy|fionread
 //	mstest send --target IP:PORT --write write|sendfile|splice --bytes N
 //
 // Every subcommand prints one JSON object per line on standard output, one
-// per event, each with an "event" field, and diagnostics on standard error.
+// per event, each with an "event" field, and diagnostics on standard error
+// (window prints its events on standard error: standard output is its
+// program's).
 // Run a subcommand with -h for its flags.
 //
 // No code path copies between two TCP connections with io.Copy, ReadFrom or
@@ -53,6 +56,7 @@ func main() {
 		"fionread-server": runFionreadServer,
 		"sink":            runSink,
 		"client":          runClient,
+		"window":          runWindow,
 		"reader":          runReader,
 		"send":            runSend,
 		"respond-close":   runRespondClose,
@@ -79,6 +83,7 @@ subcommands:
   fionread-server  TCP echo server polling ioctl(FIONREAD) before reads
   sink             TCP server that discards what it reads and answers the byte count at EOF
   client           verifying client for the echo servers
+  window           run a load generator, reading cgroups' CPU time at its window's edges
   reader           server reading a stream with read, recv, recvmsg, splice, io.Copy or FIONREAD+read
   send             client writing a stream with write, sendfile or splice, checking the reader's CRC
   respond-close    server that answers and closes with unread input or SO_LINGER 0 (RST)

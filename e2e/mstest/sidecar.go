@@ -53,6 +53,14 @@ type upstreamEvent struct {
 	Remote   string `json:"remote"`
 }
 
+// gateEvent is printed when an accepted connection waits for
+// --orig-dst-gate.
+type gateEvent struct {
+	Event    string `json:"event"` // "gate"
+	ID       uint64 `json:"id"`
+	Listener string `json:"listener"`
+}
+
 // warningEvent reports a degraded but working situation.
 type warningEvent struct {
 	Event    string `json:"event"` // "warning"
@@ -74,6 +82,7 @@ type sidecarCloseEvent struct {
 
 type sidecar struct {
 	quiet                     bool
+	origDstGate               string
 	outboundPort, inboundPort int
 	dialTimeout               time.Duration
 	inboundV4                 netip.Addr
@@ -97,11 +106,12 @@ func runSidecar(args []string) int {
 	inV6 := fs.String("inbound-source-v6", "::6", "source address of inbound upstream connections over IPv6 (falls back to none, with a warning event, when it cannot be bound)")
 	fs.BoolVar(&sidecarResets, "propagate-resets", false, "when one side resets the connection, reset the other (SO_LINGER 0), as Envoy does")
 	fs.BoolVar(&sidecarIOCopy, "iocopy", false, "copy with io.Copy (Go splices between two TCP connections), as some proxies do, instead of read/write loops")
+	origDstGate := fs.String("orig-dst-gate", "", "after accept, wait until this file exists before asking SO_ORIGINAL_DST (tests: a destination evicted in between)")
 	quiet := fs.Bool("quiet", false, "print no accept, upstream and close events, only errors and warnings (benchmarks: thousands of connections)")
 	if code, ok := parseFlags(fs, args); !ok {
 		return code
 	}
-	sc := &sidecar{dialTimeout: *dialTimeout, outboundPort: *outPort, inboundPort: *inPort, quiet: *quiet}
+	sc := &sidecar{dialTimeout: *dialTimeout, outboundPort: *outPort, inboundPort: *inPort, quiet: *quiet, origDstGate: *origDstGate}
 	var err error
 	if sc.inboundV4, err = netip.ParseAddr(*inV4); err != nil || !sc.inboundV4.Is4() {
 		logf("sidecar: bad --inbound-source-v4 %q", *inV4)
@@ -165,6 +175,15 @@ func (sc *sidecar) handle(listener string, down *net.TCPConn) {
 		emit(errorEvent{Event: "error", Listener: listener, ID: id, Stage: stage, Error: err.Error(), Errno: errnoName(err), Peer: peer, Local: local, OrigDst: od})
 	}
 
+	if sc.origDstGate != "" {
+		emit(gateEvent{Event: "gate", ID: id, Listener: listener})
+		for {
+			if _, err := os.Stat(sc.origDstGate); err == nil {
+				break
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
 	od, err := originalDst(down, v4)
 	if err != nil {
 		fail("orig_dst", "", err)
