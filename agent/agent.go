@@ -46,7 +46,9 @@ type Config struct {
 	PinDir     string // bpffs directory (datapath.DefaultPinDir)
 	CgroupPath string // cgroup v2 directory the programs attach to
 	CNISocket  string // unix socket of the CNI API (api.DefaultSocket)
-	StateDir   string // where registrations are kept (DefaultStateDir)
+	// CNIUID may use the CNI API besides root (0: root only).
+	CNIUID   int
+	StateDir string // where registrations are kept (DefaultStateDir)
 	// MetricsAddr serves /healthz, /readyz and /metrics; "" disables.
 	MetricsAddr string
 	// Node overrides: a node switch is on only if the agent's flag AND the
@@ -182,7 +184,7 @@ func (a *Agent) Serve(ctx context.Context) error {
 		return nil
 	}
 
-	apiSrv, err := api.Listen(a.cfg.CNISocket, a, a.log)
+	apiSrv, err := api.Listen(a.cfg.CNISocket, a, a.log, api.AllowUID(a.cfg.CNIUID))
 	if err != nil {
 		return err
 	}
@@ -313,6 +315,9 @@ func (a *Agent) AddPod(_ context.Context, req api.PodRegistration) (api.PodStatu
 	cookie, err := datapath.NetnsCookie(req.Netns)
 	if err != nil {
 		return api.PodStatus{}, fmt.Errorf("%w: netns: %w", api.ErrInvalidRequest, err)
+	}
+	if err := checkPodNetns(req, cookie); err != nil {
+		return api.PodStatus{}, err
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()

@@ -95,6 +95,8 @@ func (e *Error) Is(target error) bool {
 		return target == ErrConflict
 	case CodeNotReady:
 		return target == ErrNotReady
+	case CodeForbidden:
+		return target == ErrForbidden
 	}
 	return false
 }
