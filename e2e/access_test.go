@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"reflect"
 	"strings"
 	"testing"
@@ -101,4 +103,37 @@ func TestRegistrationIsCheckedAgainstItsNetns(t *testing.T) {
 			})
 		}
 	})
+}
+
+// TestInvalidConfigEditKeepsTheLastGood (issue 14 item 8): an edit of the
+// config folder that is invalid anywhere is rejected as a whole, also its
+// valid part, with a log line naming the file; the last good configuration
+// stays in force until the folder is valid again.
+func TestInvalidConfigEditKeepsTheLastGood(t *testing.T) {
+	m, ag, dir := agentMesh(t)
+	write := func(name, body string) {
+		t.Helper()
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	switches := func(splice string) string {
+		return "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: meshsplice}\ndata: {splice: " + splice + "}\n"
+	}
+	write("meshsplice.yaml", switches("disabled"))
+	eventually(t, "splice switched off", func() bool { return !ag.status(m.pin).Node.Splice })
+
+	// One edit: the switch back on (valid) and a broken policy.
+	write("bad.yaml", "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: bad, namespace: shop}\nspec: {action: MAYBE}\n")
+	write("meshsplice.yaml", switches("enabled"))
+	eventually(t, "the agent rejects the edit naming the file", func() bool {
+		return strings.Contains(ag.proc.Tail(), "keeping the last good one") && strings.Contains(ag.proc.Tail(), "bad.yaml")
+	})
+	if ag.status(m.pin).Node.Splice {
+		t.Fatal("half of an invalid edit was applied: splice is on")
+	}
+	if err := os.Remove(filepath.Join(dir, "bad.yaml")); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the valid folder applied", func() bool { return ag.status(m.pin).Node.Splice })
 }
