@@ -108,17 +108,35 @@ func connectLB(seen, backends *ebpf.Map, vip netip.Addr, backendPort uint16) asm
 		asm.Return())
 }
 
-// sockopsWatch counts every sockops op it sees and leaves the socket alone.
-func sockopsWatch(seen *ebpf.Map) asm.Instructions {
+// sockopsWatch counts every sockops op it sees and leaves the socket alone;
+// with clobber it also sets the socket's callback flags to none at
+// established, as a careless program does (bpf_sock_ops_cb_flags_set sets,
+// it does not add).
+func sockopsWatch(seen *ebpf.Map, clobber bool) asm.Instructions {
 	insns := asm.Instructions{
-		asm.LoadMem(asm.R2, asm.R1, 0, asm.Word), // op
-		asm.Or.Imm32(asm.R2, -0x10000),           // sockopsKey
+		asm.Mov.Reg(asm.R6, asm.R1),
+		asm.LoadMem(asm.R7, asm.R1, 0, asm.Word), // op
+		asm.Mov.Reg(asm.R2, asm.R7),
+		asm.Or.Imm32(asm.R2, -0x10000), // sockopsKey
 	}
 	insns = append(insns, countKey(seen, "op")...)
-	return append(insns, asm.Mov.Imm(asm.R0, 1), asm.Return())
+	if clobber {
+		insns = append(insns,
+			asm.JEq.Imm(asm.R7, unix.BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, "clobber"),
+			asm.JNE.Imm(asm.R7, unix.BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, "out"),
+			asm.Mov.Reg(asm.R1, asm.R6).WithSymbol("clobber"),
+			asm.Mov.Imm(asm.R2, 0),
+			asm.FnSockOpsCbFlagsSet.Call())
+	}
+	return append(insns, asm.Mov.Imm(asm.R0, 1).WithSymbol("out"), asm.Return())
 }
 
 func newNeighbour(t *testing.T, vip4, vip6 netip.Addr, backendPort uint16) *neighbour {
+	t.Helper()
+	return newNeighbourWith(t, vip4, vip6, backendPort, false)
+}
+
+func newNeighbourWith(t *testing.T, vip4, vip6 netip.Addr, backendPort uint16, clobber bool) *neighbour {
 	t.Helper()
 	seen, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.Hash, KeySize: 4, ValueSize: 8, MaxEntries: 1024})
 	if err != nil {
@@ -134,7 +152,7 @@ func newNeighbour(t *testing.T, vip4, vip6 netip.Addr, backendPort uint16) *neig
 	for at, spec := range map[ebpf.AttachType]*ebpf.ProgramSpec{
 		ebpf.AttachCGroupInet4Connect: {Type: ebpf.CGroupSockAddr, Instructions: connectLB(seen, backends, vip4, backendPort)},
 		ebpf.AttachCGroupInet6Connect: {Type: ebpf.CGroupSockAddr, Instructions: connectLB(seen, backends, vip6, backendPort)},
-		ebpf.AttachCGroupSockOps:      {Type: ebpf.SockOps, Instructions: sockopsWatch(seen)},
+		ebpf.AttachCGroupSockOps:      {Type: ebpf.SockOps, Instructions: sockopsWatch(seen, clobber)},
 	} {
 		spec.AttachType, spec.License, spec.Name = at, "GPL", "neighbour"
 		p, err := ebpf.NewProgram(spec)
@@ -437,4 +455,48 @@ func TestNeighbourUnderIstioIptables(t *testing.T) {
 		}
 	}
 	sidecarErrors(t, client)
+}
+
+// TestNeighbourClobberingSockopsFlags: a sockops program that runs after
+// meshsplice's and sets the socket's callback flags to none switches off
+// the close callback meshsplice cleans up with: each captured connection
+// then leaves its original destination behind in ms_orig_dst (an LRU map:
+// bounded, but it crowds out live entries). Traffic still works. A
+// well-behaved neighbour (adds its flags) leaves nothing.
+func TestNeighbourClobberingSockopsFlags(t *testing.T) {
+	testnet.RequireRoot(t)
+	vip4, vip6 := netip.MustParseAddr("10.96.0.10"), netip.MustParseAddr("fd00:96::10")
+	for _, tc := range []struct {
+		name     string
+		clobber  bool
+		wantLeft int
+	}{
+		{"well-behaved", false, 0},
+		{"clobbers the flags", true, 3},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			child, parent := neighbourCgroups(t, true)
+			n := newNeighbourWith(t, vip4, vip6, appPort, tc.clobber)
+			if err := n.attach(t, parent, viaLink); err != nil {
+				t.Fatal(err)
+			}
+			m := newMeshOn(t, child)
+			node := testnet.NewBridgeNet(t, testnet.BridgeNetOpts{})
+			client := m.addPod(node, "client", injected())
+			server := m.addPod(node, "server", injected())
+			for range 3 {
+				m.client(client, appUID, netip.AddrPortFrom(server.IPv4, appPort), "--messages", "5")
+			}
+			// The kernel takes closed sockets out of the splice map itself.
+			var st *datapath.Status
+			eventually(t, "every connection closed", func() bool {
+				var err error
+				st, err = datapath.Inspect(m.pin)
+				return err == nil && st.SplicedSockets == 0 && st.OrigDstEntries <= tc.wantLeft
+			})
+			if st.OrigDstEntries != tc.wantLeft {
+				t.Errorf("%d original destinations left after 3 closed connections, want %d", st.OrigDstEntries, tc.wantLeft)
+			}
+		})
+	}
 }
