@@ -46,9 +46,7 @@ type Config struct {
 	PinDir     string // bpffs directory (datapath.DefaultPinDir)
 	CgroupPath string // cgroup v2 directory the programs attach to
 	CNISocket  string // unix socket of the CNI API (api.DefaultSocket)
-	// CNIUID may use the CNI API besides root (0: root only).
-	CNIUID   int
-	StateDir string // where registrations are kept (DefaultStateDir)
+	StateDir   string // where registrations are kept (DefaultStateDir)
 	// MetricsAddr serves /healthz, /readyz and /metrics; "" disables.
 	MetricsAddr string
 	// Node overrides: a node switch is on only if the agent's flag AND the
@@ -60,6 +58,8 @@ type Config struct {
 	// sidecar's inbound listener in the kernel before the agent warns
 	// (DefaultListenerGrace when zero).
 	ListenerGrace time.Duration
+	// CNIUID may use the CNI API besides root (0: root only).
+	CNIUID int
 }
 
 // Agent is a running node agent.
