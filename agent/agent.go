@@ -58,6 +58,8 @@ type Config struct {
 	// sidecar's inbound listener in the kernel before the agent warns
 	// (DefaultListenerGrace when zero).
 	ListenerGrace time.Duration
+	// CNIUID may use the CNI API besides root (0: root only).
+	CNIUID int
 }
 
 // Agent is a running node agent.
@@ -182,7 +184,7 @@ func (a *Agent) Serve(ctx context.Context) error {
 		return nil
 	}
 
-	apiSrv, err := api.Listen(a.cfg.CNISocket, a, a.log)
+	apiSrv, err := api.Listen(a.cfg.CNISocket, a, a.log, api.AllowUID(a.cfg.CNIUID))
 	if err != nil {
 		return err
 	}
@@ -313,6 +315,9 @@ func (a *Agent) AddPod(_ context.Context, req api.PodRegistration) (api.PodStatu
 	cookie, err := datapath.NetnsCookie(req.Netns)
 	if err != nil {
 		return api.PodStatus{}, fmt.Errorf("%w: netns: %w", api.ErrInvalidRequest, err)
+	}
+	if err := checkPodNetns(req, cookie); err != nil {
+		return api.PodStatus{}, err
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()

@@ -44,7 +44,7 @@ func (a *Agent) metricsHandler() http.Handler {
 		w.Header().Set("Content-Type", "application/json")
 		json.NewEncoder(w).Encode(a.dp.Denials())
 	})
-	return mux
+	return readOnly(mux)
 }
 
 var (

@@ -275,7 +275,7 @@ func attachCgroup(pin, cgroup string, attach ebpf.AttachType, prog *ebpf.Program
 	}
 	l, err := link.AttachCgroup(link.CgroupOptions{Path: cgroup, Attach: attach, Program: prog})
 	if err != nil {
-		return nil, err
+		return nil, explainAttach(err)
 	}
 	if err := l.Pin(pin); err != nil {
 		l.Close()

@@ -71,15 +71,22 @@ func newMesh(t *testing.T) *mesh {
 func newMeshOpts(t *testing.T, opts datapath.Options) *mesh {
 	t.Helper()
 	testnet.RequireRoot(t)
-	m := &mesh{t: t, bin: mstest(t)}
-	m.cg = testnet.NewCgroup(t)
+	return newMeshOn(t, testnet.NewCgroup(t))
+}
+
+// newMeshOn is newMesh on a cgroup the test made.
+func newMeshOn(t *testing.T, cg *testnet.Cgroup) *mesh {
+	t.Helper()
+	m := &mesh{t: t, bin: mstest(t), cg: cg}
+	// Programs of others attached before meshsplice stay (neighbour_test.go).
+	others := attachedCgroupPrograms(t, cg.Path)
 	m.pin = testnet.PinDir(t, func(dir string) error {
 		if err := datapath.Detach(dir, time.Second); err != nil {
 			return err
 		}
-		// After detach nothing may stay attached to the cgroup.
-		if n := attachedCgroupPrograms(t, m.cg.Path); n != 0 {
-			return fmt.Errorf("%d programs still attached to %s", n, m.cg.Path)
+		// After detach nothing of meshsplice may stay attached to the cgroup.
+		if n := attachedCgroupPrograms(t, m.cg.Path); n != others {
+			return fmt.Errorf("%d programs attached to %s after detach, want the %d of others", n, m.cg.Path, others)
 		}
 		return nil
 	})

@@ -288,6 +288,7 @@ func TestReRegisterWithAnotherNetnsForgetsTheOld(t *testing.T) {
 		t.Fatal(err)
 	}
 	// The new sandbox kept one address of the old one (static IPAM).
+	ip(t, second.NS, "addr", "add", netip.PrefixFrom(first.IPv6, 128).String(), "dev", "lo")
 	if _, err := ag.registerAs("c-same", second, []netip.Addr{second.IPv4, first.IPv6}); err != nil {
 		t.Fatal(err)
 	}

@@ -31,6 +31,12 @@
 //
 // # Annotation syntax
 //
+// Every bad item is an error naming its annotation and value; the first 20
+// errors and the first 20 warnings are listed, the rest only counted
+// ("(N more errors not shown)"), since a pod may carry 10,000 bad entries.
+// FuzzAnnotations and FuzzLoad (corpora in testdata/fuzz) hold the parsers
+// to that.
+//
 // Lists are comma separated. Whitespace around items is allowed, empty items
 // are ignored and duplicates collapse; lists come back sorted. Ports are
 // 1-65535. Ranges are IPv4 or IPv6 CIDRs; a bare address means /32 or /128;

@@ -290,6 +290,7 @@ func ParseTraffic(annotations map[string]string, d Defaults) (Traffic, []string,
 		p.warnf("%s is not an Istio traffic annotation; ignored", name)
 	}
 
+	p.sum()
 	if len(p.errs) > 0 {
 		return Traffic{}, p.warns, errors.Join(p.errs...)
 	}
@@ -313,13 +314,23 @@ type parser struct {
 	warns    []string
 	errs     []error
 	badIDSrc []string // sources whose uid/gid did not parse
+	// moreWarns, moreErrs count what was not reported (maxReported).
+	moreWarns, moreErrs int
 }
 
 func (p *parser) warnf(format string, args ...any) {
+	if len(p.warns) >= maxReported {
+		p.moreWarns++
+		return
+	}
 	p.warns = append(p.warns, fmt.Sprintf(format, args...))
 }
 
 func (p *parser) errorf(format string, args ...any) {
+	if len(p.errs) >= maxReported {
+		p.moreErrs++
+		return
+	}
 	p.errs = append(p.errs, fmt.Errorf(format, args...))
 }
 

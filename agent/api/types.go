@@ -95,6 +95,8 @@ func (e *Error) Is(target error) bool {
 		return target == ErrConflict
 	case CodeNotReady:
 		return target == ErrNotReady
+	case CodeForbidden:
+		return target == ErrForbidden
 	}
 	return false
 }
@@ -199,11 +201,13 @@ func (r PodRegistration) Validate() error {
 		add(&fieldError{field: "netns", msg: "is required"})
 	case !filepath.IsAbs(r.Netns):
 		add(&fieldError{field: "netns", msg: fmt.Sprintf("%q must be an absolute path", r.Netns)})
+	case strings.ContainsRune(r.Netns, 0):
+		add(&fieldError{field: "netns", msg: fmt.Sprintf("%q holds a NUL byte", r.Netns)})
 	}
 	switch {
 	case r.IfName == "":
 		add(&fieldError{field: "ifName", msg: "is required"})
-	case len(r.IfName) > 15 || strings.ContainsAny(r.IfName, "/: \t\n") || r.IfName == "." || r.IfName == "..":
+	case len(r.IfName) > 15 || strings.ContainsAny(r.IfName, "/: \t\n\x00") || r.IfName == "." || r.IfName == "..":
 		add(&fieldError{field: "ifName", msg: fmt.Sprintf("%q is not a valid interface name", r.IfName)})
 	}
 	if len(r.IPs) == 0 {

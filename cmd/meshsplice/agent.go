@@ -23,6 +23,7 @@ func runAgent(ctx context.Context, args []string) error {
 	cgroup := fs.String("cgroup", "", "cgroup v2 directory to attach to (default: the cgroup v2 root, from /proc/self/mountinfo)")
 	pinDir := fs.String("pin-dir", datapath.DefaultPinDir, "bpffs directory for maps and links")
 	socket := fs.String("cni-socket", api.DefaultSocket, "unix socket the CNI plugin registers pods on")
+	cniUID := fs.Int("cni-uid", 0, "uid that may register pods on --cni-socket besides root (0: root only); the socket is given to it")
 	stateDir := fs.String("state-dir", agent.DefaultStateDir, "where pod registrations are kept across agent restarts")
 	metrics := fs.String("metrics-addr", agent.DefaultMetricsAddr, "address of /healthz, /readyz, /metrics and /pods (empty: off)")
 	capture := fs.Bool("capture", true, "node switch: capture meshed pods' traffic (new connections)")
@@ -53,7 +54,7 @@ func runAgent(ctx context.Context, args []string) error {
 	log.Info("starting meshsplice agent", "cgroup", *cgroup, "pin_dir", *pinDir, "istio_config", *configDir,
 		"args", strings.Join(args, " "))
 	return agent.Run(ctx, agent.Config{
-		PinDir: *pinDir, CgroupPath: *cgroup, CNISocket: *socket, StateDir: *stateDir,
+		PinDir: *pinDir, CgroupPath: *cgroup, CNISocket: *socket, CNIUID: *cniUID, StateDir: *stateDir,
 		MetricsAddr: *metrics, NodeCapture: *capture, NodeSplice: *splice,
 		Source: istio.NewFileSource(*configDir, log), Log: log, ListenerGrace: *grace,
 	})
