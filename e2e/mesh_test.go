@@ -71,11 +71,17 @@ func newMesh(t *testing.T) *mesh {
 func newMeshOpts(t *testing.T, opts datapath.Options) *mesh {
 	t.Helper()
 	testnet.RequireRoot(t)
-	return newMeshOn(t, testnet.NewCgroup(t))
+	return newMeshOnOpts(t, testnet.NewCgroup(t), opts)
 }
 
 // newMeshOn is newMesh on a cgroup the test made.
 func newMeshOn(t *testing.T, cg *testnet.Cgroup) *mesh {
+	t.Helper()
+	return newMeshOnOpts(t, cg, datapath.Options{})
+}
+
+// newMeshOnOpts is newMeshOn with datapath options.
+func newMeshOnOpts(t *testing.T, cg *testnet.Cgroup, opts datapath.Options) *mesh {
 	t.Helper()
 	m := &mesh{t: t, bin: mstest(t), cg: cg}
 	// Programs of others attached before meshsplice stay (neighbour_test.go).
