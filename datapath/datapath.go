@@ -145,11 +145,14 @@ func Open(opts Options) (_ *Datapath, err error) {
 			d.Close()
 		}
 	}()
+	if err := checkPinnedMaps(opts.PinDir); err != nil {
+		return nil, fmt.Errorf("open datapath: %w", err)
+	}
 	load := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: mapDir(opts.PinDir)}}
-	if err := redirect.LoadCaptureObjects(&d.capture, load); err != nil {
+	if err := loadAndAssign(redirect.LoadCapture, &d.capture, load); err != nil {
 		return nil, fmt.Errorf("load capture programs: %w", explainLoad(err))
 	}
-	if err := sockops.LoadSpliceObjects(&d.splice, load); err != nil {
+	if err := loadAndAssign(sockops.LoadSplice, &d.splice, load); err != nil {
 		return nil, fmt.Errorf("load splice programs: %w", explainLoad(err))
 	}
 

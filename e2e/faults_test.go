@@ -512,3 +512,116 @@ func skLookupPrograms(t *testing.T, p *meshPod) int {
 	}
 	return len(res.Programs)
 }
+
+// buildAgentVariant builds meshsplice with the datapath variant of
+// datapath/variant.go: "program" (every program changed, same maps) or
+// "maps" (an incompatible map layout).
+func buildAgentVariant(t *testing.T, variant string) string {
+	t.Helper()
+	dir := t.TempDir()
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	out := filepath.Join(dir, "meshsplice-"+variant)
+	cmd := exec.Command("go", "build", "-tags", "meshsplice_variant",
+		"-ldflags", "-X github.com/meshsplice/meshsplice/datapath.variant="+variant,
+		"-o", out, "github.com/meshsplice/meshsplice/cmd/meshsplice")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("build the %s variant: %v\n%s", variant, err, b)
+	}
+	return out
+}
+
+// runBinary makes the agent's command line run bin instead of the binary
+// it ran so far.
+func (a *agentProc) runBinary(bin string) {
+	a.t.Helper()
+	i := slices.Index(a.args, a.bin)
+	if i < 0 {
+		a.t.Fatalf("no %s on the agent's command line", a.bin)
+	}
+	a.args[i], a.bin = bin, bin
+}
+
+// TestUpgradeDowngradeUnderTraffic is issue 14 item 2: while 200
+// long-lived connections stream, the agent is replaced by a build whose
+// every program differs (upgrade), then by the first build again
+// (downgrade): the pinned links are updated in place with the other
+// programs, the maps kept, no connection breaks. A build whose map layout
+// differs is refused with a message that names the map and the way out,
+// and touches nothing; the way out (uninstall, then start that build)
+// breaks nothing either.
+func TestUpgradeDowngradeUnderTraffic(t *testing.T) {
+	w := newFaultWorld(t)
+	v1 := w.ag.bin
+	v2 := buildAgentVariant(t, "program")
+	v3 := buildAgentVariant(t, "maps")
+	w.startStreams()
+	first := readPinnedState(t, w.m.pin)
+
+	replace := func(what, bin string) pinnedState {
+		t.Helper()
+		before := readPinnedState(t, w.m.pin)
+		_, b0, _ := w.progress()
+		start := time.Now()
+		w.ag.stop()
+		w.ag.runBinary(bin)
+		w.ag.start()
+		took := time.Since(start)
+		_, b1, _ := w.progress()
+		after := readPinnedState(t, w.m.pin)
+		before.adopted(t, after)
+		w.probeNew("after the " + what)
+		w.flow("streams after the "+what, 5)
+		t.Logf("figure: %s: agent replaced in %v (stop to ready), %d bytes verified end to end meanwhile", what, took.Round(time.Millisecond), b1-b0)
+		return after
+	}
+	up := replace("upgrade", v2)
+	for prog, tag := range first.progTags {
+		if up.progTags[prog] == tag {
+			t.Errorf("upgrade: %s still runs the first build's program (tag %s)", prog, tag)
+		}
+	}
+	down := replace("downgrade", v1)
+	for prog, tag := range first.progTags {
+		if down.progTags[prog] != tag {
+			t.Errorf("downgrade: %s has tag %s, want the first build's %s", prog, down.progTags[prog], tag)
+		}
+	}
+
+	// A build with another map layout: refused, nothing touched.
+	w.ag.stop()
+	refused := &agentProc{t: t, bin: w.ag.bin, args: slices.Clone(w.ag.args)}
+	refused.runBinary(v3)
+	refused.proc = testnet.Start(t, testnet.StartOpts{Args: refused.args, Name: "agent-maps"})
+	if err := refused.proc.WaitTimeout(30 * time.Second); err == nil || refused.proc.ExitCode() <= 0 {
+		t.Fatalf("agent with another map layout: exit %d (%v), want a refusal", refused.proc.ExitCode(), err)
+	}
+	for _, want := range []string{"ms_socks", "MaxEntries", "meshsplice uninstall --pin-dir " + w.m.pin, "traffic keeps flowing"} {
+		if !hasLine(refused.proc.Lines(), want) {
+			t.Errorf("the refusal does not say %q:\n%s", want, strings.Join(refused.proc.Lines(), "\n"))
+		}
+	}
+	untouched := readPinnedState(t, w.m.pin)
+	down.adopted(t, untouched)
+	for name, l := range down.links {
+		if untouched.links[name].ProgramID != l.ProgramID {
+			t.Errorf("the refused agent replaced %s's program", name)
+		}
+	}
+	w.probeNew("after a refused agent")
+	w.flow("streams after a refused agent", 5)
+
+	// The way out: uninstall, then the new build starts afresh and takes
+	// its pods back from its state directory.
+	if out, err := exec.Command(v1, "uninstall", "--pin-dir", w.m.pin, "--cgroup", w.m.cg.Path).CombinedOutput(); err != nil {
+		t.Fatalf("uninstall: %v\n%s", err, out)
+	}
+	w.ag.runBinary(v3)
+	w.ag.start()
+	eventually(t, "the policy back in the kernel", func() bool { return w.tryConnect(w.rogue, w.pairs[0].server) != "" })
+	w.probeNew("after uninstall and the new layout")
+	w.flow("streams after uninstall and the new layout", 5)
+	msgs, bytes := w.stopStreams()
+	t.Logf("figure: upgrade, downgrade, refusal, uninstall and new layout: %d messages / %d bytes verified in all, 0 errors", msgs, bytes)
+}
