@@ -276,9 +276,13 @@ func attachCgroup(pin, cgroup string, attach ebpf.AttachType, prog *ebpf.Program
 // Live spliced connections survive: first every sender is switched to TCP
 // (MS_NODE_DRAIN: what was already redirected is read first, then the TCP
 // bytes, so streams stay in order); then Detach waits up to drain for the
-// receivers to read what sits in their socket-map queues, because the kernel
-// drops that data when a socket leaves a SOCKHASH. After that the sockets go
-// on over plain TCP.
+// splice map to empty, because the kernel drops a socket's queued data if
+// the socket leaves a SOCKHASH. After that the sockets go on over plain TCP.
+// On 6.18 a live spliced socket never leaves: its psock holds the sk_msg
+// program, which holds the map, so the unpinned map and program live on,
+// reachable from no pin or hook, until the last such connection closes, and
+// bytes queued for a reader that reads only after the drain are still
+// delivered in order (e2e TestUninstallDeliversQueuedBytes).
 func Detach(pinDir string, drain time.Duration) error {
 	if pinDir == "" {
 		pinDir = DefaultPinDir

@@ -70,7 +70,7 @@ func newFaultWorld(t *testing.T) *faultWorld {
 		t.Fatal(err)
 	}
 	w := &faultWorld{t: t, m: m, ag: startAgent(t, m, configDir)}
-	w.ag.withLogs()
+	w.ag.withLogs() // for the next start: noErrorLogs reads the log
 	node := testnet.NewBridgeNet(t, testnet.BridgeNetOpts{})
 	pod := func(name, sa string, ann map[string]string) *meshPod {
 		p := m.addPod(node, name, nil)
@@ -314,47 +314,13 @@ func (before pinnedState) adopted(t *testing.T, after pinnedState) {
 	}
 }
 
-// TestAgentKilledUnderTraffic is issue 14 item 1: the agent is SIGKILLed
-// while 200 long-lived connections (half spliced, half with splice
-// disabled) stream checksummed, numbered messages through sidecars. While
-// it is down new connections are captured, spliced and denied by the
-// kernel alone; the restarted agent adopts the pinned links and maps; no
-// connection breaks and every message comes back intact and in order.
-func TestAgentKilledUnderTraffic(t *testing.T) {
-	w := newFaultWorld(t)
-	w.startStreams()
-	before := readPinnedState(t, w.m.pin)
-	_, b0, _ := w.progress()
-
-	killed := time.Now()
-	if err := w.ag.proc.Kill(); err != nil {
-		t.Fatal(err)
-	}
-	w.probeNew("agent down")
-	down := w.flow("streams with the agent down", 10)
-	if n := attachedCgroupPrograms(t, w.m.cg.Path); n != 4 {
-		t.Errorf("programs on the cgroup with the agent down: %d, want 4", n)
-	}
-
-	w.ag.start()
-	downFor := time.Since(killed)
-	_, b1, _ := w.progress()
-	after := readPinnedState(t, w.m.pin)
-	before.adopted(t, after)
-	if n := attachedCgroupPrograms(t, w.m.cg.Path); n != 4 {
-		t.Errorf("programs on the cgroup after the restart: %d, want 4", n)
-	}
-	if pods := agentPods(t, w.ag); len(pods) != 5 {
-		t.Errorf("restarted agent has %d pods, want 5", len(pods))
-	}
-	w.probeNew("agent restarted")
-	w.flow("streams after the restart", 10)
-	msgs, bytes := w.stopStreams()
-	t.Logf("figure: agent killed: down %v (kill to ready), %d bytes verified end to end meanwhile (%d while probing), %d messages / %d bytes verified in all, 0 errors",
-		downFor.Round(time.Millisecond), b1-b0, down, msgs, bytes)
-	if hasLine(w.ag.proc.Lines(), `"level":"ERROR"`) {
-		t.Errorf("the restarted agent logged errors:\n%s", strings.Join(slices.DeleteFunc(w.ag.proc.Lines(),
-			func(l string) bool { return !strings.Contains(l, `"level":"ERROR"`) }), "\n"))
+// noErrorLogs fails the test if the agent (started withLogs) logged an
+// error.
+func (a *agentProc) noErrorLogs(what string) {
+	a.t.Helper()
+	errs := slices.DeleteFunc(a.proc.Lines(), func(l string) bool { return !strings.Contains(l, `"level":"ERROR"`) })
+	if len(errs) > 0 {
+		a.t.Errorf("%s logged errors:\n%s", what, strings.Join(errs, "\n"))
 	}
 }
 
@@ -428,76 +394,6 @@ func mapAlive(id ebpf.MapID) bool {
 	return err == nil
 }
 
-// TestUninstallUnderTraffic is issue 14 item 3: `meshsplice uninstall`
-// (after the agent stopped, as when its DaemonSet is deleted) while 200
-// long-lived connections stream: they finish intact on their path (through
-// the sidecars, over TCP once spliced sockets drain); new connections are
-// not captured; nothing stays attached or pinned, and once the last
-// connection that was spliced closes, no map or program of the datapath
-// stays in the kernel.
-func TestUninstallUnderTraffic(t *testing.T) {
-	w := newFaultWorld(t)
-	w.startStreams()
-	state := readPinnedState(t, w.m.pin)
-	w.ag.stop()
-	_, b0, _ := w.progress()
-	start := time.Now()
-	out, err := exec.Command(w.ag.bin, "uninstall", "--pin-dir", w.m.pin, "--cgroup", w.m.cg.Path).CombinedOutput()
-	took := time.Since(start)
-	_, b1, _ := w.progress()
-	if err != nil {
-		t.Fatalf("uninstall: %v\n%s", err, out)
-	}
-	t.Logf("uninstall:\n%s", out)
-	if n := attachedCgroupPrograms(t, w.m.cg.Path); n != 0 {
-		t.Errorf("%d programs still on the cgroup", n)
-	}
-	for _, p := range []*meshPod{w.pairs[0].client, w.pairs[0].server, w.pairs[1].client, w.pairs[1].server, w.rogue} {
-		if n := skLookupPrograms(t, p); n != 0 {
-			t.Errorf("sk_lookup still attached to %s", p.Name)
-		}
-	}
-	if _, err := os.Stat(w.m.pin); !os.IsNotExist(err) {
-		t.Errorf("pin dir still there: %v", err)
-	}
-
-	// New connections go straight to the server app.
-	for _, p := range w.pairs {
-		seenApp, seenSidecar := len(acceptsOf(p.server.App)), len(acceptEvents(p.client.Sidecar, "outbound"))
-		c := w.m.start(p.client, "probe", appUID, "client", "--target",
-			netip.AddrPortFrom(p.server.IPv4, appPort).String(), "--messages", "20", "--size", "300")
-		finishedOK(t, c, "new connection after uninstall on the "+p.name+" pair")
-		peers := waitAccepts(t, p.server.App, "", seenApp+1)
-		if len(peers) != seenApp+1 || origDst(acceptsOf(p.server.App)[seenApp]).Addr() != p.client.IPv4 {
-			t.Errorf("%s: server app did not get the new connection straight from the client: %v", p.name, acceptsOf(p.server.App)[seenApp:])
-		}
-		if n := len(acceptEvents(p.client.Sidecar, "outbound")); n != seenSidecar {
-			t.Errorf("%s: the client sidecar captured %d new connections after uninstall", p.name, n-seenSidecar)
-		}
-	}
-	w.flow("streams after uninstall", 10)
-	msgs, bytes := w.stopStreams()
-	t.Logf("figure: uninstall under traffic: took %v, %d bytes verified end to end meanwhile, %d messages / %d bytes verified in all, 0 errors",
-		took.Round(time.Millisecond), b1-b0, msgs, bytes)
-
-	// The live connections held the splice map (through their sockets'
-	// sk_msg program); closed, they release it.
-	waitUntil(t, "every datapath map to be freed", 20*time.Second, func() bool {
-		for _, id := range state.maps {
-			if mapAlive(id) {
-				return false
-			}
-		}
-		return true
-	})
-	for _, l := range state.links {
-		if p, err := ebpf.NewProgramFromID(ebpf.ProgramID(l.ProgramID)); err == nil {
-			p.Close()
-			t.Errorf("program %s (%d) still in the kernel", l.Program, l.ProgramID)
-		}
-	}
-}
-
 // skLookupPrograms counts the sk_lookup programs on the pod's netns.
 func skLookupPrograms(t *testing.T, p *meshPod) int {
 	t.Helper()
@@ -543,56 +439,143 @@ func (a *agentProc) runBinary(bin string) {
 	a.args[i], a.bin = bin, bin
 }
 
-// TestUpgradeDowngradeUnderTraffic is issue 14 item 2: while 200
-// long-lived connections stream, the agent is replaced by a build whose
-// every program differs (upgrade), then by the first build again
-// (downgrade): the pinned links are updated in place with the other
-// programs, the maps kept, no connection breaks. A build whose map layout
-// differs is refused with a message that names the map and the way out,
-// and touches nothing; the way out (uninstall, then start that build)
-// breaks nothing either.
-func TestUpgradeDowngradeUnderTraffic(t *testing.T) {
-	w := newFaultWorld(t)
-	v1 := w.ag.bin
+// TestFaultsUnderTraffic is issue 14 items 1-3, one after the other on
+// one node while 200 long-lived connections (100 with every hop spliced,
+// 100 with splice disabled) stream checksummed, numbered messages through
+// sidecars; every connection lives through all of it:
+//
+//  1. the agent is SIGKILLed: while it is down new connections are
+//     captured, spliced and denied by the kernel alone; the restarted agent
+//     adopts the pinned links and maps;
+//  2. it is replaced by a build whose every program differs (upgrade), then
+//     by the first build again (downgrade): the links are updated in place,
+//     the maps kept; a build whose map layout differs is refused with a
+//     message naming the map and the way out, and touches nothing;
+//  3. `meshsplice uninstall` (the agent stopped, as when its DaemonSet is
+//     deleted): nothing stays attached or pinned, new connections are not
+//     captured, live ones go on through their sidecars; then the build with
+//     the other layout starts afresh (the way out of 2).
+//
+// At the end every connection must have verified every message it sent,
+// in order, and closed cleanly, and no map or program of the uninstalled
+// datapath may stay in the kernel.
+func TestFaultsUnderTraffic(t *testing.T) {
+	testnet.RequireRoot(t)
 	v2 := buildAgentVariant(t, "program")
 	v3 := buildAgentVariant(t, "maps")
+	w := newFaultWorld(t)
+	v1 := w.ag.bin
 	w.startStreams()
 	first := readPinnedState(t, w.m.pin)
 
-	replace := func(what, bin string) pinnedState {
-		t.Helper()
-		before := readPinnedState(t, w.m.pin)
-		_, b0, _ := w.progress()
-		start := time.Now()
-		w.ag.stop()
-		w.ag.runBinary(bin)
-		w.ag.start()
-		took := time.Since(start)
-		_, b1, _ := w.progress()
-		after := readPinnedState(t, w.m.pin)
-		before.adopted(t, after)
-		w.probeNew("after the " + what)
-		w.flow("streams after the "+what, 5)
-		t.Logf("figure: %s: agent replaced in %v (stop to ready), %d bytes verified end to end meanwhile", what, took.Round(time.Millisecond), b1-b0)
-		return after
-	}
-	up := replace("upgrade", v2)
+	w.killAndRestart()
+	up := w.replaceAgent("upgrade", v2)
 	for prog, tag := range first.progTags {
 		if up.progTags[prog] == tag {
 			t.Errorf("upgrade: %s still runs the first build's program (tag %s)", prog, tag)
 		}
 	}
-	down := replace("downgrade", v1)
+	down := w.replaceAgent("downgrade", v1)
 	for prog, tag := range first.progTags {
 		if down.progTags[prog] != tag {
 			t.Errorf("downgrade: %s has tag %s, want the first build's %s", prog, down.progTags[prog], tag)
 		}
 	}
+	w.refuseLayout(v3, down)
+	w.uninstall()
 
-	// A build with another map layout: refused, nothing touched.
+	// The way out of a layout change: after uninstall the new build starts
+	// afresh and takes its pods back from its state directory.
+	w.ag.runBinary(v3)
+	w.ag.start()
+	eventually(t, "the policy back in the kernel", func() bool { return w.tryConnect(w.rogue, w.pairs[0].server) != "" })
+	w.probeNew("after uninstall and the new layout")
+	w.ag.noErrorLogs("the agent of the new layout")
+	w.flow("streams after uninstall and the new layout", 3)
+
+	msgs, bytes := w.stopStreams()
+	t.Logf("figure: all faults: %d messages / %d bytes verified end to end in all, 0 errors", msgs, bytes)
+	// The live connections held the uninstalled splice map (through their
+	// sockets' sk_msg program); closed, they release it.
+	waitUntil(t, "every map of the uninstalled datapath to be freed", 20*time.Second, func() bool {
+		for _, id := range first.maps {
+			if mapAlive(id) {
+				return false
+			}
+		}
+		return true
+	})
+	for _, st := range []pinnedState{first, up, down} {
+		for _, l := range st.links {
+			if p, err := ebpf.NewProgramFromID(ebpf.ProgramID(l.ProgramID)); err == nil {
+				p.Close()
+				t.Errorf("program %s (%d) still in the kernel", l.Program, l.ProgramID)
+			}
+		}
+	}
+}
+
+// killAndRestart is item 1: SIGKILL, the kernel alone, a restart.
+func (w *faultWorld) killAndRestart() {
+	t := w.t
+	t.Helper()
+	before := readPinnedState(t, w.m.pin)
+	_, b0, _ := w.progress()
+	killed := time.Now()
+	if err := w.ag.proc.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	w.probeNew("agent down")
+	down := w.flow("streams with the agent down", 10)
+	if n := attachedCgroupPrograms(t, w.m.cg.Path); n != 4 {
+		t.Errorf("programs on the cgroup with the agent down: %d, want 4", n)
+	}
+	w.ag.start()
+	downFor := time.Since(killed)
+	_, b1, _ := w.progress()
+	before.adopted(t, readPinnedState(t, w.m.pin))
+	if n := attachedCgroupPrograms(t, w.m.cg.Path); n != 4 {
+		t.Errorf("programs on the cgroup after the restart: %d, want 4", n)
+	}
+	if pods := agentPods(t, w.ag); len(pods) != 5 {
+		t.Errorf("restarted agent has %d pods, want 5", len(pods))
+	}
+	w.probeNew("agent restarted")
+	w.ag.noErrorLogs("the restarted agent")
+	w.flow("streams after the restart", 3)
+	t.Logf("figure: agent killed: down %v (kill to ready), %d bytes verified end to end meanwhile (%d while probing), 0 errors",
+		downFor.Round(time.Millisecond), b1-b0, down)
+}
+
+// replaceAgent is item 2: the agent stops (SIGTERM) and bin starts on the
+// same pins and state.
+func (w *faultWorld) replaceAgent(what, bin string) pinnedState {
+	t := w.t
+	t.Helper()
+	before := readPinnedState(t, w.m.pin)
+	_, b0, _ := w.progress()
+	start := time.Now()
+	w.ag.stop()
+	w.ag.runBinary(bin)
+	w.ag.start()
+	took := time.Since(start)
+	_, b1, _ := w.progress()
+	after := readPinnedState(t, w.m.pin)
+	before.adopted(t, after)
+	w.probeNew("after the " + what)
+	w.ag.noErrorLogs("the agent after the " + what)
+	w.flow("streams after the "+what, 3)
+	t.Logf("figure: %s: agent replaced in %v (stop to ready), %d bytes verified end to end meanwhile, 0 errors", what, took.Round(time.Millisecond), b1-b0)
+	return after
+}
+
+// refuseLayout is item 2's refusal: bin has another map layout.
+func (w *faultWorld) refuseLayout(bin string, current pinnedState) {
+	t := w.t
+	t.Helper()
 	w.ag.stop()
 	refused := &agentProc{t: t, bin: w.ag.bin, args: slices.Clone(w.ag.args)}
-	refused.runBinary(v3)
+	refused.runBinary(bin)
 	refused.proc = testnet.Start(t, testnet.StartOpts{Args: refused.args, Name: "agent-maps"})
 	if err := refused.proc.WaitTimeout(30 * time.Second); err == nil || refused.proc.ExitCode() <= 0 {
 		t.Fatalf("agent with another map layout: exit %d (%v), want a refusal", refused.proc.ExitCode(), err)
@@ -603,25 +586,54 @@ func TestUpgradeDowngradeUnderTraffic(t *testing.T) {
 		}
 	}
 	untouched := readPinnedState(t, w.m.pin)
-	down.adopted(t, untouched)
-	for name, l := range down.links {
+	current.adopted(t, untouched)
+	for name, l := range current.links {
 		if untouched.links[name].ProgramID != l.ProgramID {
 			t.Errorf("the refused agent replaced %s's program", name)
 		}
 	}
 	w.probeNew("after a refused agent")
-	w.flow("streams after a refused agent", 5)
+	w.flow("streams after a refused agent", 3)
+}
 
-	// The way out: uninstall, then the new build starts afresh and takes
-	// its pods back from its state directory.
-	if out, err := exec.Command(v1, "uninstall", "--pin-dir", w.m.pin, "--cgroup", w.m.cg.Path).CombinedOutput(); err != nil {
+// uninstall is item 3, the agent stopped.
+func (w *faultWorld) uninstall() {
+	t := w.t
+	t.Helper()
+	_, b0, _ := w.progress()
+	start := time.Now()
+	out, err := exec.Command(w.ag.bin, "uninstall", "--pin-dir", w.m.pin, "--cgroup", w.m.cg.Path).CombinedOutput()
+	took := time.Since(start)
+	_, b1, _ := w.progress()
+	if err != nil {
 		t.Fatalf("uninstall: %v\n%s", err, out)
 	}
-	w.ag.runBinary(v3)
-	w.ag.start()
-	eventually(t, "the policy back in the kernel", func() bool { return w.tryConnect(w.rogue, w.pairs[0].server) != "" })
-	w.probeNew("after uninstall and the new layout")
-	w.flow("streams after uninstall and the new layout", 5)
-	msgs, bytes := w.stopStreams()
-	t.Logf("figure: upgrade, downgrade, refusal, uninstall and new layout: %d messages / %d bytes verified in all, 0 errors", msgs, bytes)
+	t.Logf("uninstall:\n%s", out)
+	if n := attachedCgroupPrograms(t, w.m.cg.Path); n != 0 {
+		t.Errorf("%d programs still on the cgroup", n)
+	}
+	for _, p := range []*meshPod{w.pairs[0].client, w.pairs[0].server, w.pairs[1].client, w.pairs[1].server, w.rogue} {
+		if n := skLookupPrograms(t, p); n != 0 {
+			t.Errorf("sk_lookup still attached to %s", p.Name)
+		}
+	}
+	if _, err := os.Stat(w.m.pin); !os.IsNotExist(err) {
+		t.Errorf("pin dir still there: %v", err)
+	}
+	// New connections go straight to the server app.
+	for _, p := range w.pairs {
+		seenApp, seenSidecar := len(acceptsOf(p.server.App)), len(acceptEvents(p.client.Sidecar, "outbound"))
+		c := w.m.start(p.client, "probe", appUID, "client", "--target",
+			netip.AddrPortFrom(p.server.IPv4, appPort).String(), "--messages", "20", "--size", "300")
+		finishedOK(t, c, "new connection after uninstall on the "+p.name+" pair")
+		waitAccepts(t, p.server.App, "", seenApp+1)
+		if peers := acceptsOf(p.server.App); len(peers) != seenApp+1 || origDst(peers[seenApp]).Addr() != p.client.IPv4 {
+			t.Errorf("%s: server app did not get the new connection straight from the client: %v", p.name, peers[seenApp:])
+		}
+		if n := len(acceptEvents(p.client.Sidecar, "outbound")); n != seenSidecar {
+			t.Errorf("%s: the client sidecar captured %d new connections after uninstall", p.name, n-seenSidecar)
+		}
+	}
+	w.flow("streams after uninstall", 3)
+	t.Logf("figure: uninstall under traffic: took %v, %d bytes verified end to end meanwhile, 0 errors", took.Round(time.Millisecond), b1-b0)
 }
