@@ -530,8 +530,9 @@ func (w *faultWorld) killAndRestart() {
 	if n := attachedCgroupPrograms(t, w.m.cg.Path); n != 4 {
 		t.Errorf("programs on the cgroup with the agent down: %d, want 4", n)
 	}
+	restart := time.Now()
 	w.ag.start()
-	downFor := time.Since(killed)
+	downFor, startup := time.Since(killed), time.Since(restart)
 	_, b1, _ := w.progress()
 	before.adopted(t, readPinnedState(t, w.m.pin))
 	if n := attachedCgroupPrograms(t, w.m.cg.Path); n != 4 {
@@ -543,8 +544,8 @@ func (w *faultWorld) killAndRestart() {
 	w.probeNew("agent restarted")
 	w.ag.noErrorLogs("the restarted agent")
 	w.flow("streams after the restart", 3)
-	t.Logf("figure: agent killed: down %v (kill to ready), %d bytes verified end to end meanwhile (%d while probing), 0 errors",
-		downFor.Round(time.Millisecond), b1-b0, down)
+	t.Logf("figure: agent killed: down %v (kill to ready; the restart itself %v), %d bytes verified end to end meanwhile (%d while probing), 0 errors",
+		downFor.Round(time.Millisecond), startup.Round(time.Millisecond), b1-b0, down)
 }
 
 // replaceAgent is item 2: the agent stops (SIGTERM) and bin starts on the
