@@ -73,10 +73,12 @@ func checkPinnedMaps(pinDir string) error {
 				continue
 			}
 			err = ms.Compatible(m)
-			m.Close()
 			if err != nil {
 				diffs = append(diffs, fmt.Sprintf("%s (%s)", name, strings.TrimSuffix(err.Error(), ": "+ebpf.ErrMapIncompatible.Error())))
+			} else if d := layoutDiff(ms, m); d != "" {
+				diffs = append(diffs, fmt.Sprintf("%s (%s)", name, d))
 			}
+			m.Close()
 		}
 	}
 	if len(diffs) == 0 {
