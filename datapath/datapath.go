@@ -2,8 +2,10 @@
 // capture programs (package redirect) and the splice programs (package
 // sockops) so that they share their maps, attaches them with bpf_link, pins
 // everything under one bpffs directory so traffic keeps flowing while the
-// agent is gone, updates the programs in place on the next start, keeps the
-// registry of meshed pods, reads the counters, and detaches without leftovers.
+// agent is gone, updates the programs in place on the next start (and
+// refuses, changing nothing, pins whose map layout differs from its own:
+// ErrIncompatiblePins), keeps the registry of meshed pods, reads the
+// counters, and detaches without leftovers.
 //
 // Layout of the pin directory (default /sys/fs/bpf/meshsplice):
 //

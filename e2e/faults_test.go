@@ -324,10 +324,12 @@ func (a *agentProc) noErrorLogs(what string) {
 	}
 }
 
-// TestUninstallDeliversQueuedBytes: bytes already redirected into a
-// spliced socket whose reader is not reading (the server app is stopped)
-// when `meshsplice uninstall` runs are delivered, in order, once the
-// reader reads within the drain time.
+// TestUninstallDeliversQueuedBytes (issue 14 item 3): bytes already
+// redirected into a spliced socket whose reader is not reading (the server
+// app is stopped) when `meshsplice uninstall` runs are delivered, in order,
+// whether the reader resumes during the drain wait or after uninstall
+// returned; once the connection closed, the splice map is gone from the
+// kernel.
 func TestUninstallDeliversQueuedBytes(t *testing.T) {
 	for _, tc := range []struct {
 		name        string
