@@ -63,6 +63,13 @@ type mesh struct {
 
 func newMesh(t *testing.T) *mesh {
 	t.Helper()
+	return newMeshOpts(t, datapath.Options{})
+}
+
+// newMeshOpts is newMesh with datapath options (pin dir, cgroup, node and
+// logger are the mesh's own).
+func newMeshOpts(t *testing.T, opts datapath.Options) *mesh {
+	t.Helper()
 	testnet.RequireRoot(t)
 	m := &mesh{t: t, bin: mstest(t)}
 	m.cg = testnet.NewCgroup(t)
@@ -76,12 +83,10 @@ func newMesh(t *testing.T) *mesh {
 		}
 		return nil
 	})
-	dp, err := datapath.Open(datapath.Options{
-		PinDir:     m.pin,
-		CgroupPath: m.cg.Path,
-		Node:       datapath.NodeSettings{Capture: true, Splice: true},
-		Logger:     slog.New(slog.NewTextHandler(testLog{t}, nil)),
-	})
+	opts.PinDir, opts.CgroupPath = m.pin, m.cg.Path
+	opts.Node = datapath.NodeSettings{Capture: true, Splice: true}
+	opts.Logger = slog.New(slog.NewTextHandler(testLog{t}, nil))
+	dp, err := datapath.Open(opts)
 	if err != nil {
 		t.Fatalf("open datapath: %v", err)
 	}
