@@ -53,7 +53,9 @@ func loadAndAssign(load func() (*ebpf.CollectionSpec, error), obj any, opts *ebp
 func checkPinnedMaps(pinDir string) error {
 	var diffs []string
 	seen := map[string]bool{}
-	for _, load := range []func() (*ebpf.CollectionSpec, error){redirect.LoadCapture, sockops.LoadSplice, redirect.LoadTeardown} {
+	for _, load := range []func() (*ebpf.CollectionSpec, error){
+		redirect.LoadCapture, sockops.LoadSplice, redirect.LoadTeardown, sockops.LoadReaders,
+	} {
 		spec, err := loadSpec(load)
 		if err != nil {
 			return fmt.Errorf("read program specs: %w", err)
