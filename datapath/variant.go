@@ -15,15 +15,16 @@ import (
 //   - variant "program" (the default): every program starts with one more
 //     instruction, so each has a new tag; maps are unchanged. Upgrading to
 //     it, and back, updates the links in place.
-//   - variant "maps" (-ldflags "-X .../datapath.variant=maps"): ms_socks has
-//     twice the entries, an incompatible map layout: Open refuses.
+//   - variant "maps" (-ldflags "-X .../datapath.variant=maps"): ms_counters
+//     has twice the entries (as when a release adds counters), an
+//     incompatible map layout: Open refuses pins of this version's.
 var variant = "program"
 
 func init() { specHook = variantSpec }
 
 func variantSpec(spec *ebpf.CollectionSpec) {
 	if variant == "maps" {
-		if m := spec.Maps["ms_socks"]; m != nil {
+		if m := spec.Maps["ms_counters"]; m != nil {
 			m.MaxEntries *= 2
 		}
 		return

@@ -590,7 +590,7 @@ func (w *faultWorld) refuseLayout(bin string, current pinnedState) {
 	if err := refused.proc.WaitTimeout(30 * time.Second); err == nil || refused.proc.ExitCode() <= 0 {
 		t.Fatalf("agent with another map layout: exit %d (%v), want a refusal", refused.proc.ExitCode(), err)
 	}
-	for _, want := range []string{"ms_socks", "MaxEntries", "meshsplice uninstall --pin-dir " + w.m.pin, "traffic keeps flowing"} {
+	for _, want := range []string{"ms_counters (MaxEntries", "meshsplice uninstall --pin-dir " + w.m.pin, "traffic keeps flowing"} {
 		if !hasLine(refused.proc.Lines(), want) {
 			t.Errorf("the refusal does not say %q:\n%s", want, strings.Join(refused.proc.Lines(), "\n"))
 		}
