@@ -2,8 +2,10 @@
 // capture programs (package redirect) and the splice programs (package
 // sockops) so that they share their maps, attaches them with bpf_link, pins
 // everything under one bpffs directory so traffic keeps flowing while the
-// agent is gone, updates the programs in place on the next start, keeps the
-// registry of meshed pods, reads the counters, and detaches without leftovers.
+// agent is gone, updates the programs in place on the next start (and
+// refuses, changing nothing, pins whose map layout differs from its own:
+// ErrIncompatiblePins), keeps the registry of meshed pods, reads the
+// counters, and detaches without leftovers.
 //
 // Layout of the pin directory (default /sys/fs/bpf/meshsplice):
 //
@@ -157,11 +159,14 @@ func Open(opts Options) (_ *Datapath, err error) {
 			d.Close()
 		}
 	}()
+	if err := checkPinnedMaps(opts.PinDir); err != nil {
+		return nil, fmt.Errorf("open datapath: %w", err)
+	}
 	load := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: mapDir(opts.PinDir)}}
-	if err := redirect.LoadCaptureObjects(&d.capture, load); err != nil {
+	if err := loadAndAssign(redirect.LoadCapture, &d.capture, load); err != nil {
 		return nil, fmt.Errorf("load capture programs: %w", explainLoad(err))
 	}
-	if err := sockops.LoadSpliceObjects(&d.splice, load); err != nil {
+	if err := loadAndAssign(sockops.LoadSplice, &d.splice, load); err != nil {
 		return nil, fmt.Errorf("load splice programs: %w", explainLoad(err))
 	}
 
@@ -291,9 +296,13 @@ func attachCgroup(pin, cgroup string, attach ebpf.AttachType, prog *ebpf.Program
 // Live spliced connections survive: first every sender is switched to TCP
 // (MS_NODE_DRAIN: what was already redirected is read first, then the TCP
 // bytes, so streams stay in order); then Detach waits up to drain for the
-// receivers to read what sits in their socket-map queues, because the kernel
-// drops that data when a socket leaves a SOCKHASH. After that the sockets go
-// on over plain TCP.
+// splice map to empty, because the kernel drops a socket's queued data if
+// the socket leaves a SOCKHASH. After that the sockets go on over plain TCP.
+// On 6.18 a live spliced socket never leaves: its psock holds the sk_msg
+// program, which holds the map, so the unpinned map and program live on,
+// reachable from no pin or hook, until the last such connection closes, and
+// bytes queued for a reader that reads only after the drain are still
+// delivered in order (e2e TestUninstallDeliversQueuedBytes).
 func Detach(pinDir string, drain time.Duration) error {
 	if pinDir == "" {
 		pinDir = DefaultPinDir

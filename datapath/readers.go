@@ -128,7 +128,7 @@ func lsm(p *ebpf.Program) (link.Link, error) {
 // everything else; Readers() then says splice(2) readers are unprotected.
 func (d *Datapath) openReaders(load *ebpf.CollectionOptions, guard bool) error {
 	d.readersMode = ReadersUnprotected
-	spec, err := sockops.LoadReaders()
+	spec, err := loadSpec(sockops.LoadReaders)
 	if err != nil {
 		return fmt.Errorf("load reader programs: %w", err)
 	}
