@@ -55,6 +55,7 @@ func (a *Agent) forgetGone() {
 		a.log.Info("forgetting a pod whose netns is gone (its DEL never came)", "pod", p.Reg.String(), "netns", p.Reg.Netns)
 		if err := a.dp.RemovePod(p.Cookie); err != nil {
 			a.log.Error("remove a gone pod from the kernel", "pod", p.Reg.String(), "error", err)
+			a.failedOn("remove_pod", p.Reg.String(), err)
 			continue
 		}
 		delete(a.pods, id)
@@ -65,9 +66,11 @@ func (a *Agent) forgetGone() {
 	}
 	if err := a.saveState(); err != nil {
 		a.log.Error("save registrations", "error", err)
+		a.failed("save_state", err)
 	}
 	if err := a.reconcilePolicy(); err != nil {
 		a.log.Error("authorization policy not applied; the kernel keeps the previous one", "error", err)
+		a.failed("policy", err)
 	}
 }
 
