@@ -54,6 +54,9 @@ type Config struct {
 	NodeCapture, NodeSplice bool
 	Source                  istio.Source
 	Log                     *slog.Logger
+	// PressureInterval is how often full kernel tables are looked for
+	// (DefaultPressureInterval when zero).
+	PressureInterval time.Duration
 	// Events receives every failure to apply something (Kubernetes
 	// Events); nil: logs and metrics only.
 	Events EventSink
@@ -81,6 +84,7 @@ type Agent struct {
 	// above the kernel's numbers (loadState).
 	identitiesLost bool
 	failures       failureCounts
+	pressure       pressureState
 }
 
 // podReg is a pod's registration, as the CNI plugin sent it.
@@ -131,6 +135,9 @@ func New(cfg Config) (*Agent, error) {
 	if cfg.ListenerGrace <= 0 {
 		cfg.ListenerGrace = DefaultListenerGrace
 	}
+	if cfg.PressureInterval <= 0 {
+		cfg.PressureInterval = DefaultPressureInterval
+	}
 	if cfg.Source == nil {
 		return nil, errors.New("agent: no Istio config source")
 	}
@@ -173,6 +180,7 @@ func (a *Agent) Serve(ctx context.Context) error {
 	updates := make(chan istio.Config)
 	go func() { errc <- a.cfg.Source.Run(ctx, updates) }()
 	go a.sweepLoop(ctx)
+	go a.pressureLoop(ctx, a.cfg.PressureInterval)
 	go func() {
 		for {
 			select {

@@ -14,6 +14,9 @@ import (
 //
 //	/healthz  200 while the process runs
 //	/readyz   200 once the datapath is attached and the CNI API serves
+//	          (naming the kernel features it runs without); 503 while a
+//	          kernel table overflowed in the last PressureInterval
+//	          (pressure.go) or the policy does not fit its maps
 //	/metrics  Prometheus: meshsplice_datapath_events_total{program,event}
 //	          (every kernel counter), meshsplice_pods{capture,splice},
 //	          meshsplice_policy_pods{enforced},
@@ -35,7 +38,20 @@ func (a *Agent) metricsHandler() http.Handler {
 			http.Error(w, err.Error(), http.StatusServiceUnavailable)
 			return
 		}
-		w.Write([]byte("ready\n"))
+		var body strings.Builder
+		if d := a.degraded(); len(d) > 0 {
+			body.WriteString(errDegraded.Error() + "\n")
+			for _, c := range d {
+				body.WriteString("  " + c + "\n")
+			}
+			http.Error(w, body.String(), http.StatusServiceUnavailable)
+			return
+		}
+		body.WriteString("ready\n")
+		for _, f := range a.dp.MissingFeatures() {
+			body.WriteString("running without " + f.Name + " (needs Linux >= " + f.Kernel + "): " + f.Without + "\n")
+		}
+		w.Write([]byte(body.String()))
 	})
 	mux.HandleFunc("/pods", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "application/json")

@@ -25,17 +25,24 @@ const sweepInterval = 5 * time.Second
 
 // sweepLoop forgets gone pods every sweepInterval until ctx ends.
 func (a *Agent) sweepLoop(ctx context.Context) {
-	tick := time.NewTicker(sweepInterval)
+	every(ctx, sweepInterval, func() {
+		a.mu.Lock()
+		a.forgetGone()
+		a.mu.Unlock()
+	})
+}
+
+// every runs fn every interval until ctx ends.
+func every(ctx context.Context, interval time.Duration, fn func()) {
+	tick := time.NewTicker(interval)
 	defer tick.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-tick.C:
+			fn()
 		}
-		a.mu.Lock()
-		a.forgetGone()
-		a.mu.Unlock()
 	}
 }
 

@@ -464,8 +464,8 @@ func readIter(it *link.Iter) error {
 
 // openPolicy loads the teardown iterator when the kernel has
 // bpf_sock_destroy, and starts reading denial records.
-func (d *Datapath) openPolicy(load *ebpf.CollectionOptions) error {
-	if err := redirect.LoadTeardownObjects(&d.teardown, load); err != nil {
+func (d *Datapath) openPolicy(load *ebpf.CollectionOptions, opts Options) error {
+	if err := loadObjects(redirect.LoadTeardown, &d.teardown, load, opts); err != nil {
 		d.log.Warn("live connections will not be closed on a policy change", "reason", ErrTeardownUnsupported, "error", err)
 	} else if it, err := link.AttachIter(link.IterOptions{Program: d.teardown.MsPolicyTeardown}); err != nil {
 		d.log.Warn("live connections will not be closed on a policy change", "error", err)

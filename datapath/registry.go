@@ -52,7 +52,7 @@ func (d *Datapath) SetNode(s NodeSettings) error {
 	if s.Capture {
 		node.Flags |= redirect.CaptureMsNodeFlagMS_NODE_CAPTURE
 	}
-	if s.Splice {
+	if s.Splice && !d.spliceMissing() { // a kernel without sk_msg: off
 		node.Flags |= redirect.CaptureMsNodeFlagMS_NODE_SPLICE
 	}
 	if err := d.capture.MsNodeSettings.Update(uint32(0), &node, ebpf.UpdateAny); err != nil {

@@ -63,6 +63,13 @@ type mesh struct {
 
 func newMesh(t *testing.T) *mesh {
 	t.Helper()
+	return newMeshWith(t, datapath.Options{})
+}
+
+// newMeshWith is newMesh with the test knobs of opts (MaxEntries,
+// RefuseProgram).
+func newMeshWith(t *testing.T, opts datapath.Options) *mesh {
+	t.Helper()
 	testnet.RequireRoot(t)
 	m := &mesh{t: t, bin: mstest(t)}
 	m.cg = testnet.NewCgroup(t)
@@ -81,6 +88,7 @@ func newMesh(t *testing.T) *mesh {
 		CgroupPath: m.cg.Path,
 		Node:       datapath.NodeSettings{Capture: true, Splice: true},
 		Logger:     slog.New(slog.NewTextHandler(testLog{t}, nil)),
+		MaxEntries: opts.MaxEntries, RefuseProgram: opts.RefuseProgram,
 	})
 	if err != nil {
 		t.Fatalf("open datapath: %v", err)
