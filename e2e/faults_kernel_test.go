@@ -253,3 +253,54 @@ func TestKernelWithoutFeature(t *testing.T) {
 		}
 	})
 }
+
+// TestFullRegistryRefusesAndRollsBack: a registration that does not fit
+// the registry tables is refused as a whole (no pod entry, no address
+// left behind), the pods registered before keep working, and status names
+// the full table.
+func TestFullRegistryRefusesAndRollsBack(t *testing.T) {
+	for _, tc := range []struct {
+		table string
+		size  uint32
+	}{
+		{redirect.CaptureMapMsPods, 1},
+		{redirect.CaptureMapMsPodIps, 3}, // the second pod's second address does not fit
+	} {
+		t.Run(tc.table, func(t *testing.T) {
+			m := newMeshWith(t, datapath.Options{MaxEntries: map[string]uint32{tc.table: tc.size}})
+			node := testnet.NewBridgeNet(t, testnet.BridgeNetOpts{})
+			first := m.addPod(node, "first", injected())
+			second := m.addPod(node, "second", nil)
+			err := m.dp.AddPod(datapath.Pod{NetnsPath: second.NS.Path(), Cookie: second.Cookie,
+				IPs: []netip.Addr{second.IPv4, second.IPv6}, Traffic: first.Traffic})
+			if err == nil {
+				t.Fatal("a registration that does not fit was accepted")
+			}
+			t.Logf("refused as expected: %v", err)
+			st, err := datapath.Inspect(m.pin)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(st.Pods) != 1 || st.Pods[0].Cookie != first.Cookie || len(st.Pods[0].IPs) != 2 {
+				t.Fatalf("kernel pods after a refused registration: %+v", st.Pods)
+			}
+			if owner := ipOwner(t, m.pin, second.IPv4); owner != 0 {
+				t.Fatalf("the refused pod's address stayed in ms_pod_ips (owner %d)", owner)
+			}
+			before := m.counters()
+			m.client(first, appUID, netip.AddrPortFrom(second.IPv4, appPort), "--messages", "5")
+			if d := m.counters().Sub(before); d["connect.captured"] != 1 {
+				t.Fatalf("the registered pod after a refused registration: %v", nonZero(d))
+			}
+			if tc.table == redirect.CaptureMapMsPods {
+				full := false
+				for _, p := range st.Pressure {
+					full = full || p.Map == tc.table && p.Entries == 1 && p.MaxEntries == 1
+				}
+				if !full {
+					t.Fatalf("status pressure: %+v", st.Pressure)
+				}
+			}
+		})
+	}
+}
