@@ -8,7 +8,12 @@
 // directory before it reaches the kernel, and a new agent reloads it,
 // re-resolves each pod against the current configuration and drops pods
 // whose network namespace is gone (as it does while running, see
-// registrations.go).
+// registrations.go). A corrupt state file is moved aside and the pods are
+// rebuilt from the kernel (statefile.go, recover.go).
+//
+// Every failure to apply something is logged, counted and passed to
+// Config.Events (failures.go), and applied again with back-off
+// (retry.go); kernel tables at their limit are watched in pressure.go.
 package agent
 
 import (
@@ -24,8 +29,6 @@ import (
 	"sort"
 	"sync"
 	"time"
-
-	"github.com/hashicorp/go-multierror"
 
 	"github.com/meshsplice/meshsplice/agent/api"
 	"github.com/meshsplice/meshsplice/datapath"
@@ -85,6 +88,7 @@ type Agent struct {
 	identitiesLost bool
 	failures       failureCounts
 	pressure       pressureState
+	retry          chan struct{} // a failure to apply: reconcile again (retry.go)
 }
 
 // podReg is a pod's registration, as the CNI plugin sent it.
@@ -153,6 +157,7 @@ func New(cfg Config) (*Agent, error) {
 		return nil, err
 	}
 	a := &Agent{cfg: cfg, log: cfg.Log, dp: dp, pods: map[string]*pod{}, loaded: make(chan struct{}),
+		retry: make(chan struct{}, 1),
 		istio: istio.Config{Mesh: istio.DefaultMeshConfig(), Node: istio.NodeSwitches{Capture: true, Splice: true}}}
 	if err := a.loadIdentities(); err != nil {
 		dp.Close()
@@ -181,6 +186,7 @@ func (a *Agent) Serve(ctx context.Context) error {
 	go func() { errc <- a.cfg.Source.Run(ctx, updates) }()
 	go a.sweepLoop(ctx)
 	go a.pressureLoop(ctx, a.cfg.PressureInterval)
+	go a.retryLoop(ctx)
 	go func() {
 		for {
 			select {
@@ -279,23 +285,10 @@ func (a *Agent) applyConfig(c istio.Config) {
 	// Never re-program a pod whose netns is gone: it may hold an address
 	// that belongs to a new pod now.
 	a.forgetGone()
-	node := datapath.NodeSettings{Capture: a.cfg.NodeCapture && c.Node.Capture, Splice: a.cfg.NodeSplice && c.Node.Splice}
-	if err := a.dp.SetNode(node); err != nil {
-		a.log.Error("apply node switches", "error", err)
+	if !a.reconcile() {
+		a.needRetry()
 	}
-	var result *multierror.Error
-	for id, p := range a.pods {
-		if err := a.programPod(p); err != nil {
-			result = multierror.Append(result, fmt.Errorf("%s: %w", id, err))
-		}
-	}
-	if err := result.ErrorOrNil(); err != nil {
-		a.log.Error("reconcile pods with the new config", "error", err)
-	}
-	if err := a.reconcilePolicy(); err != nil {
-		a.log.Error("authorization policy not applied; the kernel keeps the previous one", "error", err)
-	}
-	a.log.Info("istio config applied", "node", node, "pods", len(a.pods),
+	a.log.Info("istio config applied", "node", a.nodeSettings(), "pods", len(a.pods),
 		"authorization_policies", len(c.AuthorizationPolicies), "sources", c.Sources)
 	select {
 	case <-a.loaded:
@@ -396,9 +389,7 @@ func (a *Agent) AddPod(_ context.Context, req api.PodRegistration) (api.PodStatu
 		a.log.Warn("pod settings", "pod", req.String(), "warning", w)
 	}
 	// The pod's own policy set and its identity as a source.
-	if err := a.reconcilePolicy(); err != nil {
-		a.log.Error("authorization policy not applied; the kernel keeps the previous one", "error", err)
-	}
+	a.applyPolicy()
 	return a.statusOf(p), nil
 }
 
@@ -419,6 +410,8 @@ func (a *Agent) replacePod(prev, p *pod) error {
 	if err != nil {
 		if rerr := a.programPod(prev); rerr != nil {
 			a.log.Error("restore the previous registration", "pod", prev.Reg.String(), "error", rerr)
+			a.failedOn("program_pod", prev.Reg.String(), rerr)
+			a.needRetry()
 		}
 	}
 	return err
@@ -470,12 +463,11 @@ func (a *Agent) RemovePod(_ context.Context, containerID string) error {
 		if err := redirect.RemovePassthroughV6(p.Reg.Netns); err != nil {
 			// The pod is going: a stray address must not block its removal.
 			a.log.Warn("pod unregistered, but ::6 stays on its lo", "pod", p.Reg.String(), "error", err)
+			a.failedOn("remove_passthrough_v6", p.Reg.String(), err)
 		}
 	}
 	a.log.Info("pod unregistered", "pod", p.Reg.String())
-	if err := a.reconcilePolicy(); err != nil {
-		a.log.Error("authorization policy not applied; the kernel keeps the previous one", "error", err)
-	}
+	a.applyPolicy()
 	return a.saveState()
 }
 

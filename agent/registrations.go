@@ -75,10 +75,7 @@ func (a *Agent) forgetGone() {
 		a.log.Error("save registrations", "error", err)
 		a.failed("save_state", err)
 	}
-	if err := a.reconcilePolicy(); err != nil {
-		a.log.Error("authorization policy not applied; the kernel keeps the previous one", "error", err)
-		a.failed("policy", err)
-	}
+	a.applyPolicy()
 }
 
 // settleIPClaims decides, for every address the new registration p (of

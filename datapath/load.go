@@ -43,10 +43,10 @@ var Features = []Feature{
 	{Name: "sockops with socket storage and SOCKHASH (original destination keying, splice)", Programs: []string{"ms_sockops"},
 		Kernel: "4.18 (sk_storage 5.2; bpf_get_netns_cookie in sockops 5.15)", Required: true},
 	{Name: "sk_msg redirect (splice)", Programs: []string{"ms_sk_msg"},
-		Kernel: "4.17 (bpf_get_netns_cookie in sk_msg 5.15)",
+		Kernel:  "4.17 (bpf_get_netns_cookie in sk_msg 5.15)",
 		Without: "splice is off on this node: connections are captured and go through the sidecar over plain TCP"},
 	{Name: "bpf_sock_destroy from iter/tcp (policy teardown)", Programs: []string{"ms_policy_teardown"},
-		Kernel: "6.5",
+		Kernel:  "6.5",
 		Without: "live connections that a new policy forbids stay open until they close; new ones are judged"},
 }
 

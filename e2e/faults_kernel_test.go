@@ -97,18 +97,25 @@ func TestFullSocketMapFallsBackToTCP(t *testing.T) {
 	}
 }
 
+// smallMapsWorld is agentWorld with a datapath pinned already whose maps
+// have the given sizes: the agent started on it keeps them.
+func smallMapsWorld(t *testing.T, meshYAML string, sizes map[string]uint32) (*mesh, string) {
+	t.Helper()
+	m, configDir := agentWorld(t, meshYAML)
+	dp, err := datapath.Open(datapath.Options{PinDir: m.pin, CgroupPath: m.cg.Path, MaxEntries: sizes})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dp.Close()
+	return m, configDir
+}
+
 // TestAgentReportsFullTables: the agent logs a full table once per
 // interval, answers 503 on /readyz naming it while it overflows, and 200
 // again once an interval passes without overflow. The datapath is created
 // first with a small ms_socks; the agent keeps the size of the pinned map.
 func TestAgentReportsFullTables(t *testing.T) {
-	m, configDir := agentWorld(t, "trustDomain: demo.local\n")
-	dp, err := datapath.Open(datapath.Options{PinDir: m.pin, CgroupPath: m.cg.Path,
-		MaxEntries: map[string]uint32{redirect.CaptureMapMsSocks: 2}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	dp.Close()
+	m, configDir := smallMapsWorld(t, "trustDomain: demo.local\n", map[string]uint32{redirect.CaptureMapMsSocks: 2})
 	ag := newAgent(t, m, configDir)
 	ag.args = append(ag.args, "--pressure-interval", "1s")
 	ag.withLogs()
