@@ -27,7 +27,7 @@ var PressureCounters = []PressureCounter{
 	{"sockops.sock_insert_failed", redirect.CaptureMapMsSocks,
 		"a connection was not spliced (socket map full, or no socket storage): it uses plain TCP"},
 	{"connect.no_storage", redirect.CaptureMapMsSkState,
-		"a connect could not keep its original destination (no socket storage): left uncaptured"},
+		"a connect could not keep its original destination (no socket storage): it failed with EPERM rather than go around the sidecar"},
 	{"getsockopt.orig_dst_missing", redirect.CaptureMapMsOrigDst,
 		"a sidecar asked for an original destination the kernel no longer held: SO_ORIGINAL_DST failed with ENOENT"},
 	{"sockops.orig_dst_evicted", redirect.CaptureMapMsOrigDst,
