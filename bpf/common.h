@@ -103,6 +103,8 @@ enum ms_sk_flag {
 	MS_SK_SENT = 1 << 5,	   /* sk_msg saw a send */
 	MS_SK_PASSIVE = 1 << 6,	   /* accepted (for policy teardown) */
 	MS_SK_ACTIVE = 1 << 7,	   /* connected (for policy teardown) */
+	MS_SK_ADDR_KEYED = 1 << 8, /* ms_sk_addrs entry to delete on close */
+	MS_SK_TX_BACKOFF = 1 << 9, /* peer full: TCP until it read it all */
 };
 
 /* Counters, one slot each in ms_counters (per CPU). Go names them from this
@@ -175,6 +177,13 @@ enum ms_counter {
 	MS_C_LISTENER_EVENT_LOST, /* sockops: ms_events full, event dropped */
 	MS_C_LISTENER_RESYNCED,	  /* counted by the agent: a listener missing
 				 * from ms_listeners found and registered */
+	/* readers.c: splice(2)/sendfile(2) reads of spliced sockets */
+	MS_C_SPLICE_REFUSED,	      /* refused with EINVAL (BPF LSM guard) */
+	MS_C_SPLICE_UNGUARDED,	      /* seen by the detector (no guard) */
+	MS_C_SPLICE_READER_RESET,     /* such a connection reset */
+	MS_C_SOCK_SKIP_SPLICE_READER, /* sockops: pod had a splice reader */
+	MS_C_MSG_BACKPRESSURE,	      /* sk_msg: peer full, TCP for now */
+	MS_C_MSG_RESUMED, /* sk_msg: peer read it all, redirect again */
 	MS_C_MAX,
 };
 
@@ -393,6 +402,18 @@ struct {
 	__type(value, __u64);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ms_socks SEC(".maps");
+
+/* Pods (netns cookies) where a process read a spliced socket with splice(2)
+ * while no guard refused it (readers.c): sockops splices no new connection
+ * to or from them. LRU: netns cookies are never reused, so a removed pod's
+ * entry just ages out. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, MS_MAX_PODS);
+	__type(key, __u64);   /* netns cookie */
+	__type(value, __u64); /* unguarded splice reads seen */
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ms_splice_readers SEC(".maps");
 
 /* Sidecar inbound listeners (15006) for sk_lookup, two slots per pod (see
  * ms_pod.listener_slot, allocated by the agent). A SOCKMAP, not a SOCKHASH:

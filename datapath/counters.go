@@ -76,6 +76,12 @@ var counterInfo = map[Counter]struct{ program, name string }{
 	redirect.CaptureMsCounterMS_C_BYTES_PASS:                 {"sk_msg", "bytes_tcp_by_design"},
 	redirect.CaptureMsCounterMS_C_LISTENER_EVENT_LOST:        {"sockops", "listener_event_lost"},
 	redirect.CaptureMsCounterMS_C_LISTENER_RESYNCED:          {"agent", "listener_resynced"},
+	redirect.CaptureMsCounterMS_C_SPLICE_REFUSED:             {"readers", "splice_refused"},
+	redirect.CaptureMsCounterMS_C_SPLICE_UNGUARDED:           {"readers", "splice_unguarded"},
+	redirect.CaptureMsCounterMS_C_SPLICE_READER_RESET:        {"readers", "splice_reader_reset"},
+	redirect.CaptureMsCounterMS_C_SOCK_SKIP_SPLICE_READER:    {"sockops", "skip_splice_reader_pod"},
+	redirect.CaptureMsCounterMS_C_MSG_BACKPRESSURE:           {"sk_msg", "backpressure_fallbacks"},
+	redirect.CaptureMsCounterMS_C_MSG_RESUMED:                {"sk_msg", "backpressure_resumed"},
 }
 
 // CounterName is "program.name", e.g. "sk_msg.redirected".

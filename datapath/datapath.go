@@ -8,7 +8,9 @@
 // Layout of the pin directory (default /sys/fs/bpf/meshsplice):
 //
 //	maps/ms_*            every map, pinned by name (shared by both objects)
-//	links/<program>      cgroup links: connect4, connect6, getsockopt, sockops
+//	links/<program>      cgroup links: connect4, connect6, getsockopt, sockops;
+//	                     splice(2) reader links: splice-enter, splice-exit,
+//	                     splice-guard (BPF LSM) or splice-detect (readers.go)
 //	links/netns/<cookie> one sk_lookup link per registered pod namespace
 //	sk_msg               the sk_msg program attached to maps/ms_socks
 //
@@ -56,6 +58,10 @@ type Options struct {
 	Node NodeSettings
 	// Logger receives what Open did; nil discards.
 	Logger *slog.Logger
+	// NoSpliceGuard leaves the BPF LSM guard of splice(2) readers off, as
+	// on a kernel without BPF LSM: such readers of spliced sockets are then
+	// detected and their connections reset (see Readers). Tests use it.
+	NoSpliceGuard bool
 	// ListenerResync is how often registered pods are checked for sidecar
 	// inbound listeners missing from the kernel (lost events, reuseport
 	// groups): 0 means DefaultListenerResync, < 0 never.
@@ -89,6 +95,12 @@ type Datapath struct {
 	denials      []Denial
 	denialReader *ringbuf.Reader
 	denialsDone  chan struct{}
+
+	readersMode  string
+	readersWhy   string
+	resetIter    *link.Iter
+	readerEvents *ringbuf.Reader
+	readersDone  chan struct{}
 
 	iterMu    sync.Mutex // one iterator run at a time (ms_iter_netns)
 	iter      *link.Iter
@@ -169,6 +181,11 @@ func Open(opts Options) (_ *Datapath, err error) {
 	if err := d.openPolicy(load, opts); err != nil {
 		return nil, err
 	}
+	// Before sockops can splice anything: no reader may meet a spliced
+	// socket unguarded.
+	if err := d.openReaders(load, !opts.NoSpliceGuard); err != nil {
+		return nil, err
+	}
 	if err := d.attachSkMsg(); err != nil {
 		return nil, err
 	}
@@ -214,6 +231,7 @@ func (d *Datapath) Close() error {
 		d.teardownIter = nil
 	}
 	d.teardown.Close()
+	d.closeReaders()
 	for _, l := range d.links {
 		if err := l.Close(); err != nil {
 			result = multierror.Append(result, err)

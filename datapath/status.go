@@ -271,6 +271,10 @@ func linkTypeName(t link.Type) string {
 		return "netns"
 	case link.IterType:
 		return "iter"
+	case link.RawTracepointType:
+		return "raw_tracepoint"
+	case link.TracingType:
+		return "tracing"
 	}
 	return fmt.Sprint(t)
 }

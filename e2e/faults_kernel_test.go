@@ -65,7 +65,7 @@ func fillSocks(t *testing.T, pin string) {
 // over plain TCP; the failed inserts are counted and `meshsplice status`
 // shows the full table.
 func TestFullSocketMapFallsBackToTCP(t *testing.T) {
-	m := newMeshWith(t, datapath.Options{MaxEntries: map[string]uint32{redirect.CaptureMapMsSocks: 4}})
+	m := newMeshOpts(t, datapath.Options{MaxEntries: map[string]uint32{redirect.CaptureMapMsSocks: 4}})
 	node := testnet.NewBridgeNet(t, testnet.BridgeNetOpts{})
 	client := m.addPod(node, "client", injected())
 	server := m.addPod(node, "server", injected())
@@ -190,7 +190,7 @@ func TestKernelWithoutFeature(t *testing.T) {
 			{"ms_policy_teardown", "6.5"},
 		} {
 			t.Run(tc.program, func(t *testing.T) {
-				m := newMeshWith(t, datapath.Options{RefuseProgram: refuse(tc.program)})
+				m := newMeshOpts(t, datapath.Options{RefuseProgram: refuse(tc.program)})
 				node := testnet.NewBridgeNet(t, testnet.BridgeNetOpts{})
 				client := m.addPod(node, "client", injected())
 				server := m.addPod(node, "server", injected())
@@ -274,7 +274,7 @@ func TestFullRegistryRefusesAndRollsBack(t *testing.T) {
 		{redirect.CaptureMapMsPodIps, 3}, // the second pod's second address does not fit
 	} {
 		t.Run(tc.table, func(t *testing.T) {
-			m := newMeshWith(t, datapath.Options{MaxEntries: map[string]uint32{tc.table: tc.size}})
+			m := newMeshOpts(t, datapath.Options{MaxEntries: map[string]uint32{tc.table: tc.size}})
 			node := testnet.NewBridgeNet(t, testnet.BridgeNetOpts{})
 			first := m.addPod(node, "first", injected())
 			second := m.addPod(node, "second", nil)

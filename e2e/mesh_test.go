@@ -63,12 +63,12 @@ type mesh struct {
 
 func newMesh(t *testing.T) *mesh {
 	t.Helper()
-	return newMeshWith(t, datapath.Options{})
+	return newMeshOpts(t, datapath.Options{})
 }
 
-// newMeshWith is newMesh with the test knobs of opts (MaxEntries,
-// RefuseProgram).
-func newMeshWith(t *testing.T, opts datapath.Options) *mesh {
+// newMeshOpts is newMesh with datapath options (pin dir, cgroup, node and
+// logger are the mesh's own).
+func newMeshOpts(t *testing.T, opts datapath.Options) *mesh {
 	t.Helper()
 	testnet.RequireRoot(t)
 	m := &mesh{t: t, bin: mstest(t)}
@@ -83,13 +83,10 @@ func newMeshWith(t *testing.T, opts datapath.Options) *mesh {
 		}
 		return nil
 	})
-	dp, err := datapath.Open(datapath.Options{
-		PinDir:     m.pin,
-		CgroupPath: m.cg.Path,
-		Node:       datapath.NodeSettings{Capture: true, Splice: true},
-		Logger:     slog.New(slog.NewTextHandler(testLog{t}, nil)),
-		MaxEntries: opts.MaxEntries, RefuseProgram: opts.RefuseProgram,
-	})
+	opts.PinDir, opts.CgroupPath = m.pin, m.cg.Path
+	opts.Node = datapath.NodeSettings{Capture: true, Splice: true}
+	opts.Logger = slog.New(slog.NewTextHandler(testLog{t}, nil))
+	dp, err := datapath.Open(opts)
 	if err != nil {
 		t.Fatalf("open datapath: %v", err)
 	}

@@ -79,7 +79,13 @@ const (
 	CaptureMsCounterMS_C_BYTES_PASS                 CaptureMsCounter = 55
 	CaptureMsCounterMS_C_LISTENER_EVENT_LOST        CaptureMsCounter = 56
 	CaptureMsCounterMS_C_LISTENER_RESYNCED          CaptureMsCounter = 57
-	CaptureMsCounterMS_C_MAX                        CaptureMsCounter = 58
+	CaptureMsCounterMS_C_SPLICE_REFUSED             CaptureMsCounter = 58
+	CaptureMsCounterMS_C_SPLICE_UNGUARDED           CaptureMsCounter = 59
+	CaptureMsCounterMS_C_SPLICE_READER_RESET        CaptureMsCounter = 60
+	CaptureMsCounterMS_C_SOCK_SKIP_SPLICE_READER    CaptureMsCounter = 61
+	CaptureMsCounterMS_C_MSG_BACKPRESSURE           CaptureMsCounter = 62
+	CaptureMsCounterMS_C_MSG_RESUMED                CaptureMsCounter = 63
+	CaptureMsCounterMS_C_MAX                        CaptureMsCounter = 64
 )
 
 type CaptureMsDenial struct {
@@ -257,6 +263,8 @@ const (
 	CaptureMsSkFlagMS_SK_SENT       CaptureMsSkFlag = 32
 	CaptureMsSkFlagMS_SK_PASSIVE    CaptureMsSkFlag = 64
 	CaptureMsSkFlagMS_SK_ACTIVE     CaptureMsSkFlag = 128
+	CaptureMsSkFlagMS_SK_ADDR_KEYED CaptureMsSkFlag = 256
+	CaptureMsSkFlagMS_SK_TX_BACKOFF CaptureMsSkFlag = 512
 )
 
 type CaptureMsSockKey struct {
@@ -295,6 +303,7 @@ const (
 	CaptureMapMsSelfSyn       = "ms_self_syn"
 	CaptureMapMsSkState       = "ms_sk_state"
 	CaptureMapMsSocks         = "ms_socks"
+	CaptureMapMsSpliceReaders = "ms_splice_readers"
 	CaptureProgMsConnect4     = "ms_connect4"
 	CaptureProgMsConnect6     = "ms_connect6"
 	CaptureProgMsGetsockopt   = "ms_getsockopt"
@@ -357,28 +366,29 @@ type CaptureProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type CaptureMapSpecs struct {
-	MsCounters     *ebpf.MapSpec `ebpf:"ms_counters"`
-	MsDenialLog    *ebpf.MapSpec `ebpf:"ms_denial_log"`
-	MsDenialSeq    *ebpf.MapSpec `ebpf:"ms_denial_seq"`
-	MsDenials      *ebpf.MapSpec `ebpf:"ms_denials"`
-	MsEvents       *ebpf.MapSpec `ebpf:"ms_events"`
-	MsIpInfo       *ebpf.MapSpec `ebpf:"ms_ip_info"`
-	MsIterNetns    *ebpf.MapSpec `ebpf:"ms_iter_netns"`
-	MsListeners    *ebpf.MapSpec `ebpf:"ms_listeners"`
-	MsNodeSettings *ebpf.MapSpec `ebpf:"ms_node_settings"`
-	MsOrigDst      *ebpf.MapSpec `ebpf:"ms_orig_dst"`
-	MsPodIps       *ebpf.MapSpec `ebpf:"ms_pod_ips"`
-	MsPods         *ebpf.MapSpec `ebpf:"ms_pods"`
-	MsPolBypass    *ebpf.MapSpec `ebpf:"ms_pol_bypass"`
-	MsPolIds       *ebpf.MapSpec `ebpf:"ms_pol_ids"`
-	MsPolPorts     *ebpf.MapSpec `ebpf:"ms_pol_ports"`
-	MsPolPrefixes  *ebpf.MapSpec `ebpf:"ms_pol_prefixes"`
-	MsPolSets      *ebpf.MapSpec `ebpf:"ms_pol_sets"`
-	MsPorts        *ebpf.MapSpec `ebpf:"ms_ports"`
-	MsRanges       *ebpf.MapSpec `ebpf:"ms_ranges"`
-	MsSelfSyn      *ebpf.MapSpec `ebpf:"ms_self_syn"`
-	MsSkState      *ebpf.MapSpec `ebpf:"ms_sk_state"`
-	MsSocks        *ebpf.MapSpec `ebpf:"ms_socks"`
+	MsCounters      *ebpf.MapSpec `ebpf:"ms_counters"`
+	MsDenialLog     *ebpf.MapSpec `ebpf:"ms_denial_log"`
+	MsDenialSeq     *ebpf.MapSpec `ebpf:"ms_denial_seq"`
+	MsDenials       *ebpf.MapSpec `ebpf:"ms_denials"`
+	MsEvents        *ebpf.MapSpec `ebpf:"ms_events"`
+	MsIpInfo        *ebpf.MapSpec `ebpf:"ms_ip_info"`
+	MsIterNetns     *ebpf.MapSpec `ebpf:"ms_iter_netns"`
+	MsListeners     *ebpf.MapSpec `ebpf:"ms_listeners"`
+	MsNodeSettings  *ebpf.MapSpec `ebpf:"ms_node_settings"`
+	MsOrigDst       *ebpf.MapSpec `ebpf:"ms_orig_dst"`
+	MsPodIps        *ebpf.MapSpec `ebpf:"ms_pod_ips"`
+	MsPods          *ebpf.MapSpec `ebpf:"ms_pods"`
+	MsPolBypass     *ebpf.MapSpec `ebpf:"ms_pol_bypass"`
+	MsPolIds        *ebpf.MapSpec `ebpf:"ms_pol_ids"`
+	MsPolPorts      *ebpf.MapSpec `ebpf:"ms_pol_ports"`
+	MsPolPrefixes   *ebpf.MapSpec `ebpf:"ms_pol_prefixes"`
+	MsPolSets       *ebpf.MapSpec `ebpf:"ms_pol_sets"`
+	MsPorts         *ebpf.MapSpec `ebpf:"ms_ports"`
+	MsRanges        *ebpf.MapSpec `ebpf:"ms_ranges"`
+	MsSelfSyn       *ebpf.MapSpec `ebpf:"ms_self_syn"`
+	MsSkState       *ebpf.MapSpec `ebpf:"ms_sk_state"`
+	MsSocks         *ebpf.MapSpec `ebpf:"ms_socks"`
+	MsSpliceReaders *ebpf.MapSpec `ebpf:"ms_splice_readers"`
 }
 
 // CaptureVariableSpecs contains global variables before they are loaded into the kernel.
@@ -409,28 +419,29 @@ func (o *CaptureObjects) Close() error {
 //
 // It can be passed to LoadCaptureObjects or ebpf.CollectionSpec.LoadAndAssign.
 type CaptureMaps struct {
-	MsCounters     *ebpf.Map `ebpf:"ms_counters"`
-	MsDenialLog    *ebpf.Map `ebpf:"ms_denial_log"`
-	MsDenialSeq    *ebpf.Map `ebpf:"ms_denial_seq"`
-	MsDenials      *ebpf.Map `ebpf:"ms_denials"`
-	MsEvents       *ebpf.Map `ebpf:"ms_events"`
-	MsIpInfo       *ebpf.Map `ebpf:"ms_ip_info"`
-	MsIterNetns    *ebpf.Map `ebpf:"ms_iter_netns"`
-	MsListeners    *ebpf.Map `ebpf:"ms_listeners"`
-	MsNodeSettings *ebpf.Map `ebpf:"ms_node_settings"`
-	MsOrigDst      *ebpf.Map `ebpf:"ms_orig_dst"`
-	MsPodIps       *ebpf.Map `ebpf:"ms_pod_ips"`
-	MsPods         *ebpf.Map `ebpf:"ms_pods"`
-	MsPolBypass    *ebpf.Map `ebpf:"ms_pol_bypass"`
-	MsPolIds       *ebpf.Map `ebpf:"ms_pol_ids"`
-	MsPolPorts     *ebpf.Map `ebpf:"ms_pol_ports"`
-	MsPolPrefixes  *ebpf.Map `ebpf:"ms_pol_prefixes"`
-	MsPolSets      *ebpf.Map `ebpf:"ms_pol_sets"`
-	MsPorts        *ebpf.Map `ebpf:"ms_ports"`
-	MsRanges       *ebpf.Map `ebpf:"ms_ranges"`
-	MsSelfSyn      *ebpf.Map `ebpf:"ms_self_syn"`
-	MsSkState      *ebpf.Map `ebpf:"ms_sk_state"`
-	MsSocks        *ebpf.Map `ebpf:"ms_socks"`
+	MsCounters      *ebpf.Map `ebpf:"ms_counters"`
+	MsDenialLog     *ebpf.Map `ebpf:"ms_denial_log"`
+	MsDenialSeq     *ebpf.Map `ebpf:"ms_denial_seq"`
+	MsDenials       *ebpf.Map `ebpf:"ms_denials"`
+	MsEvents        *ebpf.Map `ebpf:"ms_events"`
+	MsIpInfo        *ebpf.Map `ebpf:"ms_ip_info"`
+	MsIterNetns     *ebpf.Map `ebpf:"ms_iter_netns"`
+	MsListeners     *ebpf.Map `ebpf:"ms_listeners"`
+	MsNodeSettings  *ebpf.Map `ebpf:"ms_node_settings"`
+	MsOrigDst       *ebpf.Map `ebpf:"ms_orig_dst"`
+	MsPodIps        *ebpf.Map `ebpf:"ms_pod_ips"`
+	MsPods          *ebpf.Map `ebpf:"ms_pods"`
+	MsPolBypass     *ebpf.Map `ebpf:"ms_pol_bypass"`
+	MsPolIds        *ebpf.Map `ebpf:"ms_pol_ids"`
+	MsPolPorts      *ebpf.Map `ebpf:"ms_pol_ports"`
+	MsPolPrefixes   *ebpf.Map `ebpf:"ms_pol_prefixes"`
+	MsPolSets       *ebpf.Map `ebpf:"ms_pol_sets"`
+	MsPorts         *ebpf.Map `ebpf:"ms_ports"`
+	MsRanges        *ebpf.Map `ebpf:"ms_ranges"`
+	MsSelfSyn       *ebpf.Map `ebpf:"ms_self_syn"`
+	MsSkState       *ebpf.Map `ebpf:"ms_sk_state"`
+	MsSocks         *ebpf.Map `ebpf:"ms_socks"`
+	MsSpliceReaders *ebpf.Map `ebpf:"ms_splice_readers"`
 }
 
 func (m *CaptureMaps) Close() error {
@@ -457,6 +468,7 @@ func (m *CaptureMaps) Close() error {
 		m.MsSelfSyn,
 		m.MsSkState,
 		m.MsSocks,
+		m.MsSpliceReaders,
 	)
 }
 

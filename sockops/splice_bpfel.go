@@ -79,7 +79,13 @@ const (
 	SpliceMsCounterMS_C_BYTES_PASS                 SpliceMsCounter = 55
 	SpliceMsCounterMS_C_LISTENER_EVENT_LOST        SpliceMsCounter = 56
 	SpliceMsCounterMS_C_LISTENER_RESYNCED          SpliceMsCounter = 57
-	SpliceMsCounterMS_C_MAX                        SpliceMsCounter = 58
+	SpliceMsCounterMS_C_SPLICE_REFUSED             SpliceMsCounter = 58
+	SpliceMsCounterMS_C_SPLICE_UNGUARDED           SpliceMsCounter = 59
+	SpliceMsCounterMS_C_SPLICE_READER_RESET        SpliceMsCounter = 60
+	SpliceMsCounterMS_C_SOCK_SKIP_SPLICE_READER    SpliceMsCounter = 61
+	SpliceMsCounterMS_C_MSG_BACKPRESSURE           SpliceMsCounter = 62
+	SpliceMsCounterMS_C_MSG_RESUMED                SpliceMsCounter = 63
+	SpliceMsCounterMS_C_MAX                        SpliceMsCounter = 64
 )
 
 type SpliceMsDenial struct {
@@ -200,32 +206,34 @@ type SpliceMsSockKey struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	SpliceMapMsCounters     = "ms_counters"
-	SpliceMapMsDenialLog    = "ms_denial_log"
-	SpliceMapMsDenialSeq    = "ms_denial_seq"
-	SpliceMapMsDenials      = "ms_denials"
-	SpliceMapMsEvents       = "ms_events"
-	SpliceMapMsIpInfo       = "ms_ip_info"
-	SpliceMapMsIterNetns    = "ms_iter_netns"
-	SpliceMapMsListeners    = "ms_listeners"
-	SpliceMapMsNodeSettings = "ms_node_settings"
-	SpliceMapMsOrigDst      = "ms_orig_dst"
-	SpliceMapMsPodIps       = "ms_pod_ips"
-	SpliceMapMsPods         = "ms_pods"
-	SpliceMapMsPolBypass    = "ms_pol_bypass"
-	SpliceMapMsPolIds       = "ms_pol_ids"
-	SpliceMapMsPolPorts     = "ms_pol_ports"
-	SpliceMapMsPolPrefixes  = "ms_pol_prefixes"
-	SpliceMapMsPolSets      = "ms_pol_sets"
-	SpliceMapMsPorts        = "ms_ports"
-	SpliceMapMsRanges       = "ms_ranges"
-	SpliceMapMsSelfSyn      = "ms_self_syn"
-	SpliceMapMsSkState      = "ms_sk_state"
-	SpliceMapMsSocks        = "ms_socks"
-	SpliceProgMsSkMsg       = "ms_sk_msg"
-	SpliceProgMsSockops     = "ms_sockops"
-	SpliceVarMsBtfAnchor    = "ms_btf_anchor"
-	SpliceVarMsCounterCount = "ms_counter_count"
+	SpliceMapMsCounters      = "ms_counters"
+	SpliceMapMsDenialLog     = "ms_denial_log"
+	SpliceMapMsDenialSeq     = "ms_denial_seq"
+	SpliceMapMsDenials       = "ms_denials"
+	SpliceMapMsEvents        = "ms_events"
+	SpliceMapMsIpInfo        = "ms_ip_info"
+	SpliceMapMsIterNetns     = "ms_iter_netns"
+	SpliceMapMsListeners     = "ms_listeners"
+	SpliceMapMsNodeSettings  = "ms_node_settings"
+	SpliceMapMsOrigDst       = "ms_orig_dst"
+	SpliceMapMsPodIps        = "ms_pod_ips"
+	SpliceMapMsPods          = "ms_pods"
+	SpliceMapMsPolBypass     = "ms_pol_bypass"
+	SpliceMapMsPolIds        = "ms_pol_ids"
+	SpliceMapMsPolPorts      = "ms_pol_ports"
+	SpliceMapMsPolPrefixes   = "ms_pol_prefixes"
+	SpliceMapMsPolSets       = "ms_pol_sets"
+	SpliceMapMsPorts         = "ms_ports"
+	SpliceMapMsRanges        = "ms_ranges"
+	SpliceMapMsSelfSyn       = "ms_self_syn"
+	SpliceMapMsSkAddrs       = "ms_sk_addrs"
+	SpliceMapMsSkState       = "ms_sk_state"
+	SpliceMapMsSocks         = "ms_socks"
+	SpliceMapMsSpliceReaders = "ms_splice_readers"
+	SpliceProgMsSkMsg        = "ms_sk_msg"
+	SpliceProgMsSockops      = "ms_sockops"
+	SpliceVarMsBtfAnchor     = "ms_btf_anchor"
+	SpliceVarMsCounterCount  = "ms_counter_count"
 )
 
 // LoadSplice returns the embedded CollectionSpec for Splice.
@@ -278,28 +286,30 @@ type SpliceProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type SpliceMapSpecs struct {
-	MsCounters     *ebpf.MapSpec `ebpf:"ms_counters"`
-	MsDenialLog    *ebpf.MapSpec `ebpf:"ms_denial_log"`
-	MsDenialSeq    *ebpf.MapSpec `ebpf:"ms_denial_seq"`
-	MsDenials      *ebpf.MapSpec `ebpf:"ms_denials"`
-	MsEvents       *ebpf.MapSpec `ebpf:"ms_events"`
-	MsIpInfo       *ebpf.MapSpec `ebpf:"ms_ip_info"`
-	MsIterNetns    *ebpf.MapSpec `ebpf:"ms_iter_netns"`
-	MsListeners    *ebpf.MapSpec `ebpf:"ms_listeners"`
-	MsNodeSettings *ebpf.MapSpec `ebpf:"ms_node_settings"`
-	MsOrigDst      *ebpf.MapSpec `ebpf:"ms_orig_dst"`
-	MsPodIps       *ebpf.MapSpec `ebpf:"ms_pod_ips"`
-	MsPods         *ebpf.MapSpec `ebpf:"ms_pods"`
-	MsPolBypass    *ebpf.MapSpec `ebpf:"ms_pol_bypass"`
-	MsPolIds       *ebpf.MapSpec `ebpf:"ms_pol_ids"`
-	MsPolPorts     *ebpf.MapSpec `ebpf:"ms_pol_ports"`
-	MsPolPrefixes  *ebpf.MapSpec `ebpf:"ms_pol_prefixes"`
-	MsPolSets      *ebpf.MapSpec `ebpf:"ms_pol_sets"`
-	MsPorts        *ebpf.MapSpec `ebpf:"ms_ports"`
-	MsRanges       *ebpf.MapSpec `ebpf:"ms_ranges"`
-	MsSelfSyn      *ebpf.MapSpec `ebpf:"ms_self_syn"`
-	MsSkState      *ebpf.MapSpec `ebpf:"ms_sk_state"`
-	MsSocks        *ebpf.MapSpec `ebpf:"ms_socks"`
+	MsCounters      *ebpf.MapSpec `ebpf:"ms_counters"`
+	MsDenialLog     *ebpf.MapSpec `ebpf:"ms_denial_log"`
+	MsDenialSeq     *ebpf.MapSpec `ebpf:"ms_denial_seq"`
+	MsDenials       *ebpf.MapSpec `ebpf:"ms_denials"`
+	MsEvents        *ebpf.MapSpec `ebpf:"ms_events"`
+	MsIpInfo        *ebpf.MapSpec `ebpf:"ms_ip_info"`
+	MsIterNetns     *ebpf.MapSpec `ebpf:"ms_iter_netns"`
+	MsListeners     *ebpf.MapSpec `ebpf:"ms_listeners"`
+	MsNodeSettings  *ebpf.MapSpec `ebpf:"ms_node_settings"`
+	MsOrigDst       *ebpf.MapSpec `ebpf:"ms_orig_dst"`
+	MsPodIps        *ebpf.MapSpec `ebpf:"ms_pod_ips"`
+	MsPods          *ebpf.MapSpec `ebpf:"ms_pods"`
+	MsPolBypass     *ebpf.MapSpec `ebpf:"ms_pol_bypass"`
+	MsPolIds        *ebpf.MapSpec `ebpf:"ms_pol_ids"`
+	MsPolPorts      *ebpf.MapSpec `ebpf:"ms_pol_ports"`
+	MsPolPrefixes   *ebpf.MapSpec `ebpf:"ms_pol_prefixes"`
+	MsPolSets       *ebpf.MapSpec `ebpf:"ms_pol_sets"`
+	MsPorts         *ebpf.MapSpec `ebpf:"ms_ports"`
+	MsRanges        *ebpf.MapSpec `ebpf:"ms_ranges"`
+	MsSelfSyn       *ebpf.MapSpec `ebpf:"ms_self_syn"`
+	MsSkAddrs       *ebpf.MapSpec `ebpf:"ms_sk_addrs"`
+	MsSkState       *ebpf.MapSpec `ebpf:"ms_sk_state"`
+	MsSocks         *ebpf.MapSpec `ebpf:"ms_socks"`
+	MsSpliceReaders *ebpf.MapSpec `ebpf:"ms_splice_readers"`
 }
 
 // SpliceVariableSpecs contains global variables before they are loaded into the kernel.
@@ -330,28 +340,30 @@ func (o *SpliceObjects) Close() error {
 //
 // It can be passed to LoadSpliceObjects or ebpf.CollectionSpec.LoadAndAssign.
 type SpliceMaps struct {
-	MsCounters     *ebpf.Map `ebpf:"ms_counters"`
-	MsDenialLog    *ebpf.Map `ebpf:"ms_denial_log"`
-	MsDenialSeq    *ebpf.Map `ebpf:"ms_denial_seq"`
-	MsDenials      *ebpf.Map `ebpf:"ms_denials"`
-	MsEvents       *ebpf.Map `ebpf:"ms_events"`
-	MsIpInfo       *ebpf.Map `ebpf:"ms_ip_info"`
-	MsIterNetns    *ebpf.Map `ebpf:"ms_iter_netns"`
-	MsListeners    *ebpf.Map `ebpf:"ms_listeners"`
-	MsNodeSettings *ebpf.Map `ebpf:"ms_node_settings"`
-	MsOrigDst      *ebpf.Map `ebpf:"ms_orig_dst"`
-	MsPodIps       *ebpf.Map `ebpf:"ms_pod_ips"`
-	MsPods         *ebpf.Map `ebpf:"ms_pods"`
-	MsPolBypass    *ebpf.Map `ebpf:"ms_pol_bypass"`
-	MsPolIds       *ebpf.Map `ebpf:"ms_pol_ids"`
-	MsPolPorts     *ebpf.Map `ebpf:"ms_pol_ports"`
-	MsPolPrefixes  *ebpf.Map `ebpf:"ms_pol_prefixes"`
-	MsPolSets      *ebpf.Map `ebpf:"ms_pol_sets"`
-	MsPorts        *ebpf.Map `ebpf:"ms_ports"`
-	MsRanges       *ebpf.Map `ebpf:"ms_ranges"`
-	MsSelfSyn      *ebpf.Map `ebpf:"ms_self_syn"`
-	MsSkState      *ebpf.Map `ebpf:"ms_sk_state"`
-	MsSocks        *ebpf.Map `ebpf:"ms_socks"`
+	MsCounters      *ebpf.Map `ebpf:"ms_counters"`
+	MsDenialLog     *ebpf.Map `ebpf:"ms_denial_log"`
+	MsDenialSeq     *ebpf.Map `ebpf:"ms_denial_seq"`
+	MsDenials       *ebpf.Map `ebpf:"ms_denials"`
+	MsEvents        *ebpf.Map `ebpf:"ms_events"`
+	MsIpInfo        *ebpf.Map `ebpf:"ms_ip_info"`
+	MsIterNetns     *ebpf.Map `ebpf:"ms_iter_netns"`
+	MsListeners     *ebpf.Map `ebpf:"ms_listeners"`
+	MsNodeSettings  *ebpf.Map `ebpf:"ms_node_settings"`
+	MsOrigDst       *ebpf.Map `ebpf:"ms_orig_dst"`
+	MsPodIps        *ebpf.Map `ebpf:"ms_pod_ips"`
+	MsPods          *ebpf.Map `ebpf:"ms_pods"`
+	MsPolBypass     *ebpf.Map `ebpf:"ms_pol_bypass"`
+	MsPolIds        *ebpf.Map `ebpf:"ms_pol_ids"`
+	MsPolPorts      *ebpf.Map `ebpf:"ms_pol_ports"`
+	MsPolPrefixes   *ebpf.Map `ebpf:"ms_pol_prefixes"`
+	MsPolSets       *ebpf.Map `ebpf:"ms_pol_sets"`
+	MsPorts         *ebpf.Map `ebpf:"ms_ports"`
+	MsRanges        *ebpf.Map `ebpf:"ms_ranges"`
+	MsSelfSyn       *ebpf.Map `ebpf:"ms_self_syn"`
+	MsSkAddrs       *ebpf.Map `ebpf:"ms_sk_addrs"`
+	MsSkState       *ebpf.Map `ebpf:"ms_sk_state"`
+	MsSocks         *ebpf.Map `ebpf:"ms_socks"`
+	MsSpliceReaders *ebpf.Map `ebpf:"ms_splice_readers"`
 }
 
 func (m *SpliceMaps) Close() error {
@@ -376,8 +388,10 @@ func (m *SpliceMaps) Close() error {
 		m.MsPorts,
 		m.MsRanges,
 		m.MsSelfSyn,
+		m.MsSkAddrs,
 		m.MsSkState,
 		m.MsSocks,
+		m.MsSpliceReaders,
 	)
 }
 

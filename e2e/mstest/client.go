@@ -97,6 +97,7 @@ type clientConfig struct {
 	rate      float64
 	stream    bool
 	reconnect bool
+	cpuStats  cpuStats
 }
 
 // runClient connects to an echo server, sends framed messages of
@@ -121,6 +122,7 @@ func runClient(args []string) int {
 	fs.Float64Var(&cfg.rate, "rate", 0, "load mode: exchanges per second over all connections (0: as fast as possible)")
 	fs.BoolVar(&cfg.stream, "stream", false, "load mode: write --size-byte chunks without waiting, to an mstest sink server")
 	fs.BoolVar(&cfg.reconnect, "reconnect", false, "load mode: a new connection for every exchange (connection rate)")
+	fs.Var(&cfg.cpuStats, "cpu-stat", "load mode: "+cpuStatUsage)
 	if code, ok := parseFlags(fs, args); !ok {
 		return code
 	}
@@ -132,8 +134,8 @@ func runClient(args []string) int {
 		logf("client: --messages and --size must be >= 0 and --conns >= 1")
 		return 2
 	}
-	if cfg.duration <= 0 && (cfg.warmup != 0 || cfg.rate != 0 || cfg.stream || cfg.reconnect) {
-		logf("client: --warmup, --rate, --stream and --reconnect need --duration")
+	if cfg.duration <= 0 && (cfg.warmup != 0 || cfg.rate != 0 || cfg.stream || cfg.reconnect || len(cfg.cpuStats) > 0) {
+		logf("client: --warmup, --rate, --stream, --reconnect and --cpu-stat need --duration")
 		return 2
 	}
 	if cfg.warmup < 0 || cfg.rate < 0 {

@@ -104,6 +104,8 @@ func runSidecar(args []string) int {
 	dialTimeout := fs.Duration("dial-timeout", 5*time.Second, "timeout for connecting to the original destination")
 	inV4 := fs.String("inbound-source-v4", "127.0.0.6", "source address of inbound upstream connections over IPv4")
 	inV6 := fs.String("inbound-source-v6", "::6", "source address of inbound upstream connections over IPv6 (falls back to none, with a warning event, when it cannot be bound)")
+	fs.BoolVar(&sidecarResets, "propagate-resets", false, "when one side resets the connection, reset the other (SO_LINGER 0), as Envoy does")
+	fs.BoolVar(&sidecarIOCopy, "iocopy", false, "copy with io.Copy (Go splices between two TCP connections), as some proxies do, instead of read/write loops")
 	origDstGate := fs.String("orig-dst-gate", "", "after accept, wait until this file exists before asking SO_ORIGINAL_DST (tests: a destination evicted in between)")
 	quiet := fs.Bool("quiet", false, "print no accept, upstream and close events, only errors and warnings (benchmarks: thousands of connections)")
 	if code, ok := parseFlags(fs, args); !ok {
@@ -242,36 +244,70 @@ func proxy(down, up *net.TCPConn) (bytesUp, bytesDown int64, err error) {
 	abort := func(err error) {
 		once.Do(func() {
 			first = err
+			if sidecarResets && errors.Is(err, unix.ECONNRESET) {
+				down.SetLinger(0)
+				up.SetLinger(0)
+			}
 			down.Close()
 			up.Close()
 		})
+	}
+	// With --propagate-resets, like Envoy, a side that resets is read to
+	// the end first: a write to it failing stops that direction only, and
+	// the other direction passes on what the side sent before its reset,
+	// then the reset.
+	fail := func(err error) {
+		var we writeError
+		if sidecarResets && errors.As(err, &we) {
+			return
+		}
+		abort(err)
 	}
 	var wg sync.WaitGroup
 	wg.Go(func() {
 		var err error
 		if bytesUp, err = copyLoop(up, down); err != nil {
-			abort(fmt.Errorf("downstream to upstream: %w", err))
+			fail(fmt.Errorf("downstream to upstream: %w", err))
 		}
 	})
 	wg.Go(func() {
 		var err error
 		if bytesDown, err = copyLoop(down, up); err != nil {
-			abort(fmt.Errorf("upstream to downstream: %w", err))
+			fail(fmt.Errorf("upstream to downstream: %w", err))
 		}
 	})
 	wg.Wait()
 	return bytesUp, bytesDown, first
 }
 
+// writeError is a copyLoop write failure.
+type writeError struct{ error }
+
+func (e writeError) Unwrap() error { return e.error }
+
+// sidecarIOCopy makes copyLoop use io.Copy (--iocopy); sidecarResets
+// propagates resets (--propagate-resets).
+var sidecarIOCopy, sidecarResets bool
+
 // copyLoop moves bytes from src to dst until EOF, then half-closes dst.
 func copyLoop(dst, src *net.TCPConn) (int64, error) {
+	if sidecarIOCopy {
+		n, err := io.Copy(dst, src)
+		if err != nil {
+			return n, fmt.Errorf("io.Copy: %w", err)
+		}
+		if cerr := dst.CloseWrite(); cerr != nil {
+			return n, fmt.Errorf("close write: %w", cerr)
+		}
+		return n, nil
+	}
 	buf := make([]byte, 64<<10)
 	var total int64
 	for {
 		n, err := src.Read(buf)
 		if n > 0 {
 			if _, werr := dst.Write(buf[:n]); werr != nil {
-				return total, fmt.Errorf("write: %w", werr)
+				return total, writeError{fmt.Errorf("write: %w", werr)}
 			}
 			total += int64(n)
 		}
