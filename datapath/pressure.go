@@ -79,8 +79,8 @@ func PressureOf(c Counters) []Pressure {
 var fullEffects = map[string]string{
 	redirect.CaptureMapMsSocks:   "new connections are not spliced: they use plain TCP",
 	redirect.CaptureMapMsOrigDst: "new captured connections evict the oldest original destinations",
-	redirect.CaptureMapMsPods:    "new pods cannot be registered (CNI ADD fails; the pod is not meshed)",
-	redirect.CaptureMapMsPodIps:  "new pods cannot be registered (CNI ADD fails; the pod is not meshed)",
+	redirect.CaptureMapMsPods:    "new pods cannot be registered (CNI ADD fails, kubelet retries it)",
+	redirect.CaptureMapMsPodIps:  "new pods cannot be registered (CNI ADD fails, kubelet retries it)",
 	redirect.CaptureMapMsPorts:   "pods with more port rules cannot be registered",
 	redirect.CaptureMapMsRanges:  "pods with more address ranges cannot be registered",
 }
