@@ -8,7 +8,12 @@
 // directory before it reaches the kernel, and a new agent reloads it,
 // re-resolves each pod against the current configuration and drops pods
 // whose network namespace is gone (as it does while running, see
-// registrations.go).
+// registrations.go). A corrupt state file is moved aside and the pods are
+// rebuilt from the kernel (statefile.go, recover.go).
+//
+// Every failure to apply something is logged, counted and passed to
+// Config.Events (failures.go), and applied again with back-off
+// (retry.go); kernel tables at their limit are watched in pressure.go.
 package agent
 
 import (
@@ -24,8 +29,6 @@ import (
 	"sort"
 	"sync"
 	"time"
-
-	"github.com/hashicorp/go-multierror"
 
 	"github.com/meshsplice/meshsplice/agent/api"
 	"github.com/meshsplice/meshsplice/datapath"
@@ -54,6 +57,12 @@ type Config struct {
 	NodeCapture, NodeSplice bool
 	Source                  istio.Source
 	Log                     *slog.Logger
+	// PressureInterval is how often full kernel tables are looked for
+	// (DefaultPressureInterval when zero).
+	PressureInterval time.Duration
+	// Events receives every failure to apply something (Kubernetes
+	// Events); nil: logs and metrics only.
+	Events EventSink
 	// ListenerGrace is how long a captured pod may go without its
 	// sidecar's inbound listener in the kernel before the agent warns
 	// (DefaultListenerGrace when zero).
@@ -76,6 +85,12 @@ type Agent struct {
 	applied datapath.Policy   // the policy the kernel holds
 	ready   bool
 	loaded  chan struct{} // closed once the first Istio config arrived
+	// identitiesLost: identities.json was corrupt; numbering restarts
+	// above the kernel's numbers (loadState).
+	identitiesLost bool
+	failures       failureCounts
+	pressure       pressureState
+	retry          chan struct{} // a failure to apply: reconcile again (retry.go)
 }
 
 // podReg is a pod's registration, as the CNI plugin sent it.
@@ -89,10 +104,15 @@ type pod struct {
 	AddedLoV6 bool `json:"added_lo_v6,omitempty"`
 	// Registered is when the pod was registered (or reloaded by an agent
 	// that found no time): the inbound listener's grace period starts here.
-	Registered time.Time     `json:"registered"`
-	Traffic    istio.Traffic `json:"-"`
-	Warnings   []string      `json:"-"`
-	inbound    inboundState
+	Registered time.Time `json:"registered"`
+	// Recovered: rebuilt from the kernel after pods.json was lost
+	// (recoverPods). Its kernel settings are kept as they are (its
+	// annotations are unknown) and it takes no part in kernel policy, until
+	// the CNI plugin registers its netns again or the netns goes.
+	Recovered bool          `json:"recovered,omitempty"`
+	Traffic   istio.Traffic `json:"-"`
+	Warnings  []string      `json:"-"`
+	inbound   inboundState
 }
 
 // Run starts the agent and blocks until ctx ends. The datapath stays
@@ -121,6 +141,9 @@ func New(cfg Config) (*Agent, error) {
 	if cfg.ListenerGrace <= 0 {
 		cfg.ListenerGrace = DefaultListenerGrace
 	}
+	if cfg.PressureInterval <= 0 {
+		cfg.PressureInterval = DefaultPressureInterval
+	}
 	if cfg.Source == nil {
 		return nil, errors.New("agent: no Istio config source")
 	}
@@ -136,6 +159,7 @@ func New(cfg Config) (*Agent, error) {
 		return nil, err
 	}
 	a := &Agent{cfg: cfg, log: cfg.Log, dp: dp, pods: map[string]*pod{}, loaded: make(chan struct{}),
+		retry: make(chan struct{}, 1),
 		istio: istio.Config{Mesh: istio.DefaultMeshConfig(), Node: istio.NodeSwitches{Capture: true, Splice: true}}}
 	if err := a.loadIdentities(); err != nil {
 		dp.Close()
@@ -163,6 +187,8 @@ func (a *Agent) Serve(ctx context.Context) error {
 	updates := make(chan istio.Config)
 	go func() { errc <- a.cfg.Source.Run(ctx, updates) }()
 	go a.sweepLoop(ctx)
+	go a.pressureLoop(ctx, a.cfg.PressureInterval)
+	go a.retryLoop(ctx)
 	go func() {
 		for {
 			select {
@@ -261,23 +287,10 @@ func (a *Agent) applyConfig(c istio.Config) {
 	// Never re-program a pod whose netns is gone: it may hold an address
 	// that belongs to a new pod now.
 	a.forgetGone()
-	node := datapath.NodeSettings{Capture: a.cfg.NodeCapture && c.Node.Capture, Splice: a.cfg.NodeSplice && c.Node.Splice}
-	if err := a.dp.SetNode(node); err != nil {
-		a.log.Error("apply node switches", "error", err)
+	if !a.reconcile() {
+		a.needRetry()
 	}
-	var result *multierror.Error
-	for id, p := range a.pods {
-		if err := a.programPod(p); err != nil {
-			result = multierror.Append(result, fmt.Errorf("%s: %w", id, err))
-		}
-	}
-	if err := result.ErrorOrNil(); err != nil {
-		a.log.Error("reconcile pods with the new config", "error", err)
-	}
-	if err := a.reconcilePolicy(); err != nil {
-		a.log.Error("authorization policy not applied; the kernel keeps the previous one", "error", err)
-	}
-	a.log.Info("istio config applied", "node", node, "pods", len(a.pods),
+	a.log.Info("istio config applied", "node", a.nodeSettings(), "pods", len(a.pods),
 		"authorization_policies", len(c.AuthorizationPolicies), "sources", c.Sources)
 	select {
 	case <-a.loaded:
@@ -289,6 +302,9 @@ func (a *Agent) applyConfig(c istio.Config) {
 // programPod resolves a pod's settings and writes them to the kernel.
 // Called with a.mu held.
 func (a *Agent) programPod(p *pod) error {
+	if p.Recovered {
+		return nil // its annotations are unknown: the kernel keeps its settings
+	}
 	tr, warnings, err := istio.ParseTraffic(p.Reg.Annotations, a.istio.Defaults())
 	if err != nil {
 		return fmt.Errorf("%w: pod %s: %w", api.ErrInvalidRequest, p.Reg, err)
@@ -321,31 +337,56 @@ func (a *Agent) AddPod(_ context.Context, req api.PodRegistration) (api.PodStatu
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	// A registration rebuilt from the kernel (recoverPods) gives way to
+	// the real one of its netns, and comes back if that one fails.
+	recovered, recoveredID := a.adoptRecovered(req.ContainerID, cookie)
+	undo := func(prev *pod) {
+		if recovered != nil && prev == recovered {
+			delete(a.pods, req.ContainerID)
+			a.pods[recoveredID] = recovered
+			return
+		}
+		a.restore(req.ContainerID, prev)
+		if recovered != nil {
+			a.pods[recoveredID] = recovered
+		}
+	}
 	for id, other := range a.pods {
 		if id != req.ContainerID && other.Cookie == cookie {
+			undo(a.pods[req.ContainerID])
 			return api.PodStatus{}, fmt.Errorf("%w: netns %s is registered already for %s", api.ErrConflict, req.Netns, other.Reg)
 		}
 	}
 	p := &pod{Reg: req, Cookie: cookie, Registered: time.Now()}
 	if _, _, err := istio.ParseTraffic(req.Annotations, a.istio.Defaults()); err != nil {
+		undo(a.pods[req.ContainerID])
 		return api.PodStatus{}, fmt.Errorf("%w: pod %s: %w", api.ErrInvalidRequest, req, err)
 	}
 	claimWarnings, err := a.settleIPClaims(req.ContainerID, p)
 	if err != nil {
+		undo(a.pods[req.ContainerID])
 		return api.PodStatus{}, err
 	}
 	prev := a.pods[req.ContainerID]
+	if prev == nil {
+		prev = recovered
+	}
 	if prev != nil && prev.Cookie == cookie {
 		p.AddedLoV6, p.Registered = prev.AddedLoV6, prev.Registered
 	}
 	a.pods[req.ContainerID] = p
 	if err := a.saveState(); err != nil {
-		a.restore(req.ContainerID, prev)
+		undo(prev)
+		a.failedOn("save_state", req.String(), err)
 		return api.PodStatus{}, err
 	}
 	if err := a.replacePod(prev, p); err != nil {
-		a.restore(req.ContainerID, prev)
-		a.saveState()
+		undo(prev)
+		a.failedOn("program_pod", req.String(), err)
+		if serr := a.saveState(); serr != nil {
+			a.log.Error("save registrations after a failed registration", "pod", req.String(), "error", serr)
+			a.failed("save_state", serr)
+		}
 		return api.PodStatus{}, err
 	}
 	p.Warnings = append(p.Warnings, claimWarnings...)
@@ -353,9 +394,7 @@ func (a *Agent) AddPod(_ context.Context, req api.PodRegistration) (api.PodStatu
 		a.log.Warn("pod settings", "pod", req.String(), "warning", w)
 	}
 	// The pod's own policy set and its identity as a source.
-	if err := a.reconcilePolicy(); err != nil {
-		a.log.Error("authorization policy not applied; the kernel keeps the previous one", "error", err)
-	}
+	a.applyPolicy()
 	return a.statusOf(p), nil
 }
 
@@ -376,6 +415,8 @@ func (a *Agent) replacePod(prev, p *pod) error {
 	if err != nil {
 		if rerr := a.programPod(prev); rerr != nil {
 			a.log.Error("restore the previous registration", "pod", prev.Reg.String(), "error", rerr)
+			a.failedOn("program_pod", prev.Reg.String(), rerr)
+			a.needRetry()
 		}
 	}
 	return err
@@ -427,12 +468,11 @@ func (a *Agent) RemovePod(_ context.Context, containerID string) error {
 		if err := redirect.RemovePassthroughV6(p.Reg.Netns); err != nil {
 			// The pod is going: a stray address must not block its removal.
 			a.log.Warn("pod unregistered, but ::6 stays on its lo", "pod", p.Reg.String(), "error", err)
+			a.failedOn("remove_passthrough_v6", p.Reg.String(), err)
 		}
 	}
 	a.log.Info("pod unregistered", "pod", p.Reg.String())
-	if err := a.reconcilePolicy(); err != nil {
-		a.log.Error("authorization policy not applied; the kernel keeps the previous one", "error", err)
-	}
+	a.applyPolicy()
 	return a.saveState()
 }
 
@@ -482,7 +522,8 @@ func (a *Agent) statusWith(p *pod, kernel map[uint64]datapath.PodPolicy, err err
 
 func (a *Agent) statePath() string { return filepath.Join(a.cfg.StateDir, "pods.json") }
 
-// saveState writes the registrations atomically. Called with a.mu held.
+// saveState writes the registrations atomically and durably (statefile.go).
+// Called with a.mu held.
 func (a *Agent) saveState() error {
 	if err := os.MkdirAll(a.cfg.StateDir, 0o700); err != nil {
 		return fmt.Errorf("state dir: %w", err)
@@ -496,11 +537,7 @@ func (a *Agent) saveState() error {
 	if err != nil {
 		return err
 	}
-	tmp := a.statePath() + ".tmp"
-	if err := os.WriteFile(tmp, b, 0o600); err != nil {
-		return fmt.Errorf("save pods: %w", err)
-	}
-	if err := os.Rename(tmp, a.statePath()); err != nil {
+	if err := writeFileSync(a.statePath(), b); err != nil {
 		return fmt.Errorf("save pods: %w", err)
 	}
 	return nil
@@ -508,17 +545,31 @@ func (a *Agent) saveState() error {
 
 // loadState reloads registrations of an earlier agent. A pod whose netns is
 // gone, or now has another cookie, is dropped (and removed from the
-// kernel); kernel pods nobody registered are removed too.
+// kernel); kernel pods nobody registered are removed too. A corrupt
+// pods.json is moved aside and the pods are rebuilt from the kernel
+// (recoverPods): a lost file must not un-mesh live pods.
 func (a *Agent) loadState() error {
 	list, err := readPods(a.statePath())
-	if err != nil {
+	corrupt := errors.Is(err, errCorrupt)
+	if corrupt {
+		aside, qerr := quarantine(a.statePath())
+		if qerr != nil {
+			return fmt.Errorf("load pods: %w (%w)", err, qerr)
+		}
+		a.log.Error("pod registrations unreadable; moved aside, rebuilding them from the kernel",
+			"error", err, "moved_to", aside)
+		a.failed("load_state", err)
+	} else if err != nil {
 		return fmt.Errorf("load pods: %w", err)
 	}
 	keep := map[uint64]bool{}
 	for _, p := range list {
 		if c, err := datapath.NetnsCookie(p.Reg.Netns); err != nil || c != p.Cookie {
 			a.log.Info("dropping pod whose netns is gone", "pod", p.Reg.String(), "netns", p.Reg.Netns)
-			a.dp.RemovePod(p.Cookie)
+			if err := a.dp.RemovePod(p.Cookie); err != nil {
+				a.log.Error("remove a gone pod from the kernel", "pod", p.Reg.String(), "error", err)
+				a.failed("remove_pod", err)
+			}
 			continue
 		}
 		if p.Registered.IsZero() {
@@ -531,10 +582,23 @@ func (a *Agent) loadState() error {
 	if err != nil {
 		return err
 	}
+	if corrupt {
+		if err := a.recoverPods(kernel, keep); err != nil {
+			return err
+		}
+	}
+	if a.identitiesLost {
+		if err := identityFloor(a.ids, kernel); err != nil {
+			return fmt.Errorf("identities: %w", err)
+		}
+	}
 	for _, kp := range kernel {
 		if !keep[kp.Cookie] {
 			a.log.Info("removing a kernel pod no registration knows", "netns_cookie", kp.Cookie)
-			a.dp.RemovePod(kp.Cookie)
+			if err := a.dp.RemovePod(kp.Cookie); err != nil {
+				a.log.Error("remove a kernel pod no registration knows", "netns_cookie", kp.Cookie, "error", err)
+				a.failed("remove_pod", err)
+			}
 		}
 	}
 	// Programmed with the current config once it arrives (applyConfig).

@@ -14,10 +14,14 @@ import (
 //
 //	/healthz  200 while the process runs
 //	/readyz   200 once the datapath is attached and the CNI API serves
+//	          (naming the kernel features it runs without); 503 while a
+//	          kernel table overflowed in the last PressureInterval
+//	          (pressure.go) or the policy does not fit its maps
 //	/metrics  Prometheus: meshsplice_datapath_events_total{program,event}
 //	          (every kernel counter), meshsplice_pods{capture,splice},
 //	          meshsplice_policy_pods{enforced},
-//	          meshsplice_policy_not_applied_total, meshsplice_policy_applied
+//	          meshsplice_policy_not_applied_total, meshsplice_policy_applied,
+//	          meshsplice_apply_failures_total{what} (failures.go)
 //	/pods     the registered pods as JSON, with policy.enforced and
 //	          policy.reason per pod
 //	/denials  the most recent connections policy denied, with the policies
@@ -34,7 +38,20 @@ func (a *Agent) metricsHandler() http.Handler {
 			http.Error(w, err.Error(), http.StatusServiceUnavailable)
 			return
 		}
-		w.Write([]byte("ready\n"))
+		var body strings.Builder
+		if d := a.degraded(); len(d) > 0 {
+			body.WriteString(errDegraded.Error() + "\n")
+			for _, c := range d {
+				body.WriteString("  " + c + "\n")
+			}
+			http.Error(w, body.String(), http.StatusServiceUnavailable)
+			return
+		}
+		body.WriteString("ready\n")
+		for _, f := range a.dp.MissingFeatures() {
+			body.WriteString("running without " + f.Name + " (needs Linux >= " + f.Kernel + "): " + f.Without + "\n")
+		}
+		w.Write([]byte(body.String()))
 	})
 	mux.HandleFunc("/pods", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
@@ -59,6 +76,9 @@ var (
 	policyNotAppliedDesc = prometheus.NewDesc("meshsplice_policy_not_applied_total",
 		"Authorization policies the kernel refused as a whole (too big for its maps, or a write failed); the previous one stayed in force.",
 		nil, nil)
+	failuresDesc = prometheus.NewDesc("meshsplice_apply_failures_total",
+		"Failures to apply something (a pod, a policy, node switches, a state file), by kind; each is logged too.",
+		[]string{"what"}, nil)
 	policyAppliedDesc = prometheus.NewDesc("meshsplice_policy_applied",
 		"1 when the kernel holds the latest authorization policy, 0 when the last one was not applied.", nil, nil)
 )
@@ -72,6 +92,7 @@ func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- policyPodsDesc
 	ch <- policyNotAppliedDesc
 	ch <- policyAppliedDesc
+	ch <- failuresDesc
 }
 
 func (c *collector) Collect(ch chan<- prometheus.Metric) {
@@ -98,6 +119,10 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		applied = 0
 	}
 	ch <- prometheus.MustNewConstMetric(policyAppliedDesc, prometheus.GaugeValue, applied)
+	kinds, fails := c.a.failures.snapshot()
+	for _, k := range kinds {
+		ch <- prometheus.MustNewConstMetric(failuresDesc, prometheus.CounterValue, float64(fails[k]), k)
+	}
 	for k, v := range n {
 		ch <- prometheus.MustNewConstMetric(podsDesc, prometheus.GaugeValue, float64(v),
 			boolLabel(k.capture), boolLabel(k.splice))

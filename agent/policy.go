@@ -58,7 +58,16 @@ func (a *Agent) loadIdentities() error {
 		return fmt.Errorf("load identities: %w", err)
 	}
 	if err := a.ids.Load(bytes.NewReader(b)); err != nil {
-		return fmt.Errorf("load identities from %s: %w", a.identitiesPath(), err)
+		// A corrupt file must not keep the agent down: move it aside and
+		// number afresh, above what the kernel holds (loadState).
+		aside, qerr := quarantine(a.identitiesPath())
+		if qerr != nil {
+			return fmt.Errorf("load identities from %s: %w (%w)", a.identitiesPath(), err, qerr)
+		}
+		a.log.Error("workload identities unreadable; moved aside, numbering them afresh (the next policy install uses the new numbers)",
+			"error", err, "moved_to", aside)
+		a.failed("load_identities", err)
+		a.identitiesLost = true
 	}
 	return nil
 }
@@ -68,11 +77,10 @@ func (a *Agent) saveIdentities() error {
 	if err := a.ids.Save(&buf); err != nil {
 		return err
 	}
-	tmp := a.identitiesPath() + ".tmp"
-	if err := os.WriteFile(tmp, buf.Bytes(), 0o600); err != nil {
+	if err := writeFileSync(a.identitiesPath(), buf.Bytes()); err != nil {
 		return fmt.Errorf("save identities: %w", err)
 	}
-	return os.Rename(tmp, a.identitiesPath())
+	return nil
 }
 
 // podIdentity is the identity number of a registered pod.
@@ -101,6 +109,9 @@ func (a *Agent) reconcilePolicy() error {
 	}
 	ipWorkload := map[netip.Addr]string{}
 	for _, p := range a.pods {
+		if p.Recovered {
+			continue // namespace, account and labels unknown: left to its sidecar
+		}
 		// No labels means the runtime passed none (the CNI capability is
 		// unfilled): unknown, not "selected by nothing".
 		w := policy.Workload{Namespace: podNamespace(p.Reg), Name: podName(p.Reg),

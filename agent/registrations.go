@@ -25,17 +25,24 @@ const sweepInterval = 5 * time.Second
 
 // sweepLoop forgets gone pods every sweepInterval until ctx ends.
 func (a *Agent) sweepLoop(ctx context.Context) {
-	tick := time.NewTicker(sweepInterval)
+	every(ctx, sweepInterval, func() {
+		a.mu.Lock()
+		a.forgetGone()
+		a.mu.Unlock()
+	})
+}
+
+// every runs fn every interval until ctx ends.
+func every(ctx context.Context, interval time.Duration, fn func()) {
+	tick := time.NewTicker(interval)
 	defer tick.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-tick.C:
+			fn()
 		}
-		a.mu.Lock()
-		a.forgetGone()
-		a.mu.Unlock()
 	}
 }
 
@@ -55,6 +62,7 @@ func (a *Agent) forgetGone() {
 		a.log.Info("forgetting a pod whose netns is gone (its DEL never came)", "pod", p.Reg.String(), "netns", p.Reg.Netns)
 		if err := a.dp.RemovePod(p.Cookie); err != nil {
 			a.log.Error("remove a gone pod from the kernel", "pod", p.Reg.String(), "error", err)
+			a.failedOn("remove_pod", p.Reg.String(), err)
 			continue
 		}
 		delete(a.pods, id)
@@ -65,10 +73,9 @@ func (a *Agent) forgetGone() {
 	}
 	if err := a.saveState(); err != nil {
 		a.log.Error("save registrations", "error", err)
+		a.failed("save_state", err)
 	}
-	if err := a.reconcilePolicy(); err != nil {
-		a.log.Error("authorization policy not applied; the kernel keeps the previous one", "error", err)
-	}
+	a.applyPolicy()
 }
 
 // settleIPClaims decides, for every address the new registration p (of

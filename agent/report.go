@@ -119,7 +119,12 @@ func readPods(path string) ([]*pod, error) {
 	}
 	var list []*pod
 	if err := json.Unmarshal(b, &list); err != nil {
-		return nil, fmt.Errorf("%s: %w", path, err)
+		return nil, fmt.Errorf("%w %s: %w", errCorrupt, path, err)
+	}
+	for _, p := range list {
+		if p == nil || p.Reg.ContainerID == "" || p.Cookie == 0 {
+			return nil, fmt.Errorf("%w %s: an entry without container ID or netns cookie", errCorrupt, path)
+		}
 	}
 	return list, nil
 }

@@ -91,7 +91,10 @@ static __always_inline int keep_orig(struct bpf_sock_addr *ctx,
 				BPF_SK_STORAGE_GET_F_CREATE);
 	if (!st) {
 		/* Without the original destination the sidecar cannot
-		 * forward: leave this connect alone rather than break it. */
+		 * forward it, and sending it around the sidecar would skip
+		 * what Istio enforces there (mTLS, egress rules): the caller
+		 * fails the connect, as iptables drops a SYN whose NAT entry
+		 * cannot be made. Only kernel memory exhaustion gets here. */
 		count(MS_C_CONNECT_NO_STORAGE, 1);
 		return 0;
 	}
@@ -159,7 +162,7 @@ static __always_inline int capture_connect(struct bpf_sock_addr *ctx,
 		if (proxy_hairpin(netns, pod, dst, port, passthrough,
 				  proxy_uid)) {
 			if (!keep_orig(ctx, dst, port))
-				return CONNECT_PASS;
+				return CONNECT_DENY;
 			*sidecar_port = pod->inbound_port;
 			count(MS_C_CONNECT_HAIRPIN, 1);
 			return CONNECT_CAPTURE;
@@ -179,7 +182,7 @@ static __always_inline int capture_connect(struct bpf_sock_addr *ctx,
 		return CONNECT_PASS;
 	}
 	if (!keep_orig(ctx, dst, port))
-		return CONNECT_PASS;
+		return CONNECT_DENY;
 	*sidecar_port = pod->outbound_port;
 	count(MS_C_CONNECT_CAPTURED, 1);
 	return CONNECT_CAPTURE;

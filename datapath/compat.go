@@ -37,20 +37,11 @@ func loadSpec(load func() (*ebpf.CollectionSpec, error)) (*ebpf.CollectionSpec, 
 	return spec, nil
 }
 
-// loadAndAssign loads the objects of a collection spec (see loadSpec).
-func loadAndAssign(load func() (*ebpf.CollectionSpec, error), obj any, opts *ebpf.CollectionOptions) error {
-	spec, err := loadSpec(load)
-	if err != nil {
-		return err
-	}
-	return spec.LoadAndAssign(obj, opts)
-}
-
 // checkPinnedMaps compares every pinned map this version would reuse with
-// its spec, before anything is loaded, created or attached, and names every
-// difference. Map layouts are not migrated: moving between versions whose
+// its spec, sized as loadObjects will load it (sizeMaps), before anything
+// is loaded, created or attached, and names every difference. Map layouts are not migrated: moving between versions whose
 // layouts differ takes `meshsplice uninstall` first.
-func checkPinnedMaps(pinDir string) error {
+func checkPinnedMaps(pinDir string, opts Options) error {
 	var diffs []string
 	seen := map[string]bool{}
 	for _, load := range []func() (*ebpf.CollectionSpec, error){
@@ -60,6 +51,7 @@ func checkPinnedMaps(pinDir string) error {
 		if err != nil {
 			return fmt.Errorf("read program specs: %w", err)
 		}
+		sizeMaps(spec, mapDir(pinDir), opts)
 		for name, ms := range spec.Maps {
 			if ms.Pinning != ebpf.PinByName || seen[name] {
 				continue

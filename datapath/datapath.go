@@ -68,6 +68,12 @@ type Options struct {
 	// inbound listeners missing from the kernel (lost events, reuseport
 	// groups): 0 means DefaultListenerResync, < 0 never.
 	ListenerResync time.Duration
+	// MaxEntries sizes maps created now, by name (tests fill small maps);
+	// a hash map pinned already keeps its size.
+	MaxEntries map[string]uint32
+	// RefuseProgram, when set, plays a kernel that cannot load a program:
+	// an error for a program name fails it as the kernel would (tests).
+	RefuseProgram func(program string) error
 }
 
 // Datapath is a loaded, attached and pinned meshsplice datapath.
@@ -106,6 +112,7 @@ type Datapath struct {
 	// could not register, not retried until they change.
 	resyncStop, resyncDone chan struct{}
 	unregistrable          map[uint64]string
+	missing                []*ErrFeatureMissing // optional features this kernel lacks (load.go)
 }
 
 type cgroupProg struct {
@@ -159,15 +166,12 @@ func Open(opts Options) (_ *Datapath, err error) {
 			d.Close()
 		}
 	}()
-	if err := checkPinnedMaps(opts.PinDir); err != nil {
+	if err := checkPinnedMaps(opts.PinDir, opts); err != nil {
 		return nil, fmt.Errorf("open datapath: %w", err)
 	}
 	load := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: mapDir(opts.PinDir)}}
-	if err := loadAndAssign(redirect.LoadCapture, &d.capture, load); err != nil {
-		return nil, fmt.Errorf("load capture programs: %w", explainLoad(err))
-	}
-	if err := loadAndAssign(sockops.LoadSplice, &d.splice, load); err != nil {
-		return nil, fmt.Errorf("load splice programs: %w", explainLoad(err))
+	if err := d.loadPrograms(load, opts); err != nil {
+		return nil, err
 	}
 
 	if err := d.SetNode(opts.Node); err != nil {
@@ -179,7 +183,7 @@ func Open(opts Options) (_ *Datapath, err error) {
 	if err := d.openListenerWatch(opts.ListenerResync); err != nil {
 		return nil, err
 	}
-	if err := d.openPolicy(load); err != nil {
+	if err := d.openPolicy(load, opts); err != nil {
 		return nil, err
 	}
 	// Before sockops can splice anything: no reader may meet a spliced
@@ -187,19 +191,8 @@ func Open(opts Options) (_ *Datapath, err error) {
 	if err := d.openReaders(load, !opts.NoSpliceGuard); err != nil {
 		return nil, err
 	}
-	// sk_msg first: a socket picks up the map's programs only when it is
-	// added, so the program must be there before sockops adds any.
-	if err := link.RawAttachProgram(link.RawAttachProgramOptions{
-		Target:  d.splice.MsSocks.FD(),
-		Program: d.splice.MsSkMsg,
-		Attach:  ebpf.AttachSkMsgVerdict,
-	}); err != nil {
-		return nil, fmt.Errorf("attach sk_msg to ms_socks: %w", err)
-	}
-	// Pin the program: Detach needs it, and it replaces the previous one.
-	os.Remove(skMsgPin(opts.PinDir))
-	if err := d.splice.MsSkMsg.Pin(skMsgPin(opts.PinDir)); err != nil {
-		return nil, fmt.Errorf("pin sk_msg: %w", err)
+	if err := d.attachSkMsg(); err != nil {
+		return nil, err
 	}
 	for _, p := range cgroupProgs {
 		l, err := attachCgroup(filepath.Join(linkDir(opts.PinDir), p.name), opts.CgroupPath, p.attach, p.prog(d))
@@ -449,7 +442,8 @@ func explainLoad(err error) error {
 	if errors.As(err, &ve) {
 		return fmt.Errorf("%w\n%+v", err, ve)
 	}
-	if errors.Is(err, ebpf.ErrNotSupported) {
+	var fm *ErrFeatureMissing
+	if errors.Is(err, ebpf.ErrNotSupported) && !errors.As(err, &fm) {
 		return fmt.Errorf("%w (meshsplice needs Linux >= 6.1 with BPF, BTF, sockmap and sk_lookup)", err)
 	}
 	return err

@@ -199,14 +199,22 @@ func (d *Datapath) swapPolicy(p Policy) error {
 		pr := prev{k: k}
 		pr.had = d.capture.MsIpInfo.Lookup(&k, &pr.v) == nil
 		if err := d.capture.MsIpInfo.Update(&k, &v, ebpf.UpdateAny); err != nil {
+			var undoErr *multierror.Error
 			for _, u := range slices.Backward(undo) {
+				var uerr error
 				if u.had {
-					d.capture.MsIpInfo.Update(&u.k, &u.v, ebpf.UpdateAny)
+					uerr = d.capture.MsIpInfo.Update(&u.k, &u.v, ebpf.UpdateAny)
 				} else {
-					d.capture.MsIpInfo.Delete(&u.k)
+					uerr = d.capture.MsIpInfo.Delete(&u.k)
+				}
+				if uerr != nil {
+					undoErr = multierror.Append(undoErr, fmt.Errorf("restore ip %s: %w", addrFromKey(u.k), uerr))
 				}
 			}
 			undoSets()
+			if uerr := undoErr.ErrorOrNil(); uerr != nil {
+				return fmt.Errorf("policy: ip %s: %w (and the previous policy could not be restored everywhere: %w)", ip, err, uerr)
+			}
 			return fmt.Errorf("policy: ip %s: %w", ip, err)
 		}
 		undo = append(undo, pr)
@@ -464,8 +472,8 @@ func readIter(it *link.Iter) error {
 
 // openPolicy loads the teardown iterator when the kernel has
 // bpf_sock_destroy, and starts reading denial records.
-func (d *Datapath) openPolicy(load *ebpf.CollectionOptions) error {
-	if err := redirect.LoadTeardownObjects(&d.teardown, load); err != nil {
+func (d *Datapath) openPolicy(load *ebpf.CollectionOptions, opts Options) error {
+	if err := loadObjects(redirect.LoadTeardown, &d.teardown, load, opts); err != nil {
 		d.log.Warn("live connections will not be closed on a policy change", "reason", ErrTeardownUnsupported, "error", err)
 	} else if it, err := link.AttachIter(link.IterOptions{Program: d.teardown.MsPolicyTeardown}); err != nil {
 		d.log.Warn("live connections will not be closed on a policy change", "error", err)

@@ -52,7 +52,7 @@ func (d *Datapath) SetNode(s NodeSettings) error {
 	if s.Capture {
 		node.Flags |= redirect.CaptureMsNodeFlagMS_NODE_CAPTURE
 	}
-	if s.Splice {
+	if s.Splice && !d.spliceMissing() { // a kernel without sk_msg: off
 		node.Flags |= redirect.CaptureMsNodeFlagMS_NODE_SPLICE
 	}
 	if err := d.capture.MsNodeSettings.Update(uint32(0), &node, ebpf.UpdateAny); err != nil {
@@ -337,7 +337,9 @@ func (d *Datapath) RemovePod(cookie uint64) error {
 		}
 		l.Close()
 	} else if !errors.Is(err, os.ErrNotExist) {
-		os.Remove(pin)
+		if err := os.Remove(pin); err != nil && !errors.Is(err, os.ErrNotExist) {
+			result = multierror.Append(result, fmt.Errorf("remove pod %d: remove stale sk_lookup pin: %w", cookie, err))
+		}
 	}
 	return result.ErrorOrNil()
 }
@@ -464,7 +466,9 @@ func (d *Datapath) updateNetnsLinks() error {
 		}
 		if err := l.Update(d.capture.MsSkLookup); err != nil {
 			// The namespace died: the link is defunct.
-			l.Unpin()
+			if err := l.Unpin(); err != nil {
+				d.log.Warn("unpin a defunct sk_lookup link", "pin", pin, "error", err)
+			}
 		}
 		l.Close()
 	}

@@ -47,6 +47,9 @@ type Status struct {
 	// destination the kernel keeps for SO_ORIGINAL_DST now (one per open
 	// captured connection: each is removed when its socket closes).
 	OrigDstEntries int `json:"orig_dst_entries"`
+	// Pressure lists the kernel tables that are full now and the pressure
+	// counters that ever moved (pressure.go).
+	Pressure []Pressure `json:"pressure,omitempty"`
 	// RecentDenials are the last connections policy denied (at most 64).
 	RecentDenials []Denial `json:"recent_denials"`
 	// Problems lists what status could not read: the fields they concern
@@ -123,6 +126,10 @@ func Inspect(pinDir string) (*Status, error) {
 	for it := maps[redirect.CaptureMapMsOrigDst].Iterate(); it.Next(&key, &orig); {
 		st.OrigDstEntries++
 	}
+	st.Pressure = append(registryPressure(maps, st.Pods),
+		fullPressure(redirect.CaptureMapMsSocks, maps[redirect.CaptureMapMsSocks], st.SplicedSockets)...)
+	st.Pressure = append(st.Pressure, fullPressure(redirect.CaptureMapMsOrigDst, maps[redirect.CaptureMapMsOrigDst], st.OrigDstEntries)...)
+	st.Pressure = append(st.Pressure, PressureOf(st.Counters)...)
 	if st.RecentDenials, err = readDenialLog(maps[redirect.CaptureMapMsDenialLog], maps[redirect.CaptureMapMsDenialSeq]); err != nil {
 		return nil, err
 	}

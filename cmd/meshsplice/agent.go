@@ -29,6 +29,7 @@ func runAgent(ctx context.Context, args []string) error {
 	capture := fs.Bool("capture", true, "node switch: capture meshed pods' traffic (new connections)")
 	splice := fs.Bool("splice", true, "node switch: splice (new connections)")
 	grace := fs.Duration("listener-grace", agent.DefaultListenerGrace, "warn when a captured pod's sidecar inbound listener is not in the kernel this long after registration")
+	pressure := fs.Duration("pressure-interval", agent.DefaultPressureInterval, "how often to look for kernel tables at their limit (logged once per interval, /readyz 503 meanwhile)")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -57,5 +58,6 @@ func runAgent(ctx context.Context, args []string) error {
 		PinDir: *pinDir, CgroupPath: *cgroup, CNISocket: *socket, CNIUID: *cniUID, StateDir: *stateDir,
 		MetricsAddr: *metrics, NodeCapture: *capture, NodeSplice: *splice,
 		Source: istio.NewFileSource(*configDir, log), Log: log, ListenerGrace: *grace,
+		PressureInterval: *pressure,
 	})
 }

@@ -81,6 +81,9 @@ func printStatus(wr io.Writer, out *statusOutput) error {
 	fmt.Fprintf(w, "node capture\t%s\nnode splice\t%s\n", onOff(st.Node.Capture), onOff(st.Node.Splice))
 	fmt.Fprintf(w, "splice(2) readers\t%s (docs/readers.md)\n", st.Readers())
 	fmt.Fprintf(w, "spliced sockets now\t%d\ncaptured connections now\t%d\n", st.SplicedSockets, st.OrigDstEntries)
+	for _, p := range st.Pressure {
+		fmt.Fprintf(w, "kernel table pressure\t%s\n", p)
+	}
 
 	fmt.Fprintf(w, "\nPOD\tNETNS\tIPS\tCAPTURED\tSPLICED\tINBOUND READY\tPOLICY\n")
 	for _, p := range out.Pods {
