@@ -7,7 +7,13 @@
 // Pods survive agent restarts: every registration is written to the state
 // directory before it reaches the kernel, and a new agent reloads it,
 // re-resolves each pod against the current configuration and drops pods
-// whose network namespace is gone.
+// whose network namespace is gone (as it does while running, see
+// registrations.go). A corrupt state file is moved aside and the pods are
+// rebuilt from the kernel (statefile.go, recover.go).
+//
+// Every failure to apply something is logged, counted and passed to
+// Config.Events (failures.go), and applied again with back-off
+// (retry.go); kernel tables at their limit are watched in pressure.go.
 package agent
 
 import (
@@ -23,8 +29,6 @@ import (
 	"sort"
 	"sync"
 	"time"
-
-	"github.com/hashicorp/go-multierror"
 
 	"github.com/meshsplice/meshsplice/agent/api"
 	"github.com/meshsplice/meshsplice/datapath"
@@ -53,6 +57,18 @@ type Config struct {
 	NodeCapture, NodeSplice bool
 	Source                  istio.Source
 	Log                     *slog.Logger
+	// PressureInterval is how often full kernel tables are looked for
+	// (DefaultPressureInterval when zero).
+	PressureInterval time.Duration
+	// Events receives every failure to apply something (Kubernetes
+	// Events); nil: logs and metrics only.
+	Events EventSink
+	// ListenerGrace is how long a captured pod may go without its
+	// sidecar's inbound listener in the kernel before the agent warns
+	// (DefaultListenerGrace when zero).
+	ListenerGrace time.Duration
+	// CNIUID may use the CNI API besides root (0: root only).
+	CNIUID int
 }
 
 // Agent is a running node agent.
@@ -61,23 +77,42 @@ type Agent struct {
 	log *slog.Logger
 	dp  *datapath.Datapath
 
-	mu     sync.Mutex
-	pods   map[string]*pod // by container ID
-	istio  istio.Config
-	ids    *policy.Allocator // workload identities, stable across restarts
-	policy policy.Result     // the policy the kernel holds
-	ready  bool
-	loaded chan struct{} // closed once the first Istio config arrived
+	mu      sync.Mutex
+	pods    map[string]*pod // by container ID
+	istio   istio.Config
+	ids     *policy.Allocator // workload identities, stable across restarts
+	policy  policy.Result     // the last compiled policy
+	applied datapath.Policy   // the policy the kernel holds
+	ready   bool
+	loaded  chan struct{} // closed once the first Istio config arrived
+	// identitiesLost: identities.json was corrupt; numbering restarts
+	// above the kernel's numbers (loadState).
+	identitiesLost bool
+	failures       failureCounts
+	pressure       pressureState
+	retry          chan struct{} // a failure to apply: reconcile again (retry.go)
 }
 
 // podReg is a pod's registration, as the CNI plugin sent it.
 type podReg = api.PodRegistration
 
 type pod struct {
-	Reg      api.PodRegistration `json:"registration"`
-	Cookie   uint64              `json:"netns_cookie"`
-	Traffic  istio.Traffic       `json:"-"`
-	Warnings []string            `json:"-"`
+	Reg    api.PodRegistration `json:"registration"`
+	Cookie uint64              `json:"netns_cookie"`
+	// AddedLoV6: the agent added ::6/128 to the pod's lo (it was not
+	// there), so removing the pod removes it again.
+	AddedLoV6 bool `json:"added_lo_v6,omitempty"`
+	// Registered is when the pod was registered (or reloaded by an agent
+	// that found no time): the inbound listener's grace period starts here.
+	Registered time.Time `json:"registered"`
+	// Recovered: rebuilt from the kernel after pods.json was lost
+	// (recoverPods). Its kernel settings are kept as they are (its
+	// annotations are unknown) and it takes no part in kernel policy, until
+	// the CNI plugin registers its netns again or the netns goes.
+	Recovered bool          `json:"recovered,omitempty"`
+	Traffic   istio.Traffic `json:"-"`
+	Warnings  []string      `json:"-"`
+	inbound   inboundState
 }
 
 // Run starts the agent and blocks until ctx ends. The datapath stays
@@ -103,8 +138,18 @@ func New(cfg Config) (*Agent, error) {
 	if cfg.StateDir == "" {
 		cfg.StateDir = DefaultStateDir
 	}
+	if cfg.ListenerGrace <= 0 {
+		cfg.ListenerGrace = DefaultListenerGrace
+	}
+	if cfg.PressureInterval <= 0 {
+		cfg.PressureInterval = DefaultPressureInterval
+	}
 	if cfg.Source == nil {
 		return nil, errors.New("agent: no Istio config source")
+	}
+	// Created now, not at the first pod: a wrong path fails at start.
+	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+		return nil, fmt.Errorf("state dir: %w", err)
 	}
 	dp, err := datapath.Open(datapath.Options{
 		PinDir: cfg.PinDir, CgroupPath: cfg.CgroupPath, Logger: cfg.Log,
@@ -114,6 +159,7 @@ func New(cfg Config) (*Agent, error) {
 		return nil, err
 	}
 	a := &Agent{cfg: cfg, log: cfg.Log, dp: dp, pods: map[string]*pod{}, loaded: make(chan struct{}),
+		retry: make(chan struct{}, 1),
 		istio: istio.Config{Mesh: istio.DefaultMeshConfig(), Node: istio.NodeSwitches{Capture: true, Splice: true}}}
 	if err := a.loadIdentities(); err != nil {
 		dp.Close()
@@ -140,6 +186,9 @@ func (a *Agent) Serve(ctx context.Context) error {
 	errc := make(chan error, 3)
 	updates := make(chan istio.Config)
 	go func() { errc <- a.cfg.Source.Run(ctx, updates) }()
+	go a.sweepLoop(ctx)
+	go a.pressureLoop(ctx, a.cfg.PressureInterval)
+	go a.retryLoop(ctx)
 	go func() {
 		for {
 			select {
@@ -157,10 +206,11 @@ func (a *Agent) Serve(ctx context.Context) error {
 	case err := <-errc:
 		return fmt.Errorf("istio config: %w", err)
 	case <-ctx.Done():
+		a.logStopping(ctx)
 		return nil
 	}
 
-	apiSrv, err := api.Listen(a.cfg.CNISocket, a, a.log)
+	apiSrv, err := api.Listen(a.cfg.CNISocket, a, a.log, api.AllowUID(a.cfg.CNIUID))
 	if err != nil {
 		return err
 	}
@@ -180,16 +230,39 @@ func (a *Agent) Serve(ctx context.Context) error {
 		msrv := &http.Server{Handler: a.metricsHandler(), ReadHeaderTimeout: 5 * time.Second}
 		go func() { errc <- serveUntil(ctx, msrv, mln) }()
 	}
+	go func() {
+		tick := time.NewTicker(max(a.cfg.ListenerGrace/4, 100*time.Millisecond))
+		defer tick.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case now := <-tick.C:
+				a.checkListeners(now)
+			}
+		}
+	}()
 	a.mu.Lock()
 	a.ready = true
 	a.mu.Unlock()
 	a.log.Info("agent ready", "cni_socket", a.cfg.CNISocket, "metrics", a.cfg.MetricsAddr, "pods", len(a.pods))
 	select {
 	case <-ctx.Done():
+		a.logStopping(ctx)
 		return nil
 	case err := <-errc:
 		return err
 	}
+}
+
+// logStopping says that the agent stops and what keeps running without it.
+func (a *Agent) logStopping(ctx context.Context) {
+	reason := "stopped"
+	if cause := context.Cause(ctx); cause != nil {
+		reason = cause.Error()
+	}
+	a.log.Info("agent stopping; the datapath stays attached and pinned: live and new connections of registered pods keep being captured and spliced, but a sidecar that starts listening before the next agent runs refuses inbound connections until then",
+		"reason", reason, "pin_dir", a.dp.PinDir(), "cgroup", a.cfg.CgroupPath)
 }
 
 func serveUntil(ctx context.Context, srv *http.Server, ln net.Listener) error {
@@ -211,23 +284,13 @@ func (a *Agent) applyConfig(c istio.Config) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	a.istio = c
-	node := datapath.NodeSettings{Capture: a.cfg.NodeCapture && c.Node.Capture, Splice: a.cfg.NodeSplice && c.Node.Splice}
-	if err := a.dp.SetNode(node); err != nil {
-		a.log.Error("apply node switches", "error", err)
+	// Never re-program a pod whose netns is gone: it may hold an address
+	// that belongs to a new pod now.
+	a.forgetGone()
+	if !a.reconcile() {
+		a.needRetry()
 	}
-	var result *multierror.Error
-	for id, p := range a.pods {
-		if err := a.programPod(p); err != nil {
-			result = multierror.Append(result, fmt.Errorf("%s: %w", id, err))
-		}
-	}
-	if err := result.ErrorOrNil(); err != nil {
-		a.log.Error("reconcile pods with the new config", "error", err)
-	}
-	if err := a.reconcilePolicy(true); err != nil {
-		a.log.Error("authorization policy not applied; the kernel keeps the previous one", "error", err)
-	}
-	a.log.Info("istio config applied", "node", node, "pods", len(a.pods),
+	a.log.Info("istio config applied", "node", a.nodeSettings(), "pods", len(a.pods),
 		"authorization_policies", len(c.AuthorizationPolicies), "sources", c.Sources)
 	select {
 	case <-a.loaded:
@@ -239,14 +302,24 @@ func (a *Agent) applyConfig(c istio.Config) {
 // programPod resolves a pod's settings and writes them to the kernel.
 // Called with a.mu held.
 func (a *Agent) programPod(p *pod) error {
+	if p.Recovered {
+		return nil // its annotations are unknown: the kernel keeps its settings
+	}
 	tr, warnings, err := istio.ParseTraffic(p.Reg.Annotations, a.istio.Defaults())
 	if err != nil {
 		return fmt.Errorf("%w: pod %s: %w", api.ErrInvalidRequest, p.Reg, err)
 	}
 	p.Traffic, p.Warnings = tr, warnings
 	if tr.Capture {
-		if err := redirect.PreparePodNetns(p.Reg.Netns); err != nil {
+		added, err := redirect.AddPassthroughV6(p.Reg.Netns)
+		if err != nil {
 			return err
+		}
+		if added && !p.AddedLoV6 {
+			p.AddedLoV6 = true
+			if err := a.saveState(); err != nil {
+				return err
+			}
 		}
 	}
 	return a.dp.AddPod(datapath.Pod{NetnsPath: p.Reg.Netns, Cookie: p.Cookie, IPs: p.Reg.IPs, Traffic: tr,
@@ -259,37 +332,94 @@ func (a *Agent) AddPod(_ context.Context, req api.PodRegistration) (api.PodStatu
 	if err != nil {
 		return api.PodStatus{}, fmt.Errorf("%w: netns: %w", api.ErrInvalidRequest, err)
 	}
+	if err := checkPodNetns(req, cookie); err != nil {
+		return api.PodStatus{}, err
+	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	// A registration rebuilt from the kernel (recoverPods) gives way to
+	// the real one of its netns, and comes back if that one fails.
+	recovered, recoveredID := a.adoptRecovered(req.ContainerID, cookie)
+	undo := func(prev *pod) {
+		if recovered != nil && prev == recovered {
+			delete(a.pods, req.ContainerID)
+			a.pods[recoveredID] = recovered
+			return
+		}
+		a.restore(req.ContainerID, prev)
+		if recovered != nil {
+			a.pods[recoveredID] = recovered
+		}
+	}
 	for id, other := range a.pods {
 		if id != req.ContainerID && other.Cookie == cookie {
+			undo(a.pods[req.ContainerID])
 			return api.PodStatus{}, fmt.Errorf("%w: netns %s is registered already for %s", api.ErrConflict, req.Netns, other.Reg)
 		}
 	}
-	p := &pod{Reg: req, Cookie: cookie}
+	p := &pod{Reg: req, Cookie: cookie, Registered: time.Now()}
 	if _, _, err := istio.ParseTraffic(req.Annotations, a.istio.Defaults()); err != nil {
+		undo(a.pods[req.ContainerID])
 		return api.PodStatus{}, fmt.Errorf("%w: pod %s: %w", api.ErrInvalidRequest, req, err)
 	}
+	claimWarnings, err := a.settleIPClaims(req.ContainerID, p)
+	if err != nil {
+		undo(a.pods[req.ContainerID])
+		return api.PodStatus{}, err
+	}
 	prev := a.pods[req.ContainerID]
+	if prev == nil {
+		prev = recovered
+	}
+	if prev != nil && prev.Cookie == cookie {
+		p.AddedLoV6, p.Registered = prev.AddedLoV6, prev.Registered
+	}
 	a.pods[req.ContainerID] = p
 	if err := a.saveState(); err != nil {
-		a.restore(req.ContainerID, prev)
+		undo(prev)
+		a.failedOn("save_state", req.String(), err)
 		return api.PodStatus{}, err
 	}
-	if err := a.programPod(p); err != nil {
-		a.restore(req.ContainerID, prev)
-		a.saveState()
-		a.dp.RemovePod(cookie)
+	if err := a.replacePod(prev, p); err != nil {
+		undo(prev)
+		a.failedOn("program_pod", req.String(), err)
+		if serr := a.saveState(); serr != nil {
+			a.log.Error("save registrations after a failed registration", "pod", req.String(), "error", serr)
+			a.failed("save_state", serr)
+		}
 		return api.PodStatus{}, err
 	}
+	p.Warnings = append(p.Warnings, claimWarnings...)
 	for _, w := range p.Warnings {
 		a.log.Warn("pod settings", "pod", req.String(), "warning", w)
 	}
 	// The pod's own policy set and its identity as a source.
-	if err := a.reconcilePolicy(false); err != nil {
-		a.log.Error("authorization policy not applied; the kernel keeps the previous one", "error", err)
+	a.applyPolicy()
+	return a.statusOf(p), nil
+}
+
+// replacePod programs p in place of the previous registration of its
+// container ID (nil: none). The datapath rolls a failed registration back,
+// so on error the previous one is still in force. A container registered
+// again with another netns (its sandbox re-created) leaves nothing of the
+// old netns behind; the old one goes first, as both claim the same
+// addresses, and comes back if p fails. Called with a.mu held.
+func (a *Agent) replacePod(prev, p *pod) error {
+	if prev == nil || prev.Cookie == p.Cookie {
+		return a.programPod(p)
 	}
-	return statusOf(p), nil
+	if err := a.dp.RemovePod(prev.Cookie); err != nil {
+		return fmt.Errorf("forget the previous netns of %s: %w", p.Reg, err)
+	}
+	err := a.programPod(p)
+	if err != nil {
+		if rerr := a.programPod(prev); rerr != nil {
+			a.log.Error("restore the previous registration", "pod", prev.Reg.String(), "error", rerr)
+			a.failedOn("program_pod", prev.Reg.String(), rerr)
+			a.needRetry()
+		}
+	}
+	return err
 }
 
 func (a *Agent) restore(id string, prev *pod) {
@@ -314,7 +444,9 @@ func (a *Agent) CheckPod(_ context.Context, containerID string) (api.PodStatus, 
 	}
 	for _, kp := range pods {
 		if kp.Cookie == p.Cookie {
-			return statusOf(p), nil
+			a.mu.Lock()
+			defer a.mu.Unlock()
+			return a.statusOf(p), nil
 		}
 	}
 	return api.PodStatus{}, fmt.Errorf("%w: %s is registered but missing from the kernel tables", api.ErrConflict, p.Reg)
@@ -332,10 +464,15 @@ func (a *Agent) RemovePod(_ context.Context, containerID string) error {
 		return err
 	}
 	delete(a.pods, containerID)
-	a.log.Info("pod unregistered", "pod", p.Reg.String())
-	if err := a.reconcilePolicy(false); err != nil {
-		a.log.Error("authorization policy not applied; the kernel keeps the previous one", "error", err)
+	if p.AddedLoV6 {
+		if err := redirect.RemovePassthroughV6(p.Reg.Netns); err != nil {
+			// The pod is going: a stray address must not block its removal.
+			a.log.Warn("pod unregistered, but ::6 stays on its lo", "pod", p.Reg.String(), "error", err)
+			a.failedOn("remove_passthrough_v6", p.Reg.String(), err)
+		}
 	}
+	a.log.Info("pod unregistered", "pod", p.Reg.String())
+	a.applyPolicy()
 	return a.saveState()
 }
 
@@ -354,20 +491,39 @@ func (a *Agent) Pods() []api.PodStatus {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	out := make([]api.PodStatus, 0, len(a.pods))
+	kernel, err := a.dp.PodPolicies()
 	for _, p := range a.pods {
-		out = append(out, statusOf(p))
+		out = append(out, a.statusWith(p, kernel, err))
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Pod.ContainerID < out[j].Pod.ContainerID })
 	return out
 }
 
-func statusOf(p *pod) api.PodStatus {
-	return api.PodStatus{Pod: p.Reg, Capture: p.Traffic.Capture, Splice: p.Traffic.Splice, Warnings: p.Warnings}
+// statusOf is a pod's status, its policy included. Called with a.mu held.
+func (a *Agent) statusOf(p *pod) api.PodStatus {
+	kernel, err := a.dp.PodPolicies()
+	return a.statusWith(p, kernel, err)
+}
+
+// statusWith is statusOf with the kernel's policy tables read already.
+func (a *Agent) statusWith(p *pod, kernel map[uint64]datapath.PodPolicy, err error) api.PodStatus {
+	st := api.PodStatus{Pod: p.Reg, Capture: p.Traffic.Capture, Splice: p.Traffic.Splice, Warnings: p.Warnings}
+	if p.inbound.known {
+		ready := p.inbound.ready
+		st.InboundReady, st.InboundReason = &ready, p.inbound.reason
+	}
+	if err != nil {
+		st.Policy = &api.PolicyStatus{Reason: "cannot read the kernel's policy tables: " + err.Error()}
+	} else {
+		st.Policy = a.podPolicy(p, kernel)
+	}
+	return st
 }
 
 func (a *Agent) statePath() string { return filepath.Join(a.cfg.StateDir, "pods.json") }
 
-// saveState writes the registrations atomically. Called with a.mu held.
+// saveState writes the registrations atomically and durably (statefile.go).
+// Called with a.mu held.
 func (a *Agent) saveState() error {
 	if err := os.MkdirAll(a.cfg.StateDir, 0o700); err != nil {
 		return fmt.Errorf("state dir: %w", err)
@@ -381,11 +537,7 @@ func (a *Agent) saveState() error {
 	if err != nil {
 		return err
 	}
-	tmp := a.statePath() + ".tmp"
-	if err := os.WriteFile(tmp, b, 0o600); err != nil {
-		return fmt.Errorf("save pods: %w", err)
-	}
-	if err := os.Rename(tmp, a.statePath()); err != nil {
+	if err := writeFileSync(a.statePath(), b); err != nil {
 		return fmt.Errorf("save pods: %w", err)
 	}
 	return nil
@@ -393,24 +545,35 @@ func (a *Agent) saveState() error {
 
 // loadState reloads registrations of an earlier agent. A pod whose netns is
 // gone, or now has another cookie, is dropped (and removed from the
-// kernel); kernel pods nobody registered are removed too.
+// kernel); kernel pods nobody registered are removed too. A corrupt
+// pods.json is moved aside and the pods are rebuilt from the kernel
+// (recoverPods): a lost file must not un-mesh live pods.
 func (a *Agent) loadState() error {
-	b, err := os.ReadFile(a.statePath())
-	if errors.Is(err, os.ErrNotExist) {
-		b = []byte("[]")
+	list, err := readPods(a.statePath())
+	corrupt := errors.Is(err, errCorrupt)
+	if corrupt {
+		aside, qerr := quarantine(a.statePath())
+		if qerr != nil {
+			return fmt.Errorf("load pods: %w (%w)", err, qerr)
+		}
+		a.log.Error("pod registrations unreadable; moved aside, rebuilding them from the kernel",
+			"error", err, "moved_to", aside)
+		a.failed("load_state", err)
 	} else if err != nil {
 		return fmt.Errorf("load pods: %w", err)
-	}
-	var list []*pod
-	if err := json.Unmarshal(b, &list); err != nil {
-		return fmt.Errorf("load pods from %s: %w", a.statePath(), err)
 	}
 	keep := map[uint64]bool{}
 	for _, p := range list {
 		if c, err := datapath.NetnsCookie(p.Reg.Netns); err != nil || c != p.Cookie {
 			a.log.Info("dropping pod whose netns is gone", "pod", p.Reg.String(), "netns", p.Reg.Netns)
-			a.dp.RemovePod(p.Cookie)
+			if err := a.dp.RemovePod(p.Cookie); err != nil {
+				a.log.Error("remove a gone pod from the kernel", "pod", p.Reg.String(), "error", err)
+				a.failed("remove_pod", err)
+			}
 			continue
+		}
+		if p.Registered.IsZero() {
+			p.Registered = time.Now()
 		}
 		a.pods[p.Reg.ContainerID] = p
 		keep[p.Cookie] = true
@@ -419,10 +582,23 @@ func (a *Agent) loadState() error {
 	if err != nil {
 		return err
 	}
+	if corrupt {
+		if err := a.recoverPods(kernel, keep); err != nil {
+			return err
+		}
+	}
+	if a.identitiesLost {
+		if err := identityFloor(a.ids, kernel); err != nil {
+			return fmt.Errorf("identities: %w", err)
+		}
+	}
 	for _, kp := range kernel {
 		if !keep[kp.Cookie] {
 			a.log.Info("removing a kernel pod no registration knows", "netns_cookie", kp.Cookie)
-			a.dp.RemovePod(kp.Cookie)
+			if err := a.dp.RemovePod(kp.Cookie); err != nil {
+				a.log.Error("remove a kernel pod no registration knows", "netns_cookie", kp.Cookie, "error", err)
+				a.failed("remove_pod", err)
+			}
 		}
 	}
 	// Programmed with the current config once it arrives (applyConfig).

@@ -7,8 +7,11 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"reflect"
 	"slices"
+	"strings"
 
+	"github.com/meshsplice/meshsplice/agent/api"
 	"github.com/meshsplice/meshsplice/datapath"
 	"github.com/meshsplice/meshsplice/istio"
 	"github.com/meshsplice/meshsplice/policy"
@@ -56,7 +59,16 @@ func (a *Agent) loadIdentities() error {
 		return fmt.Errorf("load identities: %w", err)
 	}
 	if err := a.ids.Load(bytes.NewReader(b)); err != nil {
-		return fmt.Errorf("load identities from %s: %w", a.identitiesPath(), err)
+		// A corrupt file must not keep the agent down: move it aside and
+		// number afresh, above what the kernel holds (loadState).
+		aside, qerr := quarantine(a.identitiesPath())
+		if qerr != nil {
+			return fmt.Errorf("load identities from %s: %w (%w)", a.identitiesPath(), err, qerr)
+		}
+		a.log.Error("workload identities unreadable; moved aside, numbering them afresh (the next policy install uses the new numbers)",
+			"error", err, "moved_to", aside)
+		a.failed("load_identities", err)
+		a.identitiesLost = true
 	}
 	return nil
 }
@@ -66,11 +78,10 @@ func (a *Agent) saveIdentities() error {
 	if err := a.ids.Save(&buf); err != nil {
 		return err
 	}
-	tmp := a.identitiesPath() + ".tmp"
-	if err := os.WriteFile(tmp, buf.Bytes(), 0o600); err != nil {
+	if err := writeFileSync(a.identitiesPath(), buf.Bytes()); err != nil {
 		return fmt.Errorf("save identities: %w", err)
 	}
-	return os.Rename(tmp, a.identitiesPath())
+	return nil
 }
 
 // podIdentity is the identity number of a registered pod.
@@ -84,8 +95,11 @@ func bypassPorts() []uint16 {
 	return slices.Clone(istio.ProxyPorts)
 }
 
-// reconcilePolicy compiles and installs the policy. Called with a.mu held.
-func (a *Agent) reconcilePolicy(teardown bool) error {
+// reconcilePolicy compiles and installs the policy, and when the kernel
+// policy changed (a policy edit, or a registration that changes which
+// identity an address has), closes the live connections it now forbids.
+// Called with a.mu held.
+func (a *Agent) reconcilePolicy() error {
 	in := policy.Input{
 		TrustDomain:   a.istio.TrustDomain(),
 		RootNamespace: a.istio.RootNamespace(),
@@ -96,8 +110,14 @@ func (a *Agent) reconcilePolicy(teardown bool) error {
 	}
 	ipWorkload := map[netip.Addr]string{}
 	for _, p := range a.pods {
+		if p.Recovered {
+			continue // namespace, account and labels unknown: left to its sidecar
+		}
+		// No labels means the runtime passed none (the CNI capability is
+		// unfilled): unknown, not "selected by nothing".
 		w := policy.Workload{Namespace: podNamespace(p.Reg), Name: podName(p.Reg),
-			ServiceAccount: p.Reg.ServiceAccount, Labels: p.Reg.Labels, IPs: p.Reg.IPs}
+			ServiceAccount: p.Reg.ServiceAccount, Labels: p.Reg.Labels, LabelsUnknown: len(p.Reg.Labels) == 0,
+			IPs: p.Reg.IPs}
 		in.Workloads = append(in.Workloads, w)
 		for _, ip := range p.Reg.IPs {
 			ipWorkload[ip.Unmap()] = w.Key()
@@ -135,6 +155,9 @@ func (a *Agent) reconcilePolicy(teardown bool) error {
 	for w, why := range res.Unenforced {
 		a.log.Warn("no kernel policy for a workload; its sidecar still enforces", "workload", w, "why", why)
 	}
+	for w, why := range res.Partial {
+		a.log.Info("part of a workload's policy left to its sidecar", "workload", w, "why", why)
+	}
 
 	dp := datapath.Policy{IPs: map[netip.Addr]datapath.IPPolicy{}}
 	for _, s := range res.Sets {
@@ -147,14 +170,18 @@ func (a *Agent) reconcilePolicy(teardown bool) error {
 		}
 		dp.IPs[ip] = datapath.IPPolicy{Identity: uint32(id), Set: set}
 	}
+	a.policy = res
+	if reflect.DeepEqual(dp, a.applied) {
+		return a.saveIdentities()
+	}
 	if err := a.dp.SetPolicy(dp); err != nil {
 		return err
 	}
-	a.policy = res
+	a.applied = dp
 	if err := a.saveIdentities(); err != nil {
 		return err
 	}
-	if teardown {
+	{
 		n, err := a.dp.TeardownForbidden()
 		switch {
 		case errors.Is(err, datapath.ErrTeardownUnsupported):
@@ -185,4 +212,30 @@ func kernelSet(s policy.PolicySet) datapath.PolicySet {
 		k.Atoms = append(k.Atoms, fmt.Sprintf("%s %s (rule %d)", at.Action, at.Policy, at.Rule))
 	}
 	return k
+}
+
+// podPolicy says whether the kernel enforces p's policy: the kernel's view
+// (datapath.PodPolicy, what `meshsplice status` reads without the agent)
+// with what only the agent knows. Called with a.mu held.
+func (a *Agent) podPolicy(p *pod, kernel map[uint64]datapath.PodPolicy) *api.PolicyStatus {
+	kp, ok := kernel[p.Cookie]
+	if !ok {
+		return &api.PolicyStatus{Reason: "the pod is not in the kernel tables"}
+	}
+	st := &api.PolicyStatus{Enforced: kp.Enforced, Reason: kp.Reason}
+	key := podNamespace(p.Reg) + "/" + podName(p.Reg)
+	var why []string
+	if err := a.policy.Unenforced[key]; err != nil && kp.Reason != datapath.ReasonNoSidecar {
+		why = append(why, err.Error())
+	} else if kp.Reason != "" {
+		why = append(why, kp.Reason)
+	}
+	if s, ok := a.policy.Partial[key]; ok {
+		why = append(why, s)
+	}
+	if ps := a.dp.PolicyState(); ps.LastError != "" {
+		why = append(why, "policy not applied, the previous one is in force: "+ps.LastError)
+	}
+	st.Reason = strings.Join(why, "; ")
+	return st
 }

@@ -11,7 +11,12 @@
 // mode rotated, every process pinned, warm-up discarded. Each run checks
 // that its mode really took the path it claims (kernel counters and the
 // pod's iptables rules), so a mis-set mode fails the benchmark instead of
-// producing a number.
+// producing a number. CPU time per request is the pods' role cgroups'
+// cpu.stat over the measurement window, read on the pods' CPU by the side
+// that defines the window (mstest client --cpu-stat; mstest window around
+// fortio), never by the benchmark when it gets to the window's marks, which
+// a loaded machine can delay past the window's end; a window whose readings
+// missed its edges is "unknown" (null), never 0.
 //
 // Modes:
 //

@@ -31,8 +31,8 @@ func hops(rs []Row) []Hop {
 		return nil
 	}
 	cpu := func(t Topology, m Mode) (float64, bool) {
-		if r := find(t, false, m); r != nil {
-			return r.CPUUSPerReq, true
+		if r := find(t, false, m); r != nil && r.CPUUSPerReq != nil {
+			return *r.CPUUSPerReq, true
 		}
 		return 0, false
 	}

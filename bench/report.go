@@ -75,8 +75,10 @@ type Row struct {
 	// CPUUSPerReq is the CPU time of every pod process per request (per
 	// write, per connection), from the role cgroups' cpu.stat;
 	// CPUUSPerReqByRole splits it by role (client-app, client-sidecar,
-	// server-sidecar, server-app) into user and system time.
-	CPUUSPerReq       float64            `json:"cpu_us_per_req"`
+	// server-sidecar, server-app) into user and system time. null means
+	// unknown: no repetition's readings covered its window (see
+	// docs/benchmarks.md, Method); never 0.
+	CPUUSPerReq       *float64           `json:"cpu_us_per_req"`
 	CPUUSPerReqByRole map[string]RoleCPU `json:"cpu_us_per_req_by_role"`
 	// AddedUS is the latency added over the direct mode, per percentile.
 	AddedUS Percentiles `json:"added_us"`
@@ -122,11 +124,11 @@ type RoleCPU struct {
 
 // RepStat is one repetition's own numbers, to show the spread.
 type RepStat struct {
-	P50US         float64 `json:"p50_us"`
-	P99US         float64 `json:"p99_us"`
-	RPS           float64 `json:"rps"`
-	CPUUSPerReq   float64 `json:"cpu_us_per_req"`
-	ForeignCPUPct float64 `json:"foreign_cpu_pct"`
+	P50US         float64  `json:"p50_us"`
+	P99US         float64  `json:"p99_us"`
+	RPS           float64  `json:"rps"`
+	CPUUSPerReq   *float64 `json:"cpu_us_per_req"` // null: unknown
+	ForeignCPUPct float64  `json:"foreign_cpu_pct"`
 }
 
 // Target is one of the issue's targets, checked.
@@ -157,7 +159,7 @@ func rows(c Cell, res map[Mode]result) []Row {
 		row := Row{
 			Topology: c.Topology, Workload: c.Workload, Size: c.Size, Conns: c.Conns, Rate: c.Rate,
 			Kind: c.Kind(), Label: c.Label(), Mode: m,
-			RPS: round(r.rps), BytesPerS: math.Round(r.bytesPerS), CPUUSPerReq: round(r.cpuPerUnit),
+			RPS: round(r.rps), BytesPerS: math.Round(r.bytesPerS), CPUUSPerReq: r.cpuPerUnit,
 			CPUUSPerReqByRole: r.cpuByRole, Reps: r.reps, Evidence: r.evidence, ForeignCPUPct: round(r.foreignPct),
 		}
 		if r.hasLatency {
@@ -261,6 +263,15 @@ func fmtPtr(v *float64, format string) string {
 	return fmt.Sprintf(format, *v)
 }
 
+// cpuText is the CPU time per request for people: "unknown" when the
+// readings did not cover the window.
+func (r Row) cpuText() string {
+	if r.CPUUSPerReq == nil {
+		return "unknown"
+	}
+	return fmt.Sprintf("%.1f", *r.CPUUSPerReq)
+}
+
 func (r Row) ratioText() string {
 	if r.RatioVsIptables == nil {
 		return "-"
@@ -299,9 +310,9 @@ func (rep *Report) WriteTable(w io.Writer) error {
 				"mode", "p50 us", "p90 us", "p99 us", "p99.9 us", "req/s", "cpu us/req", "+p50 us", "+p99 us", "vs iptables")
 			last = head
 		}
-		if _, err := fmt.Fprintf(w, "  %-16s %8s %8s %8s %9s %11s %10.1f %8s %8s  %s%s\n", r.Mode,
+		if _, err := fmt.Fprintf(w, "  %-16s %8s %8s %8s %9s %11s %10s %8s %8s  %s%s\n", r.Mode,
 			fmtPtr(r.P50US, "%.1f"), fmtPtr(r.P90US, "%.1f"), fmtPtr(r.P99US, "%.1f"), fmtPtr(r.P999US, "%.1f"),
-			r.rateText(), r.CPUUSPerReq, fmtPtr(r.AddedUS.P50, "%.1f"), fmtPtr(r.AddedUS.P99, "%.1f"), r.ratioText(), r.slowerText()); err != nil {
+			r.rateText(), r.cpuText(), fmtPtr(r.AddedUS.P50, "%.1f"), fmtPtr(r.AddedUS.P99, "%.1f"), r.ratioText(), r.slowerText()); err != nil {
 			return err
 		}
 	}
@@ -339,9 +350,9 @@ func (rep *Report) WriteMarkdown(w io.Writer) error {
 		case r.SlowerThanIptables:
 			ratio += fmt.Sprintf(" (slower +%.0f%%, noise)", r.SlowerByPct)
 		}
-		if _, err := fmt.Fprintf(w, "| %s | %s | %s | %s | %s | %s | %s | %.1f | %s | %s | %s |\n", r.Label, r.Mode,
+		if _, err := fmt.Fprintf(w, "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", r.Label, r.Mode,
 			fmtPtr(r.P50US, "%.1f"), fmtPtr(r.P90US, "%.1f"), fmtPtr(r.P99US, "%.1f"), fmtPtr(r.P999US, "%.1f"),
-			r.rateText(), r.CPUUSPerReq, fmtPtr(r.AddedUS.P50, "%.1f"), fmtPtr(r.AddedUS.P99, "%.1f"), ratio); err != nil {
+			r.rateText(), r.cpuText(), fmtPtr(r.AddedUS.P50, "%.1f"), fmtPtr(r.AddedUS.P99, "%.1f"), ratio); err != nil {
 			return err
 		}
 	}

@@ -5,7 +5,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -61,9 +63,11 @@ type sample struct {
 	rps       float64
 	bytesPerS float64
 	units     int64
-	// cpu is the CPU time of each role over the measurement window.
-	cpu      map[string]lab.CPU
-	evidence Evidence
+	// cpu is the CPU time of each role over the measurement window, nil
+	// when unknown; cpuUnknown says why.
+	cpu        map[string]lab.CPU
+	cpuUnknown string
+	evidence   Evidence
 	// foreign is the CPU time processes not of the benchmark used during
 	// the window (on any CPU: unpinned, they compete for the pods' CPU
 	// too); foreignPct relative to the window.
@@ -79,45 +83,103 @@ func (s *sample) disturbed() bool {
 	return s.foreign > max(30*time.Millisecond, s.window/20)
 }
 
-// cpuPerUnit is the CPU time of all roles per request, in microseconds.
-func (s *sample) cpuPerUnit() float64 {
+// cpuPerUnit is the CPU time of all roles per request, in microseconds;
+// not known when the readings did not cover the window (s.cpu is nil) or
+// nothing was counted in it. A known 0 is a measurement error, reported as
+// such.
+func (s *sample) cpuPerUnit() (float64, bool) {
+	if s.cpu == nil || s.units == 0 {
+		return 0, false
+	}
 	var sum time.Duration
 	for _, d := range s.cpu {
 		sum += d.Total
 	}
-	if s.units == 0 {
-		return 0
-	}
-	return float64(sum.Microseconds()) / float64(s.units)
+	return float64(sum.Microseconds()) / float64(s.units), true
 }
 
-// windowMarks records the role cgroups' CPU time at the start and the end
-// of a run's measurement window, as the client announces them.
+// markDelay delays the handling of every window mark line by the
+// benchmark (tests: a benchmark process the machine's load keeps from
+// running).
+var markDelay time.Duration
+
+// windowMarks collects a run's window marks. The role cgroups' CPU times
+// come in the marks themselves: the client (mstest client --cpu-stat, or
+// mstest window around fortio) reads them at the edges of its window, on
+// the pods' CPU. The benchmark handles a mark when it gets to it, on a
+// loaded machine long after the window may be over: a reading taken then
+// would miss the window's work. Only the other processes' CPU times and
+// the clock, for the disturbance check, are read on handling.
 type windowMarks struct {
-	e          *env
+	root       string
 	mu         sync.Mutex
 	start, end map[string]lab.CPU
-	// others are the other processes' CPU times, t the wall clock, at
-	// each mark.
+	// others are the other processes' CPU times, t the wall clock, when
+	// each mark was handled.
 	othersStart, othersEnd lab.ProcTimes
 	tStart, tEnd           time.Time
-	err                    error
+	// read are the wall clock times of the client's readings.
+	readStart, readEnd time.Time
+	err                error
+	// unknown says why the readings do not cover the window.
+	unknown string
 }
 
-func (w *windowMarks) mark(start bool) {
+// windowEvent is the window event of mstest (e2e/mstest/load.go).
+type windowEvent struct {
+	Phase string `json:"phase"`
+	CPU   map[string]struct {
+		TotalUS  int64 `json:"total_us"`
+		UserUS   int64 `json:"user_us"`
+		SystemUS int64 `json:"system_us"`
+	} `json:"cpu"`
+	Error  string `json:"error"`
+	UnixNS int64  `json:"unix_ns"`
+}
+
+// cpuStatArgs are the --cpu-stat flags of mstest client and mstest window
+// for the topology's role cgroups.
+func (e *env) cpuStatArgs() []string {
+	var args []string
+	for _, role := range slices.Sorted(maps.Keys(e.roles)) {
+		args = append(args, "--cpu-stat", role+"="+e.roles[role].Path)
+	}
+	return args
+}
+
+// line handles a line of the client's output; window events are marks.
+func (w *windowMarks) line(line string) {
+	if !strings.HasPrefix(line, `{"event":"window"`) {
+		return
+	}
+	time.Sleep(markDelay)
 	now := time.Now()
-	u, err := w.e.cpuUsage()
-	others, oerr := lab.OtherProcs(w.e.root.Path)
+	others, oerr := lab.OtherProcs(w.root)
+	var ev windowEvent
+	err := json.Unmarshal([]byte(line), &ev)
+	switch {
+	case err != nil:
+		err = fmt.Errorf("client window event %s: %w", line, err)
+	case ev.Error != "":
+		err = fmt.Errorf("client window %s: %s", ev.Phase, ev.Error)
+	case len(ev.CPU) == 0:
+		err = fmt.Errorf("client window event without CPU readings: %s", line)
+	}
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if err = errors.Join(err, oerr); err != nil {
-		w.err = err
+		w.err = errors.Join(w.err, err)
 		return
 	}
-	if start {
-		w.start, w.othersStart, w.tStart = u, others, now
+	cpu := map[string]lab.CPU{}
+	for role, c := range ev.CPU {
+		us := func(v int64) time.Duration { return time.Duration(v) * time.Microsecond }
+		cpu[role] = lab.CPU{Total: us(c.TotalUS), User: us(c.UserUS), System: us(c.SystemUS)}
+	}
+	if ev.Phase == "start" {
+		w.start, w.othersStart, w.tStart, w.readStart = cpu, others, now, time.Unix(0, ev.UnixNS)
 	} else if w.start != nil {
-		w.end, w.othersEnd, w.tEnd = u, others, now
+		w.end, w.othersEnd, w.tEnd, w.readEnd = cpu, others, now, time.Unix(0, ev.UnixNS)
 	}
 }
 
@@ -129,20 +191,45 @@ func (w *windowMarks) foreign() (time.Duration, time.Duration) {
 	return lab.Foreign(w.othersStart, w.othersEnd), w.tEnd.Sub(w.tStart)
 }
 
-func (w *windowMarks) delta() (map[string]lab.CPU, error) {
+// covers checks that the readings were taken within tolerance of the start
+// and the end of a window the load generator reports itself (fortio: mstest
+// window takes them when it gets to fortio's lines, on the pods' busy CPU).
+// Otherwise the window's CPU time is unknown.
+func (w *windowMarks) covers(start time.Time, length time.Duration, tolerance time.Duration) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.start == nil || w.end == nil {
+		return // delta says so
+	}
+	late := max(w.readStart.Sub(start), w.readEnd.Sub(start.Add(length)))
+	if late > tolerance {
+		w.unknown = fmt.Sprintf("the CPU readings came up to %v after the edges of the %v window", late.Round(time.Microsecond), length.Round(time.Microsecond))
+	}
+}
+
+// delta returns each role's CPU time over the window, nil and why when
+// unknown.
+func (w *windowMarks) delta() (map[string]lab.CPU, string, error) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if w.err != nil {
-		return nil, w.err
+		return nil, "", w.err
 	}
 	if w.start == nil || w.end == nil {
-		return nil, fmt.Errorf("the client did not mark its measurement window")
+		return nil, "", fmt.Errorf("the client did not mark its measurement window")
+	}
+	if w.unknown != "" {
+		return nil, w.unknown, nil
 	}
 	d := map[string]lab.CPU{}
 	for role, v := range w.end {
-		d[role] = v.Sub(w.start[role])
+		s, ok := w.start[role]
+		if !ok {
+			return nil, "", fmt.Errorf("the client read the CPU time of %s at the end of its window only", role)
+		}
+		d[role] = v.Sub(s)
 	}
-	return d, nil
+	return d, "", nil
 }
 
 // run measures cell c once in the current mode.
@@ -151,7 +238,7 @@ func (e *env) run(ctx context.Context, c Cell, warmup, window time.Duration) (*s
 	if err != nil {
 		return nil, err
 	}
-	marks := &windowMarks{e: e}
+	marks := &windowMarks{root: e.root.Path}
 	var s *sample
 	if c.Workload == HTTP {
 		s, err = e.runFortio(ctx, c, window, marks)
@@ -161,7 +248,7 @@ func (e *env) run(ctx context.Context, c Cell, warmup, window time.Duration) (*s
 	if err != nil {
 		return nil, err
 	}
-	if s.cpu, err = marks.delta(); err != nil {
+	if s.cpu, s.cpuUnknown, err = marks.delta(); err != nil {
 		return nil, err
 	}
 	s.foreign, s.window = marks.foreign()
@@ -254,10 +341,10 @@ func (e *env) runMstest(ctx context.Context, c Cell, warmup, window time.Duratio
 	if c.Rate > 0 {
 		args = append(args, "--rate", fmt.Sprint(c.Rate))
 	}
-	args = append(args, "--target", e.target(port))
+	args = append(append(args, e.cpuStatArgs()...), "--target", e.target(port))
 	p, err := e.start(e.client, roleClientApp, e.client.app, appUID, args, func(stream, line string) {
-		if stream == "stdout" && strings.HasPrefix(line, `{"event":"window"`) {
-			marks.mark(strings.Contains(line, `"start"`))
+		if stream == "stdout" {
+			marks.line(line)
 		}
 	}, true)
 	if err != nil {
@@ -309,6 +396,8 @@ type aggregate struct {
 // fortioResult is the part of fortio's JSON result the benchmark reads.
 type fortioResult struct {
 	ActualQPS         float64
+	StartTime         time.Time
+	ActualDuration    time.Duration
 	DurationHistogram struct {
 		Count       int64
 		Percentiles []struct {
@@ -325,19 +414,17 @@ type fortioResult struct {
 // runFortio runs `fortio load` in the client pod against the fortio server:
 // Istio's method (fixed total rate, 1 KiB bodies echoed back).
 func (e *env) runFortio(ctx context.Context, c Cell, window time.Duration, marks *windowMarks) (*sample, error) {
-	args := []string{e.opts.bin("fortio"), "load", "-qps", fmt.Sprint(c.Rate), "-c", fmt.Sprint(c.Conns),
+	// mstest window reads the CPU times when fortio prints the lines that
+	// open and close its window ("Starting at", "Ended after").
+	args := append([]string{e.opts.bin("mstest"), "window"}, e.cpuStatArgs()...)
+	args = append(args, "--start", "Starting at ", "--end", "Ended after ", "--",
+		e.opts.bin("fortio"), "load", "-qps", fmt.Sprint(c.Rate), "-c", fmt.Sprint(c.Conns),
 		"-t", window.String(), "-r", "0.00001", "-p", "50,90,99,99.9", "-payload-size", fmt.Sprint(c.Size),
 		"-uniform", "-json", "-", "-logger-json=false",
-		"http://" + e.target(fortioPort) + "/echo"}
+		"http://"+e.target(fortioPort)+"/echo")
 	p, err := e.start(e.client, roleClientApp, e.client.app, appUID, args, func(stream, line string) {
-		if stream != "stderr" {
-			return
-		}
-		switch {
-		case strings.HasPrefix(line, "Starting at "):
-			marks.mark(true)
-		case strings.HasPrefix(line, "Ended after "):
-			marks.mark(false)
+		if stream == "stderr" {
+			marks.line(line)
 		}
 	}, true)
 	if err != nil {
@@ -354,6 +441,7 @@ func (e *env) runFortio(ctx context.Context, c Cell, window time.Duration, marks
 	if h.Count == 0 || r.ErrorsDurationHistogram.Count != 0 || r.RetCodes["200"] != h.Count {
 		return nil, fmt.Errorf("fortio: %d requests, %d errors, return codes %v", h.Count, r.ErrorsDurationHistogram.Count, r.RetCodes)
 	}
+	marks.covers(r.StartTime, r.ActualDuration, r.ActualDuration/20)
 	s := &sample{rps: r.ActualQPS, units: h.Count, hasLatency: true}
 	for _, pc := range h.Percentiles {
 		v := pc.Value * 1e6

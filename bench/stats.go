@@ -73,7 +73,7 @@ type result struct {
 	hasLatency          bool
 	p50, p90, p99, p999 float64
 	rps, bytesPerS      float64
-	cpuPerUnit          float64
+	cpuPerUnit          *float64 // nil: unknown
 	cpuByRole           map[string]RoleCPU
 	reps                []RepStat
 	evidence            Evidence
@@ -97,12 +97,15 @@ func combine(samples []*sample) result {
 	for _, s := range samples {
 		rps = append(rps, s.rps)
 		bps = append(bps, s.bytesPerS)
-		cpu = append(cpu, s.cpuPerUnit())
+		perUnit, known := s.cpuPerUnit()
+		if known {
+			cpu = append(cpu, perUnit)
+		}
 		for role, d := range s.cpu {
+			if !known {
+				break
+			}
 			per := func(t time.Duration) float64 {
-				if s.units == 0 {
-					return 0
-				}
 				return float64(t.Nanoseconds()) / 1e3 / float64(s.units)
 			}
 			v := roles[role]
@@ -119,11 +122,11 @@ func combine(samples []*sample) result {
 		} else {
 			pooled.merge(s.hist)
 		}
-		r.reps = append(r.reps, RepStat{P50US: round(s.p50), P99US: round(s.p99), RPS: round(s.rps), CPUUSPerReq: round(s.cpuPerUnit()), ForeignCPUPct: round(s.foreignPct)})
+		r.reps = append(r.reps, RepStat{P50US: round(s.p50), P99US: round(s.p99), RPS: round(s.rps), CPUUSPerReq: roundPtr(perUnit, known), ForeignCPUPct: round(s.foreignPct)})
 		r.evidence.add(s.evidence)
 		r.foreignPct = math.Max(r.foreignPct, s.foreignPct)
 	}
-	r.rps, r.bytesPerS, r.cpuPerUnit = median(rps), median(bps), median(cpu)
+	r.rps, r.bytesPerS, r.cpuPerUnit = median(rps), median(bps), roundPtr(median(cpu), len(cpu) > 0)
 	for role, v := range roles {
 		r.cpuByRole[role] = RoleCPU{Total: round(median(v[0])), User: round(median(v[1])), System: round(median(v[2]))}
 	}
@@ -135,6 +138,14 @@ func combine(samples []*sample) result {
 		}
 	}
 	return r
+}
+
+// roundPtr is round(v), or nil (unknown) when not known.
+func roundPtr(v float64, known bool) *float64 {
+	if !known {
+		return nil
+	}
+	return ptr(round(v))
 }
 
 // round keeps two decimals: the JSON carries measurements, not noise.

@@ -401,19 +401,6 @@ func istioRules(p *pod) (int, error) {
 	return n, nil
 }
 
-// cpuUsage reads the CPU time of every role cgroup.
-func (e *env) cpuUsage() (map[string]lab.CPU, error) {
-	u := map[string]lab.CPU{}
-	for role, cg := range e.roles {
-		d, err := cg.Usage()
-		if err != nil {
-			return nil, err
-		}
-		u[role] = d
-	}
-	return u, nil
-}
-
 // detachAll detaches every datapath pinned below dir (one per node).
 func detachAll(dir string) error {
 	entries, err := os.ReadDir(dir)

@@ -4,7 +4,9 @@
  *
  *  - cgroup/connect4, cgroup/connect6: a meshed pod's outbound TCP connect
  *    is sent to its sidecar's outbound listener (127.0.0.1:15001 or
- *    [::1]:15001), the original destination kept in socket storage;
+ *    [::1]:15001), and the proxy's own connect to its pod (istio-iptables'
+ *    ISTIO_IN_REDIRECT) to its inbound listener, the original destination
+ *    kept in socket storage;
  *  - cgroup/getsockopt: answers SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST on the
  *    sidecar's accepted sockets, so an unmodified Envoy finds that
  *    destination;
@@ -21,28 +23,86 @@
  */
 #include "common.h"
 
-/* bound_to_passthrough: the socket was bound to Envoy's inbound
- * passthrough source before connect(). */
-static __always_inline int bound_to_passthrough(struct bpf_sock *sk)
+/* bound_source reads the address the socket was bound to before
+ * connect() (zero when unbound), normalized (v4-mapped). */
+static __always_inline void bound_source(struct bpf_sock *sk, struct ms_addr *a)
 {
-	struct ms_addr a;
-
+	__builtin_memset(a, 0, sizeof(*a));
 	if (!sk)
-		return 0;
+		return;
 	if (LOAD_U32(sk, struct bpf_sock, family) == AF_INET) {
-		addr_from_ip4(&a, LOAD_U32(sk, struct bpf_sock, src_ip4));
+		__u32 ip4 = LOAD_U32(sk, struct bpf_sock, src_ip4);
+
+		if (ip4)
+			addr_from_ip4(a, ip4);
 	} else {
-		a.ip[0] = LOAD_U32(sk, struct bpf_sock, src_ip6[0]);
-		a.ip[1] = LOAD_U32(sk, struct bpf_sock, src_ip6[1]);
-		a.ip[2] = LOAD_U32(sk, struct bpf_sock, src_ip6[2]);
-		a.ip[3] = LOAD_U32(sk, struct bpf_sock, src_ip6[3]);
+		a->ip[0] = LOAD_U32(sk, struct bpf_sock, src_ip6[0]);
+		a->ip[1] = LOAD_U32(sk, struct bpf_sock, src_ip6[1]);
+		a->ip[2] = LOAD_U32(sk, struct bpf_sock, src_ip6[2]);
+		a->ip[3] = LOAD_U32(sk, struct bpf_sock, src_ip6[3]);
 	}
-	return addr_is_passthrough(a.ip);
+}
+
+static __always_inline int addr_is_zero(const __u32 *ip)
+{
+	return !(ip[0] | ip[1] | ip[2] | ip[3]);
 }
 
 #define CONNECT_PASS	0 /* leave the connect alone */
 #define CONNECT_CAPTURE 1 /* rewrite the destination to the sidecar */
 #define CONNECT_DENY	2 /* policy forbids it: EPERM at once */
+
+/* istio-iptables' InboundTunnelPort: never hairpinned. */
+#define MS_TUNNEL_PORT 15008
+
+/*
+ * proxy_hairpin: the proxy's own connect goes to its inbound port, as
+ * istio-iptables' ISTIO_OUTPUT does for the proxy's lo traffic (the pod's
+ * own addresses, loopback but 127.0.0.1 / ::1), e.g. Envoy sending an
+ * outbound request to an endpoint that is its own pod:
+ *   -o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m owner --uid-owner 1337
+ *      -j ISTIO_IN_REDIRECT
+ * after the excluded ports and "-o lo -s 127.0.0.6/32 -j RETURN". The gid
+ * form comes after "-o lo -m owner ! --uid-owner 1337 -j RETURN", which
+ * istio-iptables leaves out only when an include range is loopback.
+ */
+static __always_inline int proxy_hairpin(__u64 netns, const struct ms_pod *pod,
+					 const __u32 *dst, __u16 port,
+					 int passthrough, int proxy_uid)
+{
+	if (!(pod->flags & MS_POD_CAPTURE) || !(node_flags() & MS_NODE_CAPTURE))
+		return 0;
+	if (ipv6_off(pod, dst) || passthrough || port == MS_TUNNEL_PORT ||
+	    addr_is_host_loopback(dst) || !via_lo(netns, dst))
+		return 0;
+	if (port_rule(netns, port, MS_PORT_OUT_EXCLUDE))
+		return 0;
+	return proxy_uid || (pod->flags & MS_POD_INCLUDE_LOOPBACK);
+}
+
+/* keep_orig keeps the original destination of a captured connect in the
+ * socket's storage; sockops keys it for cgroup/getsockopt at establish. */
+static __always_inline int keep_orig(struct bpf_sock_addr *ctx,
+				     const __u32 *dst, __u16 port)
+{
+	struct ms_sk *st;
+
+	st = bpf_sk_storage_get(&ms_sk_state, ctx->sk, 0,
+				BPF_SK_STORAGE_GET_F_CREATE);
+	if (!st) {
+		/* Without the original destination the sidecar cannot
+		 * forward it, and sending it around the sidecar would skip
+		 * what Istio enforces there (mTLS, egress rules): the caller
+		 * fails the connect, as iptables drops a SYN whose NAT entry
+		 * cannot be made. Only kernel memory exhaustion gets here. */
+		count(MS_C_CONNECT_NO_STORAGE, 1);
+		return 0;
+	}
+	__builtin_memcpy(st->orig.ip, dst, 16);
+	st->orig.port = port;
+	st->flags |= MS_SK_HAS_ORIG;
+	return 1;
+}
 
 /* capture_connect is the shared body of connect4 and connect6. dst is the
  * normalized (v4-mapped) destination. */
@@ -52,12 +112,13 @@ static __always_inline int capture_connect(struct bpf_sock_addr *ctx,
 {
 	__u64 netns = bpf_get_netns_cookie(ctx);
 	struct ms_denial d = {};
+	struct ms_addr bound;
 	struct ms_pod *pod;
 	struct ms_sk *st;
 	const __u32 *src;
 	__u64 ugid;
 	__u32 verdict;
-	int reason;
+	int reason, passthrough, proxy_uid, proxy_gid;
 
 	pod = bpf_map_lookup_elem(&ms_pods, &netns);
 	if (!pod)
@@ -68,9 +129,16 @@ static __always_inline int capture_connect(struct bpf_sock_addr *ctx,
 	/* Policy, for every process of the pod, the sidecar included: a
 	 * compromised sidecar still cannot reach what policy forbids. Not
 	 * for the sidecar's inbound passthrough (bound to 127.0.0.6 / ::6),
-	 * which delivers a connection sk_lookup judged already. */
-	src = addr_is_v4(dst) ? pod->ip4.ip : pod->ip6.ip;
-	if (!addr_is_loopback(dst) && !bound_to_passthrough(ctx->sk)) {
+	 * which delivers a connection sk_lookup judged already. The source
+	 * is the socket's own address, as teardown reads it later: the bound
+	 * one, else the pod's address of the destination's family (the one
+	 * the kernel picks for a pod with one address per family). */
+	bound_source(ctx->sk, &bound);
+	passthrough = addr_is_passthrough(bound.ip);
+	src = bound.ip;
+	if (addr_is_zero(src) || (addr_is_v4(src) && !src[3]))
+		src = addr_is_v4(dst) ? pod->ip4.ip : pod->ip6.ip;
+	if (!addr_is_loopback(dst) && !passthrough) {
 		reason = policy_denies(src, pod->identity, dst, port, 1, &d);
 		if (reason) {
 			d.uid = (__u32)ugid;
@@ -82,37 +150,39 @@ static __always_inline int capture_connect(struct bpf_sock_addr *ctx,
 			count(MS_C_POLICY_EGRESS_ALLOWED, 1);
 	}
 
-	if ((__u32)ugid == pod->proxy_uid ||
-	    (__u32)(ugid >> 32) == pod->proxy_gid) {
+	proxy_uid = (__u32)ugid == pod->proxy_uid;
+	proxy_gid = (__u32)(ugid >> 32) == pod->proxy_gid;
+	if (proxy_uid || proxy_gid) {
 		/* The proxy's own connection. Mark the socket so sockops knows
 		 * whose it is: a cross-pod pair splices only proxy sockets. */
 		st = bpf_sk_storage_get(&ms_sk_state, ctx->sk, 0,
 					BPF_SK_STORAGE_GET_F_CREATE);
 		if (st)
 			st->flags |= MS_SK_PROXY;
+		if (proxy_hairpin(netns, pod, dst, port, passthrough,
+				  proxy_uid)) {
+			if (!keep_orig(ctx, dst, port))
+				return CONNECT_DENY;
+			*sidecar_port = pod->inbound_port;
+			count(MS_C_CONNECT_HAIRPIN, 1);
+			return CONNECT_CAPTURE;
+		}
 		count((pod->flags & MS_POD_CAPTURE) ? MS_C_SKIP_PROXY
 						    : MS_C_SKIP_CAPTURE_OFF,
 		      1);
 		return CONNECT_PASS;
 	}
 
-	verdict = outbound_verdict(netns, pod, dst, port);
+	/* "-o lo -s 127.0.0.6/32 -j RETURN" */
+	verdict = passthrough && via_lo(netns, dst)
+		      ? MS_C_SKIP_LOOPBACK
+		      : outbound_verdict(netns, pod, dst, port);
 	if (verdict != MS_C_CONNECT_CAPTURED) {
 		count(verdict, 1);
 		return CONNECT_PASS;
 	}
-
-	st = bpf_sk_storage_get(&ms_sk_state, ctx->sk, 0,
-				BPF_SK_STORAGE_GET_F_CREATE);
-	if (!st) {
-		/* Without the original destination the sidecar cannot
-		 * forward: leave this connect alone rather than break it. */
-		count(MS_C_CONNECT_NO_STORAGE, 1);
-		return CONNECT_PASS;
-	}
-	__builtin_memcpy(st->orig.ip, dst, 16);
-	st->orig.port = port;
-	st->flags |= MS_SK_HAS_ORIG;
+	if (!keep_orig(ctx, dst, port))
+		return CONNECT_DENY;
 	*sidecar_port = pod->outbound_port;
 	count(MS_C_CONNECT_CAPTURED, 1);
 	return CONNECT_CAPTURE;
@@ -197,11 +267,52 @@ sock_key_from_bpf_sock(struct ms_sock_key *k, struct bpf_sock *sk, __u64 netns)
 #undef SK
 }
 
+/* kernel_answered_self: the kernel's (conntrack's) SO_ORIGINAL_DST answer is
+ * the socket's own local port, which is what conntrack says for any tracked
+ * connection nobody NATed: no answer at all for a sidecar. */
+static __always_inline int kernel_answered_self(struct bpf_sockopt *ctx,
+						const struct ms_sock_key *key)
+{
+	void *optval = ctx->optval, *end = ctx->optval_end;
+
+	if (ctx->level == SOL_IP) {
+		struct sockaddr_in *sa = optval;
+
+		if ((void *)(sa + 1) > end)
+			return 1;
+		return sa->sin_port == bpf_htons(key->local_port);
+	}
+	struct sockaddr_in6 *sa6 = optval;
+
+	if ((void *)(sa6 + 1) > end)
+		return 1;
+	return sa6->sin6_port == bpf_htons(key->local_port);
+}
+
+/*
+ * ms_getsockopt answers SO_ORIGINAL_DST (IP6T_SO_ORIGINAL_DST) for a meshed
+ * pod's sockets, in this order:
+ *  1. the destination stored at a captured connect (ms_orig_dst), even when
+ *     the kernel answered: conntrack answers for every tracked connection,
+ *     and for an un-NATed one (capture by connect4) it names the sidecar's
+ *     own listener;
+ *  2. the kernel's answer when it names something else than the socket's
+ *     own port: the pod is under iptables REDIRECT (capture disabled);
+ *  3. on a socket accepted by the sidecar's outbound port, or by its
+ *     inbound port on loopback (the proxy's own hairpin, see capture_connect),
+ *     nothing: the stored destination is gone (evicted, or never stored).
+ *     Fail with ENOENT (Envoy closes the connection) rather than name the
+ *     sidecar itself;
+ *  4. otherwise the local address: sk_lookup handed the connection to the
+ *     sidecar without rewriting it, so the local address is the original
+ *     destination.
+ */
 SEC("cgroup/getsockopt")
 int ms_getsockopt(struct bpf_sockopt *ctx)
 {
 	struct ms_sock_key key = {};
 	struct ms_orig local, *orig;
+	struct ms_pod *pod;
 	struct bpf_sock *sk;
 	__u64 netns;
 	void *optval, *end;
@@ -214,23 +325,29 @@ int ms_getsockopt(struct bpf_sockopt *ctx)
 	if (!sk)
 		return 1;
 	netns = bpf_get_netns_cookie(ctx);
-	if (!bpf_map_lookup_elem(&ms_pods, &netns))
+	pod = bpf_map_lookup_elem(&ms_pods, &netns);
+	if (!pod)
 		return 1;
-	if (ctx->retval == 0) {
-		/* conntrack answered: the pod is still under iptables. */
-		count(MS_C_ORIG_DST_KERNEL, 1);
-		return 1;
-	}
 
 	sock_key_from_bpf_sock(&key, sk, netns);
 	orig = bpf_map_lookup_elem(&ms_orig_dst, &key);
 	if (orig) {
 		count(MS_C_ORIG_DST_OUTBOUND, 1);
+	} else if (ctx->retval == 0 && !kernel_answered_self(ctx, &key)) {
+		/* conntrack undid a NAT: the pod is still under iptables. */
+		count(MS_C_ORIG_DST_KERNEL, 1);
+		return 1;
+	} else if (key.local_port == pod->outbound_port ||
+		   (key.local_port == pod->inbound_port &&
+		    addr_is_loopback(key.local_ip))) {
+		count(MS_C_ORIG_DST_MISSING, 1);
+		ctx->optlen = 0;
+		ctx->retval = -ENOENT;
+		return 1;
 	} else {
 		/* Not a captured connect: an inbound connection that
 		 * sk_lookup handed to the sidecar keeps its destination as
-		 * the local address, which is also what conntrack reports
-		 * for a connection nobody NATed. */
+		 * the local address. */
 		__builtin_memcpy(local.ip, key.local_ip, 16);
 		local.port = key.local_port;
 		orig = &local;
@@ -301,12 +418,13 @@ SEC("sk_lookup")
 int ms_sk_lookup(struct bpf_sk_lookup *ctx)
 {
 	struct ms_denial d = {};
+	struct ms_sock_key self = {};
 	struct ms_addr dst, src;
 	struct ms_pod *pod;
 	__u64 *netns;
 	__u32 verdict;
 	__u16 port;
-	int err, reason;
+	int err, reason, from_self;
 
 	if (ctx->protocol != IPPROTO_TCP)
 		return SK_PASS;
@@ -326,7 +444,8 @@ int ms_sk_lookup(struct bpf_sk_lookup *ctx)
 	}
 #undef LK
 	/* Only the pod's own addresses are captured; loopback never is, as
-	 * with Istio's ISTIO_INBOUND (PREROUTING does not see loopback). */
+	 * with Istio's ISTIO_INBOUND (nat PREROUTING does not see what the
+	 * pod sends itself). */
 	netns = bpf_map_lookup_elem(&ms_pod_ips, &dst);
 	if (!netns)
 		return SK_PASS;
@@ -336,25 +455,38 @@ int ms_sk_lookup(struct bpf_sk_lookup *ctx)
 	count(MS_C_INBOUND_MESHED, 1);
 
 	port = (__u16)ctx->local_port;
-	verdict = inbound_verdict(*netns, pod, port, src.ip);
+	/* Did the pod make this connection itself, over lo? Only sockops
+	 * can say (ms_self_syn): a source address proves nothing, since an
+	 * IPv6 SYN from ::6 or from the pod's own address can arrive on
+	 * eth0, and ingress_ifindex names eth0 for a pod calling its own IP
+	 * too. */
+	self.netns = *netns;
+	__builtin_memcpy(self.local_ip, dst.ip, 16);
+	__builtin_memcpy(self.remote_ip, src.ip, 16);
+	self.local_port = port;
+	self.remote_port = bpf_ntohs(ctx->remote_port);
+	from_self = bpf_map_lookup_elem(&ms_self_syn, &self) != NULL;
+	/* Policy, for any source, meshed or not, local or remote: judged by
+	 * its identity (the IP's workload; 0 if none). RST at once. Only
+	 * where the pod's sidecar would judge it (not its own ports, excluded
+	 * ports, its passthrough to the app), whether meshsplice captures the
+	 * pod or Istio's iptables do. */
+	if (sidecar_judges_inbound(*netns, pod, port, src.ip, from_self)) {
+		reason = policy_denies(src.ip, identity_of(src.ip), dst.ip,
+				       port, 0, &d);
+		if (reason) {
+			record_denial(&d, *netns, MS_DIR_INGRESS, reason);
+			count(MS_C_POLICY_INGRESS_DENIED, 1);
+			return SK_DROP;
+		}
+		if (d.policy_set)
+			count(MS_C_POLICY_INGRESS_ALLOWED, 1);
+	}
+	verdict = inbound_verdict_from(*netns, pod, port, src.ip, from_self);
 	if (verdict != MS_C_INBOUND_CAPTURED) {
-		/* Not for the sidecar (its own ports, excluded ports, its
-		 * passthrough to the app): the sidecar would not judge these,
-		 * so neither does the kernel. */
 		count(verdict, 1);
 		return SK_PASS;
 	}
-	/* Policy, for any source, meshed or not, local or remote: judged by
-	 * its identity (the IP's workload; 0 if none). RST at once. */
-	reason =
-	    policy_denies(src.ip, identity_of(src.ip), dst.ip, port, 0, &d);
-	if (reason) {
-		record_denial(&d, *netns, MS_DIR_INGRESS, reason);
-		count(MS_C_POLICY_INGRESS_DENIED, 1);
-		return SK_DROP;
-	}
-	if (d.policy_set)
-		count(MS_C_POLICY_INGRESS_ALLOWED, 1);
 
 	err = assign_listener(ctx, pod, ctx->family);
 	if (err && ctx->family == AF_INET)

@@ -29,6 +29,7 @@
 #define SO_ORIGINAL_DST	     80 /* linux/netfilter_ipv4.h */
 #define IP6T_SO_ORIGINAL_DST 80 /* linux/netfilter_ipv6/ip6_tables.h */
 #define SOCK_STREAM	     1
+#define ENOENT		     2
 #define IPPROTO_TCP	     6
 
 #define SK_DROP 0
@@ -40,8 +41,13 @@
 #define MS_MAX_PORT_RULES  (MS_MAX_PODS * 16)
 #define MS_MAX_RANGE_RULES (MS_MAX_PODS * 16)
 #define MS_MAX_SOCKS	   131072
-#define MS_MAX_ORIG_DST	   65536
-#define MS_MAX_LISTENERS   (MS_MAX_PODS * 2)
+/* Captured connections open at once on the node: one ms_orig_dst entry each,
+ * from the connect's SYN-ACK to its close. The sidecar reads it once, at
+ * accept; an entry evicted before that is counted (getsockopt.orig_dst_missing)
+ * and the sidecar gets ENOENT, never a wrong destination. README says so. */
+#define MS_MAX_CAPTURED_CONNS MS_MAX_SOCKS
+#define MS_MAX_ORIG_DST	      MS_MAX_CAPTURED_CONNS
+#define MS_MAX_LISTENERS      (MS_MAX_PODS * 2)
 
 /* ms_pod.flags: what meshsplice does for one pod (netns). */
 enum ms_pod_flag {
@@ -51,6 +57,11 @@ enum ms_pod_flag {
 	MS_POD_INCLUDE_ALL_OUT = 1 << 3,  /* includeOutboundIPRanges "*" */
 	MS_POD_INCLUDE_ALL_IN = 1 << 4,	  /* includeInboundPorts "*" */
 	MS_POD_INCLUDE_LOOPBACK = 1 << 5, /* an include range is loopback */
+	MS_POD_CAPTURE_IPV6 = 1 << 6,	  /* istio.Traffic.CaptureIPv6 */
+	/* The pod has a sidecar that Istio captures for (injected, not
+	 * inject=false, not interceptionMode NONE), whether meshsplice captures
+	 * it or not: its policy is judged even with capture off. */
+	MS_POD_SIDECAR = 1 << 7,
 };
 
 /* ms_node.flags: the node-wide switches. */
@@ -92,6 +103,8 @@ enum ms_sk_flag {
 	MS_SK_SENT = 1 << 5,	   /* sk_msg saw a send */
 	MS_SK_PASSIVE = 1 << 6,	   /* accepted (for policy teardown) */
 	MS_SK_ACTIVE = 1 << 7,	   /* connected (for policy teardown) */
+	MS_SK_ADDR_KEYED = 1 << 8, /* ms_sk_addrs entry to delete on close */
+	MS_SK_TX_BACKOFF = 1 << 9, /* peer full: TCP until it read it all */
 };
 
 /* Counters, one slot each in ms_counters (per CPU). Go names them from this
@@ -106,12 +119,15 @@ enum ms_counter {
 	MS_C_SKIP_EXCLUDED_PORT,  /* excludeOutboundPorts */
 	MS_C_SKIP_EXCLUDED_RANGE, /* excludeOutboundIPRanges */
 	MS_C_SKIP_NOT_INCLUDED,	  /* not in includeOutboundIPRanges */
-	MS_C_CONNECT_NO_STORAGE,  /* could not keep the original destination */
+	MS_C_SKIP_IPV6,		  /* IPv6 not captured for this pod */
+	MS_C_CONNECT_HAIRPIN, /* the proxy's own lo connect: to the inbound port */
+	MS_C_CONNECT_NO_STORAGE, /* could not keep the original destination */
 	/* cgroup/getsockopt */
 	MS_C_ORIG_DST_OUTBOUND,	 /* answered from a captured connect */
 	MS_C_ORIG_DST_INBOUND,	 /* answered with the local address */
 	MS_C_ORIG_DST_KERNEL,	 /* the kernel (conntrack) already answered */
 	MS_C_ORIG_DST_SHORT_BUF, /* caller's buffer too small */
+	MS_C_ORIG_DST_MISSING,	 /* captured, but no destination: ENOENT */
 	/* sk_lookup */
 	MS_C_INBOUND_MESHED,   /* TCP SYNs to a registered pod IP */
 	MS_C_INBOUND_CAPTURED, /* assigned to the sidecar's inbound listener */
@@ -119,6 +135,8 @@ enum ms_counter {
 	MS_C_INBOUND_SKIP_PROXY_PORT,  /* one of the sidecar's own ports */
 	MS_C_INBOUND_SKIP_PASSTHROUGH, /* from 127.0.0.6 / ::6 (Envoy) */
 	MS_C_INBOUND_SKIP_LOOPBACK,    /* from a loopback address */
+	MS_C_INBOUND_SKIP_SELF,	       /* the pod's own connect (over lo) */
+	MS_C_INBOUND_SKIP_IPV6,	       /* IPv6 not captured for this pod */
 	MS_C_INBOUND_SKIP_EXCLUDED_PORT,
 	MS_C_INBOUND_SKIP_NOT_INCLUDED,
 	MS_C_INBOUND_NO_LISTENER, /* sidecar not listening: refused */
@@ -129,7 +147,8 @@ enum ms_counter {
 	MS_C_LISTENER_REGISTERED, /* sidecar inbound listener in ms_listeners */
 	MS_C_LISTENER_REFUSED,	  /* the sockmap refused it (MPTCP, ULP) */
 	MS_C_ORIG_DST_STORED,
-	MS_C_SOCK_INSERTED, /* socket added to ms_socks */
+	MS_C_ORIG_DST_EVICTED, /* gone from ms_orig_dst before its close */
+	MS_C_SOCK_INSERTED,    /* socket added to ms_socks */
 	MS_C_SOCK_INSERT_FAILED,
 	MS_C_SOCK_SKIP_SPLICE_OFF,   /* pod or node splice off (either end) */
 	MS_C_SOCK_SKIP_PEER_UNKNOWN, /* peer not a registered pod on this node */
@@ -154,6 +173,17 @@ enum ms_counter {
 	MS_C_MSG_DRAIN,	       /* sent over TCP: datapath detaching */
 	MS_C_MSG_PASS,	       /* socket sends over TCP by design */
 	MS_C_BYTES_PASS,
+	/* sidecar inbound listeners (issue 10, item 16) */
+	MS_C_LISTENER_EVENT_LOST, /* sockops: ms_events full, event dropped */
+	MS_C_LISTENER_RESYNCED,	  /* counted by the agent: a listener missing
+				 * from ms_listeners found and registered */
+	/* readers.c: splice(2)/sendfile(2) reads of spliced sockets */
+	MS_C_SPLICE_REFUSED,	      /* refused with EINVAL (BPF LSM guard) */
+	MS_C_SPLICE_UNGUARDED,	      /* seen by the detector (no guard) */
+	MS_C_SPLICE_READER_RESET,     /* such a connection reset */
+	MS_C_SOCK_SKIP_SPLICE_READER, /* sockops: pod had a splice reader */
+	MS_C_MSG_BACKPRESSURE,	      /* sk_msg: peer full, TCP for now */
+	MS_C_MSG_RESUMED, /* sk_msg: peer read it all, redirect again */
 	MS_C_MAX,
 };
 
@@ -184,15 +214,19 @@ struct ms_port_key {
 	__u16 pad;
 };
 
-/* LPM trie key: prefixlen counts bits from `kind` on, so the first 96 bits
- * (kind and netns) always match exactly and the rest is the address prefix. */
+/* LPM trie key: prefixlen counts bits from `kind` on, so the first 128 bits
+ * (kind, netns and family) always match exactly and the rest is the address
+ * prefix. The family keeps an IPv6 range (::/0, ::/80) from matching the
+ * v4-mapped form of an IPv4 address, as in Istio. */
 struct ms_range_key {
 	__u32 prefixlen;
 	enum ms_range_kind kind;
 	__u64 netns;
-	__u32 ip[4];
+	__u32 family; /* AF_INET or AF_INET6 */
+	__u32 ip[4];  /* IPv4 as ::ffff:a.b.c.d */
+	__u32 pad;
 };
-#define MS_RANGE_FIXED_BITS 96
+#define MS_RANGE_FIXED_BITS 128
 
 /* A socket as (netns cookie, local, remote), seen from the socket itself. */
 struct ms_sock_key {
@@ -237,12 +271,18 @@ struct ms_pol_port_key {
 	__u16 pad;
 };
 
-/* LPM: prefixlen counts bits from `set` on (32 + address bits). */
+/* LPM trie key: prefixlen counts bits from `set` on, so set and family
+ * (the first 64 bits) always match exactly and the rest is the address
+ * prefix. The family keeps an IPv6 ipBlock (::/0, ::ffff:0:0/96,
+ * ::ffff:10.0.0.0/104) from matching an IPv4 source: Envoy never matches an
+ * IPv4 address with an IPv6 CIDR. */
 struct ms_pol_prefix_key {
 	__u32 prefixlen;
 	__u32 set;
-	__u32 ip[4];
+	__u32 family; /* AF_INET or AF_INET6 */
+	__u32 ip[4];  /* IPv4 as ::ffff:a.b.c.d */
 };
+#define MS_POL_PREFIX_FIXED_BITS 64
 
 enum ms_denial_reason {
 	MS_DENY_RULE = 1,     /* a DENY atom matched */
@@ -329,7 +369,8 @@ struct {
 
 /* Original destinations of captured connects, keyed as the sidecar's
  * accepted socket sees itself. LRU only as a backstop: sockops deletes each
- * entry when the app's socket closes. */
+ * entry when the app's socket closes and counts the ones it no longer finds
+ * (sockops.orig_dst_evicted). */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, MS_MAX_ORIG_DST);
@@ -337,6 +378,21 @@ struct {
 	__type(value, struct ms_orig);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ms_orig_dst SEC(".maps");
+
+/* Connects a pod made to one of its own addresses (the sidecar's inbound
+ * passthrough from 127.0.0.6 / ::6, an app calling its pod IP), keyed as the
+ * accepting side sees them. sockops writes the entry at TCP_CONNECT_CB,
+ * before the SYN leaves; sk_lookup exempts a SYN only if it finds it, so a
+ * SYN that merely claims such a source (from ::6 on eth0) is judged like any
+ * other. No close hook: the LRU forgets entries long after their SYN. */
+#define MS_MAX_SELF_SYN 65536
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, MS_MAX_SELF_SYN);
+	__type(key, struct ms_sock_key);
+	__type(value, __u8);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ms_self_syn SEC(".maps");
 
 /* Spliced sockets. The kernel removes a socket from it when it closes. */
 struct {
@@ -346,6 +402,18 @@ struct {
 	__type(value, __u64);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ms_socks SEC(".maps");
+
+/* Pods (netns cookies) where a process read a spliced socket with splice(2)
+ * while no guard refused it (readers.c): sockops splices no new connection
+ * to or from them. LRU: netns cookies are never reused, so a removed pod's
+ * entry just ages out. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, MS_MAX_PODS);
+	__type(key, __u64);   /* netns cookie */
+	__type(value, __u64); /* unguarded splice reads seen */
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ms_splice_readers SEC(".maps");
 
 /* Sidecar inbound listeners (15006) for sk_lookup, two slots per pod (see
  * ms_pod.listener_slot, allocated by the agent). A SOCKMAP, not a SOCKHASH:
@@ -493,26 +561,55 @@ static __always_inline int range_rule(__u64 netns, const __u32 *ip,
 	    .prefixlen = MS_RANGE_FIXED_BITS + 128,
 	    .kind = kind,
 	    .netns = netns,
+	    .family = addr_is_v4(ip) ? AF_INET : AF_INET6,
 	};
 
 	__builtin_memcpy(k.ip, ip, 16);
 	return bpf_map_lookup_elem(&ms_ranges, &k) != NULL;
 }
 
-/* 0.0.0.0, ::, 127.0.0.1 and ::1: never captured (istio-iptables
- * "-d 127.0.0.1/32 -j RETURN"); other loopback addresses only when an
- * include range is loopback ("-o lo ! --uid-owner proxy -j RETURN"). */
-static __always_inline int outbound_loopback(const struct ms_pod *pod,
-					     const __u32 *ip)
+/* addr_is_own: ip is one of the registered addresses of the pod netns. */
+static __always_inline int addr_is_own(__u64 netns, const __u32 *ip)
 {
-	if (addr_is_v4(ip)) {
-		if (ip[3] == 0 || ip[3] == bpf_htonl(0x7f000001))
-			return 1;
-	} else if (ip[0] == 0 && ip[1] == 0 && ip[2] == 0 &&
-		   (ip[3] == 0 || ip[3] == bpf_htonl(1))) {
+	__u64 *owner = bpf_map_lookup_elem(&ms_pod_ips, ip);
+
+	return owner && *owner == netns;
+}
+
+/* 0.0.0.0, ::, 127.0.0.1 and ::1: istio-iptables' "-d 127.0.0.1/32" (the
+ * kernel sends a connect to 0.0.0.0 or :: there). */
+static __always_inline int addr_is_host_loopback(const __u32 *ip)
+{
+	if (addr_is_v4(ip))
+		return ip[3] == 0 || ip[3] == bpf_htonl(0x7f000001);
+	return ip[0] == 0 && ip[1] == 0 && ip[2] == 0 &&
+	       (ip[3] == 0 || ip[3] == bpf_htonl(1));
+}
+
+/* via_lo: a connect to ip leaves through lo (istio-iptables' "-o lo"):
+ * loopback and the pod's own addresses. */
+static __always_inline int via_lo(__u64 netns, const __u32 *ip)
+{
+	return addr_is_host_loopback(ip) || addr_is_loopback(ip) ||
+	       addr_is_own(netns, ip);
+}
+
+/* The host loopback is never captured ("-d 127.0.0.1/32 -j RETURN"); other
+ * lo destinations, the pod's own addresses included, only when an include
+ * range is loopback ("-o lo -m owner ! --uid-owner 1337 -j RETURN"). */
+static __always_inline int
+outbound_loopback(__u64 netns, const struct ms_pod *pod, const __u32 *ip)
+{
+	if (addr_is_host_loopback(ip))
 		return 1;
-	}
-	return addr_is_loopback(ip) && !(pod->flags & MS_POD_INCLUDE_LOOPBACK);
+	return via_lo(netns, ip) && !(pod->flags & MS_POD_INCLUDE_LOOPBACK);
+}
+
+/* ipv6_off: ip is IPv6 (not v4-mapped) and the pod's IPv6 is not captured
+ * (istio-iptables wrote no ip6tables rules). */
+static __always_inline int ipv6_off(const struct ms_pod *pod, const __u32 *ip)
+{
+	return !addr_is_v4(ip) && !(pod->flags & MS_POD_CAPTURE_IPV6);
 }
 
 /*
@@ -526,7 +623,9 @@ static __always_inline __u32 outbound_verdict(__u64 netns,
 {
 	if (!(pod->flags & MS_POD_CAPTURE) || !(node_flags() & MS_NODE_CAPTURE))
 		return MS_C_SKIP_CAPTURE_OFF;
-	if (outbound_loopback(pod, dst))
+	if (ipv6_off(pod, dst))
+		return MS_C_SKIP_IPV6;
+	if (outbound_loopback(netns, pod, dst))
 		return MS_C_SKIP_LOOPBACK;
 	if (port_rule(netns, port, MS_PORT_OUT_EXCLUDE))
 		return MS_C_SKIP_EXCLUDED_PORT;
@@ -541,17 +640,23 @@ static __always_inline __u32 outbound_verdict(__u64 netns,
 }
 
 /*
- * inbound_verdict mirrors istio.Traffic.CaptureInbound (istio/decide.go, the
- * ISTIO_INBOUND chain): returns MS_C_INBOUND_CAPTURED or the skip counter.
+ * inbound_rules mirrors istio.Traffic.CaptureInbound (istio/decide.go, the
+ * ISTIO_INBOUND chain) without the switches, for a connection to one of the
+ * pod's addresses: returns MS_C_INBOUND_CAPTURED or the skip counter.
+ * from_self: the pod made the connection itself, over lo; istio-iptables
+ * judged it in ISTIO_OUTPUT (at connect, see capture_connect) and
+ * PREROUTING never sees it.
  */
-static __always_inline __u32 inbound_verdict(__u64 netns,
-					     const struct ms_pod *pod,
-					     __u16 port, const __u32 *src)
+static __always_inline __u32 inbound_rules(__u64 netns,
+					   const struct ms_pod *pod, __u16 port,
+					   const __u32 *src, int from_self)
 {
-	if (!(pod->flags & MS_POD_CAPTURE) || !(node_flags() & MS_NODE_CAPTURE))
-		return MS_C_INBOUND_SKIP_OFF;
-	if (addr_is_passthrough(src))
-		return MS_C_INBOUND_SKIP_PASSTHROUGH;
+	if (ipv6_off(pod, src)) /* the source's family is the destination's */
+		return MS_C_INBOUND_SKIP_IPV6;
+	if (from_self)
+		return addr_is_passthrough(src) ? MS_C_INBOUND_SKIP_PASSTHROUGH
+						: MS_C_INBOUND_SKIP_SELF;
+	/* Never from outside: the kernel drops such martians. */
 	if (addr_is_loopback(src))
 		return MS_C_INBOUND_SKIP_LOOPBACK;
 	if (is_proxy_port(port) || port == pod->inbound_port ||
@@ -566,6 +671,49 @@ static __always_inline __u32 inbound_verdict(__u64 netns,
 	if (port_rule(netns, port, MS_PORT_IN_INCLUDE))
 		return MS_C_INBOUND_CAPTURED;
 	return MS_C_INBOUND_SKIP_NOT_INCLUDED;
+}
+
+/* inbound_verdict_from: the switches (pod and node), then Istio's rules. */
+static __always_inline __u32 inbound_verdict_from(__u64 netns,
+						  const struct ms_pod *pod,
+						  __u16 port, const __u32 *src,
+						  int from_self)
+{
+	if (!(pod->flags & MS_POD_CAPTURE) || !(node_flags() & MS_NODE_CAPTURE))
+		return MS_C_INBOUND_SKIP_OFF;
+	return inbound_rules(netns, pod, port, src, from_self);
+}
+
+/* from_self_established: for an established connection (sockops,
+ * teardown) a handshake completed, so a source that is the pod's own
+ * (passthrough or pod address) really is the pod itself. */
+static __always_inline int from_self_established(__u64 netns, const __u32 *src)
+{
+	return addr_is_passthrough(src) || addr_is_own(netns, src);
+}
+
+/* inbound_verdict judges an established connection (sockops). */
+static __always_inline __u32 inbound_verdict(__u64 netns,
+					     const struct ms_pod *pod,
+					     __u16 port, const __u32 *src)
+{
+	return inbound_verdict_from(netns, pod, port, src,
+				    from_self_established(netns, src));
+}
+
+/* sidecar_judges_inbound: the pod's sidecar would see (and authorize) a
+ * connection from src to port, by Istio's rules, whether meshsplice or
+ * Istio's own iptables capture it: policy is judged there, and only there,
+ * with capture on or off. */
+static __always_inline int sidecar_judges_inbound(__u64 netns,
+						  const struct ms_pod *pod,
+						  __u16 port, const __u32 *src,
+						  int from_self)
+{
+	if (!(pod->flags & (MS_POD_SIDECAR | MS_POD_CAPTURE)))
+		return 0;
+	return inbound_rules(netns, pod, port, src, from_self) ==
+	       MS_C_INBOUND_CAPTURED;
 }
 
 char __license[] SEC("license") = "Dual BSD/GPL";

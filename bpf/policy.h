@@ -7,9 +7,17 @@
  */
 #pragma once
 
+/* Sized from the node limits in the README ("Node limits"); a policy
+ * generation must fit beside the one in force (SetPolicy writes the new
+ * one before it removes the old), so half of each is always enough. Keep
+ * in sync with the README. */
 #define MS_MAX_POL_IPS	   65536
 #define MS_MAX_POL_SETS	   4096
 #define MS_MAX_POL_ENTRIES 65536
+/* identities x sets: the largest table (a set lists every identity whose
+ * mask differs from its default). Not preallocated: only the agent writes
+ * it. */
+#define MS_MAX_POL_IDS 262144
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -29,7 +37,8 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, MS_MAX_POL_ENTRIES);
+	__uint(max_entries, MS_MAX_POL_IDS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct ms_pol_id_key);
 	__type(value, __u64);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
@@ -90,10 +99,11 @@ struct {
 } ms_denial_seq SEC(".maps");
 
 /* egress_judged: a connection to dst:port is judged by dst's policy unless
- * dst is a pod of this node whose sidecar would not capture it (its own
- * ports, excluded or not included inbound ports): that sidecar could not
- * enforce policy there, so neither does the kernel. For workloads of other
- * nodes the set's bypass ports stand for that. */
+ * dst is a pod of this node whose sidecar would not see it (its own ports,
+ * excluded or not included inbound ports, no sidecar): that sidecar could
+ * not enforce policy there, so neither does the kernel. Whether meshsplice
+ * captures dst does not matter (sidecar_judges_inbound). For workloads of
+ * other nodes the set's bypass ports stand for that. */
 static __always_inline int egress_judged(const __u32 *src, const __u32 *dst,
 					 __u16 port)
 {
@@ -106,8 +116,8 @@ static __always_inline int egress_judged(const __u32 *src, const __u32 *dst,
 	dst_pod = bpf_map_lookup_elem(&ms_pods, dst_netns);
 	if (!dst_pod)
 		return 1;
-	return inbound_verdict(*dst_netns, dst_pod, port, src) ==
-	       MS_C_INBOUND_CAPTURED;
+	return sidecar_judges_inbound(*dst_netns, dst_pod, port, src,
+				      from_self_established(*dst_netns, src));
 }
 
 /*
@@ -118,6 +128,10 @@ static __always_inline int egress_judged(const __u32 *src, const __u32 *dst,
  * m = identity mask & source prefix mask & port mask; a DENY atom in m
  * denies; with ALLOW policies, no ALLOW atom in m denies. Fills d (for the
  * denial record) and returns its reason, 0 when allowed.
+ *
+ * One rule for every caller (connect, sk_lookup, teardown): the addresses
+ * are the connection's own, src_ip the address it leaves from (connect:
+ * the bound one, else the pod's address of the destination's family).
  */
 /* Puts the types the agent reads from ms_denials into BTF (bpf2go -type);
  * nothing reads it. */
@@ -159,8 +173,9 @@ static __always_inline int policy_denies(const __u32 *src_ip, __u32 src_id,
 	m = v ? *v : ps->default_id_mask;
 	v = bpf_map_lookup_elem(&ms_pol_ports, &portk);
 	m &= v ? *v : ps->default_port_mask;
-	pk.prefixlen = 32 + 128;
+	pk.prefixlen = MS_POL_PREFIX_FIXED_BITS + 128;
 	pk.set = set;
+	pk.family = addr_is_v4(src_ip) ? AF_INET : AF_INET6;
 	__builtin_memcpy(pk.ip, src_ip, 16);
 	v = bpf_map_lookup_elem(&ms_pol_prefixes, &pk);
 	m &= v ? *v : 0;

@@ -20,11 +20,14 @@
  * direction's bytes are then "redirected* then TCP*", and since the psock
  * queue is drained first the receiver reads them in order. The bad order,
  * "TCP then redirected", cannot happen: a socket starts redirecting at its
- * first send or never.
+ * first send or never, and after backpressure (below) it redirects again
+ * only once the receiving application has read every TCP byte.
  *
  * The application traps. A socket in a sockmap gets a psock, and that changes
  * what its reader sees: splice(2) reads only the TCP receive queue, so it
- * never sees redirected data; and ioctl(FIONREAD) on a psock'd socket counts
+ * never sees redirected data (readers.c refuses or detects such reads, and
+ * a pod where one was detected is not spliced any more: ms_splice_readers);
+ * and ioctl(FIONREAD) on a psock'd socket counts
  * only the psock queue (tcp_bpf_ioctl), so data that arrives over TCP reads
  * as 0 bytes (measured on 6.18 by e2e TestSpliceAndFionreadReaders; older
  * kernels also got redirected data wrong). Envoy does neither; applications
@@ -43,6 +46,56 @@
  * that did not agree.
  */
 #include "common.h"
+#include <bpf/bpf_core_read.h>
+
+/*
+ * Backpressure. bpf_tcp_ingress charges redirected bytes to the protocol's
+ * memory, not to the receiver's buffer: a receiver that stops reading would
+ * let its peer queue without limit (measured: a 64 MiB push all sat in the
+ * kernel), where TCP stops a writer at the receiver's window. So a sender
+ * looks at what its peer holds unread (psock->msg_tot_len) and, when this
+ * send would take it past the peer's receive buffer (at least
+ * MS_MIN_UNREAD), goes on over TCP (MS_SK_TX_BACKOFF): TCP's window then
+ * holds the writer back, and the bytes stay in order (see Ordering). It
+ * goes back to redirecting only when the TCP bytes are all gone: every one
+ * it sent acknowledged (snd_una == write_seq, checked under its own lock,
+ * so none is in flight) and read by the receiving application (copied_seq
+ * == rcv_nxt). Nothing can then overtake them. Kernel structs are read
+ * through minimal CO-RE views (see teardown.c for why not vmlinux.h's).
+ */
+#define MS_MIN_UNREAD (2 << 20)
+/* include/net/sock.h SK_USER_DATA_PTRMASK: sk_user_data's low bits are
+ * flags. */
+#define MS_SK_USER_DATA_PTRMASK (~7UL)
+
+struct sock___bp {
+	int sk_rcvbuf;
+	void *sk_user_data;
+} __attribute__((preserve_access_index));
+
+struct sk_psock___bp {
+	__u32 msg_tot_len;
+} __attribute__((preserve_access_index));
+
+struct tcp_sock___bp {
+	__u32 rcv_nxt;
+	__u32 copied_seq;
+	__u32 snd_una;
+	__u32 write_seq;
+} __attribute__((preserve_access_index));
+
+/* Where each spliced socket's struct sock is, by its ms_socks key, for its
+ * peer's sender (a sockhash lookup from sk_msg takes a reference that
+ * sk_msg may not release). Deleted on close (STATE_CB); an address read
+ * after its socket is gone can only make a sender fall back to TCP, which
+ * a redirect to a closed peer does anyway. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, MS_MAX_SOCKS);
+	__type(key, struct ms_sock_key);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ms_sk_addrs SEC(".maps");
 
 static __always_inline void
 key_from_skops(struct ms_sock_key *k, struct bpf_sock_ops *skops, __u64 netns)
@@ -98,8 +151,12 @@ static __always_inline void listener_started(struct bpf_sock_ops *skops)
 	pod = bpf_map_lookup_elem(&ms_pods, &netns);
 	if (!pod || skops->local_port != pod->inbound_port)
 		return;
-	bpf_ringbuf_output(&ms_events, &netns, sizeof(netns), 0);
-	count(MS_C_LISTENER_STARTED, 1);
+	/* A lost event is counted; the agent's periodic listener pass finds
+	 * the listener anyway (datapath ResyncListeners). */
+	if (bpf_ringbuf_output(&ms_events, &netns, sizeof(netns), 0))
+		count(MS_C_LISTENER_EVENT_LOST, 1);
+	else
+		count(MS_C_LISTENER_STARTED, 1);
 }
 
 /*
@@ -181,7 +238,7 @@ static __always_inline void established(struct bpf_sock_ops *skops)
 	struct ms_pod *pod, *peer_pod;
 	struct ms_sock_key k = {};
 	__u32 self_role, peer_role;
-	__u64 peer_netns, *pn;
+	__u64 peer_netns, *pn, skaddr;
 	struct ms_sk *st;
 	int loopback;
 
@@ -250,6 +307,14 @@ static __always_inline void established(struct bpf_sock_ops *skops)
 		}
 	}
 
+	/* A pod where a process read a spliced socket with splice(2), and no
+	 * guard refused it (readers.c): its new connections stay TCP. */
+	if (bpf_map_lookup_elem(&ms_splice_readers, &netns) ||
+	    bpf_map_lookup_elem(&ms_splice_readers, &peer_netns)) {
+		count(MS_C_SOCK_SKIP_SPLICE_READER, 1);
+		return;
+	}
+
 	if (!roles(skops, &k, netns, pod, peer_netns, peer_pod, loopback,
 		   &self_role, &peer_role)) {
 		count(MS_C_SOCK_SKIP_ROLE_UNKNOWN, 1);
@@ -284,6 +349,13 @@ static __always_inline void established(struct bpf_sock_ops *skops)
 		return;
 	}
 	count(MS_C_SOCK_INSERTED, 1);
+	skaddr = (__u64)sk;
+	if (bpf_map_update_elem(&ms_sk_addrs, &k, &skaddr, BPF_ANY) == 0) {
+		st->flags |= MS_SK_ADDR_KEYED;
+		bpf_sock_ops_cb_flags_set(skops,
+					  skops->bpf_sock_ops_cb_flags |
+					      BPF_SOCK_OPS_STATE_CB_FLAG);
+	}
 }
 
 static __always_inline void closed(struct bpf_sock_ops *skops)
@@ -297,18 +369,49 @@ static __always_inline void closed(struct bpf_sock_ops *skops)
 	if (!sk)
 		return;
 	st = bpf_sk_storage_get(&ms_sk_state, sk, 0, 0);
-	if (!st || !(st->flags & MS_SK_ORIG_KEYED))
+	if (!st || !(st->flags & (MS_SK_ORIG_KEYED | MS_SK_ADDR_KEYED)))
 		return;
 	key_from_skops(&k, skops, netns);
+	if (st->flags & MS_SK_ADDR_KEYED) {
+		/* Its role is not kept: no other live socket has this key
+		 * under the other role. */
+		k.role = MS_ROLE_APP;
+		bpf_map_delete_elem(&ms_sk_addrs, &k);
+		k.role = MS_ROLE_PROXY;
+		bpf_map_delete_elem(&ms_sk_addrs, &k);
+		k.role = 0;
+		st->flags &= ~MS_SK_ADDR_KEYED;
+	}
+	if (!(st->flags & MS_SK_ORIG_KEYED))
+		return;
 	reverse_key(&ok, &k, netns);
-	bpf_map_delete_elem(&ms_orig_dst, &ok);
+	if (bpf_map_delete_elem(&ms_orig_dst, &ok) != 0)
+		count(MS_C_ORIG_DST_EVICTED, 1); /* LRU pressure */
 	st->flags &= ~MS_SK_ORIG_KEYED;
+}
+
+/* A connect to one of the pod's own addresses: tell sk_lookup, before the
+ * SYN leaves, that the pod itself makes it (ms_self_syn, capture.c). */
+static __always_inline void self_connect(struct bpf_sock_ops *skops)
+{
+	__u64 netns = bpf_get_netns_cookie(skops);
+	struct ms_sock_key k = {}, in;
+	__u8 one = 1;
+
+	if (!bpf_map_lookup_elem(&ms_pods, &netns))
+		return;
+	key_from_skops(&k, skops, netns);
+	if (!addr_is_own(netns, k.remote_ip))
+		return;
+	reverse_key(&in, &k, netns);
+	bpf_map_update_elem(&ms_self_syn, &in, &one, BPF_ANY);
 }
 
 SEC("sockops")
 int ms_sockops(struct bpf_sock_ops *skops)
 {
 	switch (skops->op) {
+	case BPF_SOCK_OPS_TCP_CONNECT_CB: self_connect(skops); break;
 	case BPF_SOCK_OPS_TCP_LISTEN_CB: listener_started(skops); break;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB: established(skops); break;
@@ -318,6 +421,52 @@ int ms_sockops(struct bpf_sock_ops *skops)
 		break;
 	}
 	return 1;
+}
+
+/* peer_full says whether size more bytes would take the peer past what it
+ * may hold unread (Backpressure, above). A peer not found is not full: the
+ * redirect then misses and falls back on its own. */
+static __always_inline int peer_full(struct ms_sk *st, __u32 size)
+{
+	__u64 *addr = bpf_map_lookup_elem(&ms_sk_addrs, &st->peer);
+	struct sock___bp *sk;
+	__u32 unread = 0;
+	__s64 limit;
+	__u64 ud;
+
+	if (!addr)
+		return 0;
+	sk = (void *)*addr;
+	ud = (__u64)BPF_CORE_READ(sk, sk_user_data) & MS_SK_USER_DATA_PTRMASK;
+	if (!ud)
+		return 0;
+	limit = BPF_CORE_READ(sk, sk_rcvbuf);
+	if (limit < MS_MIN_UNREAD)
+		limit = MS_MIN_UNREAD;
+	unread = BPF_CORE_READ((struct sk_psock___bp *)ud, msg_tot_len);
+	return (__s64)unread + size > limit;
+}
+
+/* tcp_drained says whether every byte this socket sent over TCP has been
+ * read by the peer's application (Backpressure, above). */
+static __always_inline int tcp_drained(struct bpf_sock *sk,
+				       const struct ms_sk *st)
+{
+	struct tcp_sock___bp *me, *peer;
+	struct tcp_sock *tp;
+	__u64 *addr;
+
+	tp = bpf_skc_to_tcp_sock(sk);
+	if (!tp)
+		return 0;
+	me = (void *)tp;
+	if (me->snd_una != me->write_seq)
+		return 0;
+	addr = bpf_map_lookup_elem(&ms_sk_addrs, &st->peer);
+	if (!addr)
+		return 0;
+	peer = (void *)*addr;
+	return BPF_CORE_READ(peer, copied_seq) == BPF_CORE_READ(peer, rcv_nxt);
 }
 
 SEC("sk_msg")
@@ -344,6 +493,19 @@ int ms_sk_msg(struct sk_msg_md *msg)
 		count(MS_C_MSG_DRAIN, 1);
 	}
 	if (st->flags & MS_SK_TX_DOWN) {
+		count(MS_C_MSG_AFTER_MISS, 1);
+		count(MS_C_BYTES_AFTER_MISS, size);
+		return SK_PASS;
+	}
+	if ((st->flags & MS_SK_TX_BACKOFF) && tcp_drained(sk, st)) {
+		st->flags &= ~MS_SK_TX_BACKOFF;
+		count(MS_C_MSG_RESUMED, 1);
+	}
+	if (!(st->flags & MS_SK_TX_BACKOFF) && peer_full(st, size)) {
+		st->flags |= MS_SK_TX_BACKOFF;
+		count(MS_C_MSG_BACKPRESSURE, 1);
+	}
+	if (st->flags & MS_SK_TX_BACKOFF) {
 		count(MS_C_MSG_AFTER_MISS, 1);
 		count(MS_C_BYTES_AFTER_MISS, size);
 		return SK_PASS;

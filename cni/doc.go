@@ -17,7 +17,9 @@
 //   - DEL unregisters the pod. It is idempotent, never enters the
 //     namespace (so it succeeds when the namespace is gone), and succeeds
 //     when the agent does not know the pod or is down: a pod's teardown
-//     never waits for meshsplice.
+//     never waits for meshsplice. The agent undoes its set-up of the
+//     namespace: ::6/128 leaves the pod's lo if registering the pod added
+//     it (an address that was there before stays).
 //   - STATUS (1.1.0) fails with code 50 (plugin not available) when the
 //     agent does not answer its health probe or says it is not ready.
 //   - GC is not implemented (skel answers success): the plugin keeps no

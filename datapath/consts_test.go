@@ -145,6 +145,7 @@ func TestDefinesParse(t *testing.T) {
 func TestCDefinesMatchGo(t *testing.T) {
 	d := defines(t, "../bpf/common.h", "../bpf/policy.h", "../bpf/capture.c", "../bpf/splice.c", "../bpf/teardown.c")
 	var rangeKey redirect.CaptureMsRangeKey
+	var polPrefixKey redirect.CaptureMsPolPrefixKey
 	for _, tc := range []struct {
 		name string
 		go_  int64
@@ -163,6 +164,9 @@ func TestCDefinesMatchGo(t *testing.T) {
 		// prefixlen of ms_range_key counts bits from kind on: kind and
 		// netns are the fixed part, before the address.
 		{"MS_RANGE_FIXED_BITS", int64(8 * (unsafe.Offsetof(rangeKey.Ip) - unsafe.Offsetof(rangeKey.Kind))), "ms_range_key layout (redirect.CaptureMsRangeKey)"},
+		// prefixlen of ms_pol_prefix_key counts bits from set on: set and
+		// family are the fixed part.
+		{"MS_POL_PREFIX_FIXED_BITS", int64(8 * (unsafe.Offsetof(polPrefixKey.Ip) - unsafe.Offsetof(polPrefixKey.Set))), "ms_pol_prefix_key layout (redirect.CaptureMsPolPrefixKey)"},
 		// The agent gives each pod two listener slots (IPv4, IPv6).
 		{"MS_MAX_LISTENERS", 2 * d["MS_MAX_PODS"], "2 * MS_MAX_PODS (datapath/registry.go)"},
 	} {
@@ -189,7 +193,7 @@ func TestMapSizes(t *testing.T) {
 		"ms_pods": "MS_MAX_PODS", "ms_pod_ips": "MS_MAX_POD_IPS", "ms_ports": "MS_MAX_PORT_RULES",
 		"ms_ranges": "MS_MAX_RANGE_RULES", "ms_socks": "MS_MAX_SOCKS", "ms_orig_dst": "MS_MAX_ORIG_DST",
 		"ms_listeners": "MS_MAX_LISTENERS", "ms_ip_info": "MS_MAX_POL_IPS", "ms_pol_sets": "MS_MAX_POL_SETS",
-		"ms_pol_ids": "MS_MAX_POL_ENTRIES", "ms_denial_log": "MS_DENIAL_LOG",
+		"ms_pol_ids": "MS_MAX_POL_IDS", "ms_denial_log": "MS_DENIAL_LOG",
 	} {
 		ms, ok := spec.Maps[m]
 		if !ok {
@@ -228,7 +232,7 @@ func TestProxyPortsMatchGo(t *testing.T) {
 }
 
 // TestPassthroughSourceMatchesGo: addr_is_passthrough in common.h knows
-// Envoy's passthrough sources as istio's CaptureInbound does.
+// Envoy's passthrough sources as istio's Decide does.
 func TestPassthroughSourceMatchesGo(t *testing.T) {
 	body := function(t, "../bpf/common.h", "addr_is_passthrough")
 	var lits []uint32
@@ -248,7 +252,9 @@ func TestPassthroughSourceMatchesGo(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	dst := netip.MustParseAddrPort("10.1.2.3:8080")
+	// The sidecar's passthrough: from the source, over lo, to its own pod.
+	pod4, pod6 := netip.MustParseAddr("10.1.2.3"), netip.MustParseAddr("fd00::3")
+	tr.PodIPs, tr.DualStack = []netip.Addr{pod4, pod6}, true
 	for _, tc := range []struct {
 		src         netip.Addr
 		passthrough bool
@@ -256,9 +262,13 @@ func TestPassthroughSourceMatchesGo(t *testing.T) {
 		{v4, true}, {v6, true},
 		{v4.Next(), false}, {v6.Next(), false},
 	} {
-		_, reason := tr.CaptureInbound(dst, tc.src)
+		dst := netip.AddrPortFrom(pod4, 8080)
+		if tc.src.Is6() {
+			dst = netip.AddrPortFrom(pod6, 8080)
+		}
+		_, reason := tr.Decide(istio.Conn{Local: true, Src: tc.src, Dst: dst, UID: tr.ProxyUID, GID: tr.ProxyGID})
 		if got := reason == istio.ReasonInboundPassthroughSource; got != tc.passthrough {
-			t.Errorf("source %s: C says passthrough=%v, istio.CaptureInbound says %s", tc.src, tc.passthrough, reason)
+			t.Errorf("source %s: C says passthrough=%v, istio.Decide says %s", tc.src, tc.passthrough, reason)
 		}
 	}
 }

@@ -2,13 +2,17 @@
 // capture programs (package redirect) and the splice programs (package
 // sockops) so that they share their maps, attaches them with bpf_link, pins
 // everything under one bpffs directory so traffic keeps flowing while the
-// agent is gone, updates the programs in place on the next start, keeps the
-// registry of meshed pods, reads the counters, and detaches without leftovers.
+// agent is gone, updates the programs in place on the next start (and
+// refuses, changing nothing, pins whose map layout differs from its own:
+// ErrIncompatiblePins), keeps the registry of meshed pods, reads the
+// counters, and detaches without leftovers.
 //
 // Layout of the pin directory (default /sys/fs/bpf/meshsplice):
 //
 //	maps/ms_*            every map, pinned by name (shared by both objects)
-//	links/<program>      cgroup links: connect4, connect6, getsockopt, sockops
+//	links/<program>      cgroup links: connect4, connect6, getsockopt, sockops;
+//	                     splice(2) reader links: splice-enter, splice-exit,
+//	                     splice-guard (BPF LSM) or splice-detect (readers.go)
 //	links/netns/<cookie> one sk_lookup link per registered pod namespace
 //	sk_msg               the sk_msg program attached to maps/ms_socks
 //
@@ -56,6 +60,20 @@ type Options struct {
 	Node NodeSettings
 	// Logger receives what Open did; nil discards.
 	Logger *slog.Logger
+	// NoSpliceGuard leaves the BPF LSM guard of splice(2) readers off, as
+	// on a kernel without BPF LSM: such readers of spliced sockets are then
+	// detected and their connections reset (see Readers). Tests use it.
+	NoSpliceGuard bool
+	// ListenerResync is how often registered pods are checked for sidecar
+	// inbound listeners missing from the kernel (lost events, reuseport
+	// groups): 0 means DefaultListenerResync, < 0 never.
+	ListenerResync time.Duration
+	// MaxEntries sizes maps created now, by name (tests fill small maps);
+	// a hash map pinned already keeps its size.
+	MaxEntries map[string]uint32
+	// RefuseProgram, when set, plays a kernel that cannot load a program:
+	// an error for a program name fails it as the kernel would (tests).
+	RefuseProgram func(program string) error
 }
 
 // Datapath is a loaded, attached and pinned meshsplice datapath.
@@ -73,15 +91,28 @@ type Datapath struct {
 	teardownIter *link.Iter // nil: kernel without bpf_sock_destroy
 	polMu        sync.Mutex
 	sets         map[uint32]PolicySet // kernel set ID -> set
+	newSets      map[uint32]PolicySet // the sets a SetPolicy is writing
+	polState     PolicyState
 	nextSet      uint32
 	denials      []Denial
 	denialReader *ringbuf.Reader
 	denialsDone  chan struct{}
 
+	readersMode  string
+	readersWhy   string
+	resetIter    *link.Iter
+	readerEvents *ringbuf.Reader
+	readersDone  chan struct{}
+
 	iterMu    sync.Mutex // one iterator run at a time (ms_iter_netns)
 	iter      *link.Iter
 	events    *ringbuf.Reader
 	watchDone chan struct{}
+	// The periodic listener pass, and the listeners (inodes) of pods it
+	// could not register, not retried until they change.
+	resyncStop, resyncDone chan struct{}
+	unregistrable          map[uint64]string
+	missing                []*ErrFeatureMissing // optional features this kernel lacks (load.go)
 }
 
 type cgroupProg struct {
@@ -128,42 +159,40 @@ func Open(opts Options) (_ *Datapath, err error) {
 		}
 	}
 
-	d := &Datapath{pinDir: opts.PinDir, cgroup: opts.CgroupPath, log: opts.Logger, netns: map[uint64]string{}}
+	d := &Datapath{pinDir: opts.PinDir, cgroup: opts.CgroupPath, log: opts.Logger, netns: map[uint64]string{},
+		unregistrable: map[uint64]string{}}
 	defer func() {
 		if err != nil {
 			d.Close()
 		}
 	}()
-	load := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: mapDir(opts.PinDir)}}
-	if err := redirect.LoadCaptureObjects(&d.capture, load); err != nil {
-		return nil, fmt.Errorf("load capture programs: %w", explainLoad(err))
+	if err := checkPinnedMaps(opts.PinDir, opts); err != nil {
+		return nil, fmt.Errorf("open datapath: %w", err)
 	}
-	if err := sockops.LoadSpliceObjects(&d.splice, load); err != nil {
-		return nil, fmt.Errorf("load splice programs: %w", explainLoad(err))
+	load := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: mapDir(opts.PinDir)}}
+	if err := d.loadPrograms(load, opts); err != nil {
+		return nil, err
 	}
 
 	if err := d.SetNode(opts.Node); err != nil {
 		return nil, err
 	}
-	if err := d.openListenerWatch(); err != nil {
+	if opts.ListenerResync == 0 {
+		opts.ListenerResync = DefaultListenerResync
+	}
+	if err := d.openListenerWatch(opts.ListenerResync); err != nil {
 		return nil, err
 	}
-	if err := d.openPolicy(load); err != nil {
+	if err := d.openPolicy(load, opts); err != nil {
 		return nil, err
 	}
-	// sk_msg first: a socket picks up the map's programs only when it is
-	// added, so the program must be there before sockops adds any.
-	if err := link.RawAttachProgram(link.RawAttachProgramOptions{
-		Target:  d.splice.MsSocks.FD(),
-		Program: d.splice.MsSkMsg,
-		Attach:  ebpf.AttachSkMsgVerdict,
-	}); err != nil {
-		return nil, fmt.Errorf("attach sk_msg to ms_socks: %w", err)
+	// Before sockops can splice anything: no reader may meet a spliced
+	// socket unguarded.
+	if err := d.openReaders(load, !opts.NoSpliceGuard); err != nil {
+		return nil, err
 	}
-	// Pin the program: Detach needs it, and it replaces the previous one.
-	os.Remove(skMsgPin(opts.PinDir))
-	if err := d.splice.MsSkMsg.Pin(skMsgPin(opts.PinDir)); err != nil {
-		return nil, fmt.Errorf("pin sk_msg: %w", err)
+	if err := d.attachSkMsg(); err != nil {
+		return nil, err
 	}
 	for _, p := range cgroupProgs {
 		l, err := attachCgroup(filepath.Join(linkDir(opts.PinDir), p.name), opts.CgroupPath, p.attach, p.prog(d))
@@ -187,6 +216,7 @@ func (d *Datapath) PinDir() string { return d.pinDir }
 // traffic keeps flowing. Use Detach to remove it.
 func (d *Datapath) Close() error {
 	var result *multierror.Error
+	d.stopListenerWatch()
 	if d.events != nil {
 		d.events.Close()
 		<-d.watchDone
@@ -206,6 +236,7 @@ func (d *Datapath) Close() error {
 		d.teardownIter = nil
 	}
 	d.teardown.Close()
+	d.closeReaders()
 	for _, l := range d.links {
 		if err := l.Close(); err != nil {
 			result = multierror.Append(result, err)
@@ -242,7 +273,7 @@ func attachCgroup(pin, cgroup string, attach ebpf.AttachType, prog *ebpf.Program
 	}
 	l, err := link.AttachCgroup(link.CgroupOptions{Path: cgroup, Attach: attach, Program: prog})
 	if err != nil {
-		return nil, err
+		return nil, explainAttach(err)
 	}
 	if err := l.Pin(pin); err != nil {
 		l.Close()
@@ -258,9 +289,13 @@ func attachCgroup(pin, cgroup string, attach ebpf.AttachType, prog *ebpf.Program
 // Live spliced connections survive: first every sender is switched to TCP
 // (MS_NODE_DRAIN: what was already redirected is read first, then the TCP
 // bytes, so streams stay in order); then Detach waits up to drain for the
-// receivers to read what sits in their socket-map queues, because the kernel
-// drops that data when a socket leaves a SOCKHASH. After that the sockets go
-// on over plain TCP.
+// splice map to empty, because the kernel drops a socket's queued data if
+// the socket leaves a SOCKHASH. After that the sockets go on over plain TCP.
+// On 6.18 a live spliced socket never leaves: its psock holds the sk_msg
+// program, which holds the map, so the unpinned map and program live on,
+// reachable from no pin or hook, until the last such connection closes, and
+// bytes queued for a reader that reads only after the drain are still
+// delivered in order (e2e TestUninstallDeliversQueuedBytes).
 func Detach(pinDir string, drain time.Duration) error {
 	if pinDir == "" {
 		pinDir = DefaultPinDir
@@ -407,7 +442,8 @@ func explainLoad(err error) error {
 	if errors.As(err, &ve) {
 		return fmt.Errorf("%w\n%+v", err, ve)
 	}
-	if errors.Is(err, ebpf.ErrNotSupported) {
+	var fm *ErrFeatureMissing
+	if errors.Is(err, ebpf.ErrNotSupported) && !errors.As(err, &fm) {
 		return fmt.Errorf("%w (meshsplice needs Linux >= 6.1 with BPF, BTF, sockmap and sk_lookup)", err)
 	}
 	return err

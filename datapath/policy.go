@@ -18,17 +18,17 @@ import (
 	"github.com/hashicorp/go-multierror"
 	"golang.org/x/sys/unix"
 
-	"github.com/meshsplice/meshsplice/internal/netnsutil"
 	"github.com/meshsplice/meshsplice/redirect"
 )
 
 // The identity policy safety net, kernel side. The agent compiles Istio
 // AuthorizationPolicy (package policy) into sets of at most 64 atoms and
 // hands them here as a Policy; the programs judge every new connection of a
-// meshed pod (egress, connect4/6, any uid, the sidecar included) and every
-// new connection to one (ingress, sk_lookup, any source) with the
-// destination workload's set, and a policy change tears down live
-// connections it now forbids (Linux >= 6.5).
+// registered pod (egress, connect4/6, any uid, the sidecar included) and
+// every new connection to one with a sidecar (ingress, sk_lookup, any
+// source), whether meshsplice captures it or not, with the destination
+// workload's set, and a policy change tears down live connections it now
+// forbids (Linux >= 6.5).
 
 // PolicySet is one compiled policy set, as the kernel evaluates it:
 // m = IdentityMasks[src identity] & PrefixMasks[longest match of src IP] &
@@ -86,38 +86,51 @@ type Denial struct {
 
 const maxDenials = 256
 
+// ErrPolicyNotApplied is wrapped by SetPolicy's error when the new policy
+// was refused as a whole (it does not fit in the kernel's maps, or a write
+// failed): the kernel keeps the previous policy, unchanged.
+var ErrPolicyNotApplied = errors.New("policy not applied; the kernel keeps the previous policy")
+
+// PolicyState says whether the last SetPolicy was applied.
+type PolicyState struct {
+	// Applied counts the policies SetPolicy installed, NotApplied those it
+	// refused (ErrPolicyNotApplied) since the datapath was opened.
+	Applied    uint64 `json:"applied"`
+	NotApplied uint64 `json:"not_applied"`
+	// LastError is why the last SetPolicy was refused; "" when it was
+	// applied (or none was attempted).
+	LastError string `json:"last_error,omitempty"`
+}
+
+// PolicyState returns the outcome of the SetPolicy calls so far.
+func (d *Datapath) PolicyState() PolicyState {
+	d.polMu.Lock()
+	defer d.polMu.Unlock()
+	return d.polState
+}
+
 // SetPolicy replaces the kernel's policy state. New sets are written
 // before any IP points at them and old ones removed after, so a new
-// connection is always judged by one complete set, old or new.
+// connection is always judged by one complete set, old or new. A policy
+// that does not fit, or whose writes fail, is refused as a whole: what was
+// written of it is removed and every IP points where it did before
+// (ErrPolicyNotApplied, counted in PolicyState).
 func (d *Datapath) SetPolicy(p Policy) error {
 	d.polMu.Lock()
 	defer d.polMu.Unlock()
-	ids := make([]uint32, len(p.Sets))
-	newSets := map[uint32]PolicySet{}
-	for i, s := range p.Sets {
-		d.nextSet++
-		if d.nextSet == 0 {
-			d.nextSet = 1
-		}
-		ids[i] = d.nextSet
-		if err := d.writeSet(ids[i], s); err != nil {
-			d.deleteSets([]uint32{ids[i]})
-			return err
-		}
-		newSets[ids[i]] = s
+	err := d.policyFits(p)
+	if err == nil {
+		err = d.swapPolicy(p)
 	}
-	// Point the IPs at the new sets.
-	for ip, ipp := range p.IPs {
-		v := redirect.CaptureMsIpInfo{Identity: ipp.Identity}
-		if ipp.Set >= 0 && ipp.Set < len(ids) {
-			v.PolicySet = ids[ipp.Set]
-		}
-		k := addrKey(ip)
-		if err := d.capture.MsIpInfo.Update(&k, &v, ebpf.UpdateAny); err != nil {
-			return fmt.Errorf("policy: ip %s: %w", ip, err)
-		}
+	if err != nil {
+		d.polState.NotApplied++
+		d.polState.LastError = err.Error()
+		return fmt.Errorf("%w: %w", ErrPolicyNotApplied, err)
 	}
-	// Forget IPs no longer known, then the old sets.
+	d.polState.Applied++
+	d.polState.LastError = ""
+	// Forget IPs no longer known, then the old sets. The new policy is in
+	// force already: a failure here leaves unused entries behind, no more.
 	var result *multierror.Error
 	var k redirect.CaptureMsAddr
 	var v redirect.CaptureMsIpInfo
@@ -134,13 +147,141 @@ func (d *Datapath) SetPolicy(p Policy) error {
 	}
 	var old []uint32
 	for id := range d.sets {
-		old = append(old, id)
+		if _, kept := d.newSets[id]; !kept {
+			old = append(old, id)
+		}
 	}
 	if err := d.deleteSets(old); err != nil {
 		result = multierror.Append(result, err)
 	}
-	d.sets = newSets
+	d.sets, d.newSets = d.newSets, nil
 	return result.ErrorOrNil()
+}
+
+// swapPolicy writes p's sets and points the IPs at them; on failure it
+// undoes both and returns why.
+func (d *Datapath) swapPolicy(p Policy) error {
+	ids := make([]uint32, len(p.Sets))
+	d.newSets = map[uint32]PolicySet{}
+	undoSets := func() {
+		var written []uint32
+		for id := range d.newSets {
+			written = append(written, id)
+		}
+		d.deleteSets(written)
+		d.newSets = nil
+	}
+	for i, s := range p.Sets {
+		d.nextSet++
+		if d.nextSet == 0 {
+			d.nextSet = 1
+		}
+		ids[i] = d.nextSet
+		d.newSets[ids[i]] = s
+		if err := d.writeSet(ids[i], s); err != nil {
+			undoSets()
+			return err
+		}
+	}
+	// Point the IPs at the new sets, remembering what each held.
+	type prev struct {
+		k   redirect.CaptureMsAddr
+		v   redirect.CaptureMsIpInfo
+		had bool
+	}
+	var undo []prev
+	for ip, ipp := range p.IPs {
+		v := redirect.CaptureMsIpInfo{Identity: ipp.Identity}
+		if ipp.Set >= 0 && ipp.Set < len(ids) {
+			v.PolicySet = ids[ipp.Set]
+		}
+		k := addrKey(ip)
+		pr := prev{k: k}
+		pr.had = d.capture.MsIpInfo.Lookup(&k, &pr.v) == nil
+		if err := d.capture.MsIpInfo.Update(&k, &v, ebpf.UpdateAny); err != nil {
+			var undoErr *multierror.Error
+			for _, u := range slices.Backward(undo) {
+				var uerr error
+				if u.had {
+					uerr = d.capture.MsIpInfo.Update(&u.k, &u.v, ebpf.UpdateAny)
+				} else {
+					uerr = d.capture.MsIpInfo.Delete(&u.k)
+				}
+				if uerr != nil {
+					undoErr = multierror.Append(undoErr, fmt.Errorf("restore ip %s: %w", addrFromKey(u.k), uerr))
+				}
+			}
+			undoSets()
+			if uerr := undoErr.ErrorOrNil(); uerr != nil {
+				return fmt.Errorf("policy: ip %s: %w (and the previous policy could not be restored everywhere: %w)", ip, err, uerr)
+			}
+			return fmt.Errorf("policy: ip %s: %w", ip, err)
+		}
+		undo = append(undo, pr)
+	}
+	return nil
+}
+
+// policyFits checks, before anything is written, that p's entries fit in
+// each map beside those of the policy in force (a swap holds both for a
+// moment).
+func (d *Datapath) policyFits(p Policy) error {
+	need := map[*ebpf.Map]int{}
+	for _, s := range p.Sets {
+		need[d.capture.MsPolSets]++
+		need[d.capture.MsPolIds] += len(s.IdentityMasks)
+		need[d.capture.MsPolPorts] += len(s.PortMasks)
+		need[d.capture.MsPolBypass] += len(s.BypassPorts)
+		need[d.capture.MsPolPrefixes] += len(s.PrefixMasks)
+	}
+	newIPs := 0
+	for ip := range p.IPs {
+		k := addrKey(ip)
+		var v redirect.CaptureMsIpInfo
+		if d.capture.MsIpInfo.Lookup(&k, &v) != nil {
+			newIPs++
+		}
+	}
+	need[d.capture.MsIpInfo] = newIPs
+	var result *multierror.Error
+	for m, n := range need {
+		if n == 0 {
+			continue
+		}
+		used, err := mapLen(m)
+		if err != nil {
+			return err
+		}
+		if used+n > int(m.MaxEntries()) {
+			info, _ := m.Info()
+			name := ""
+			if info != nil {
+				name = info.Name
+			}
+			result = multierror.Append(result, fmt.Errorf("%w: %s needs %d more entries, %d of %d are in use",
+				ErrPolicyMapFull, name, n, used, m.MaxEntries()))
+		}
+	}
+	return result.ErrorOrNil()
+}
+
+// ErrPolicyMapFull: the policy does not fit in a kernel map (see the node
+// limits in the README).
+var ErrPolicyMapFull = errors.New("policy map full")
+
+// mapLen counts a hash or trie map's entries.
+func mapLen(m *ebpf.Map) (int, error) {
+	keys := make([]byte, m.KeySize())
+	vals := make([]byte, m.ValueSize())
+	n := 0
+	it := m.Iterate()
+	for it.Next(&keys, &vals) {
+		n++
+	}
+	if err := it.Err(); err != nil {
+		return 0, fmt.Errorf("count entries: %w", err)
+	}
+	return n, nil
 }
 
 func (d *Datapath) writeSet(id uint32, s PolicySet) error {
@@ -244,14 +385,26 @@ func (d *Datapath) deleteSets(ids []uint32) error {
 	return result.ErrorOrNil()
 }
 
-// polPrefixKey: 32 fixed bits (the set), then the 128-bit address prefix,
-// IPv4 as part of ::ffff:0:0/96.
+// polPrefixFixedBits is MS_POL_PREFIX_FIXED_BITS: the set and the address
+// family, matched exactly.
+const polPrefixFixedBits = 64
+
+// polPrefixKey is an LPM key: the fixed bits (set, family) then the prefix
+// of the 128-bit address, IPv4 prefixes as part of ::ffff:0:0/96. The
+// family keeps IPv6 prefixes (::/0, v4-mapped ones such as ::ffff:0:0/96)
+// from matching IPv4 sources, as in Envoy, and from sharing a key with an
+// IPv4 prefix.
 func polPrefixKey(set uint32, p netip.Prefix) redirect.CaptureMsPolPrefixKey {
-	bits := p.Bits()
+	bits, family := p.Bits(), uint32(unix.AF_INET6)
 	if p.Addr().Is4() {
-		bits += 96
+		bits, family = bits+96, unix.AF_INET
 	}
-	return redirect.CaptureMsPolPrefixKey{Prefixlen: uint32(32 + bits), Set: set, Ip: addrKey(p.Masked().Addr()).Ip}
+	return redirect.CaptureMsPolPrefixKey{
+		Prefixlen: uint32(polPrefixFixedBits + bits),
+		Set:       set,
+		Family:    family,
+		Ip:        addrKey(p.Masked().Addr()).Ip,
+	}
 }
 
 // TeardownSupported reports whether this kernel can close live connections
@@ -302,7 +455,7 @@ func (d *Datapath) runIterIn(cookie uint64, path string, it *link.Iter) error {
 		return fmt.Errorf("set iterator netns: %w", err)
 	}
 	// The iterator walks the netns of the thread that opens it.
-	return netnsutil.Do(path, func() error { return readIter(it) })
+	return doInPod(cookie, path, func() error { return readIter(it) })
 }
 
 func readIter(it *link.Iter) error {
@@ -319,8 +472,8 @@ func readIter(it *link.Iter) error {
 
 // openPolicy loads the teardown iterator when the kernel has
 // bpf_sock_destroy, and starts reading denial records.
-func (d *Datapath) openPolicy(load *ebpf.CollectionOptions) error {
-	if err := redirect.LoadTeardownObjects(&d.teardown, load); err != nil {
+func (d *Datapath) openPolicy(load *ebpf.CollectionOptions, opts Options) error {
+	if err := loadObjects(redirect.LoadTeardown, &d.teardown, load, opts); err != nil {
 		d.log.Warn("live connections will not be closed on a policy change", "reason", ErrTeardownUnsupported, "error", err)
 	} else if it, err := link.AttachIter(link.IterOptions{Program: d.teardown.MsPolicyTeardown}); err != nil {
 		d.log.Warn("live connections will not be closed on a policy change", "error", err)

@@ -15,7 +15,6 @@ import (
 	"github.com/hashicorp/go-multierror"
 	"golang.org/x/sys/unix"
 
-	"github.com/meshsplice/meshsplice/internal/netnsutil"
 	"github.com/meshsplice/meshsplice/istio"
 	"github.com/meshsplice/meshsplice/redirect"
 )
@@ -53,7 +52,7 @@ func (d *Datapath) SetNode(s NodeSettings) error {
 	if s.Capture {
 		node.Flags |= redirect.CaptureMsNodeFlagMS_NODE_CAPTURE
 	}
-	if s.Splice {
+	if s.Splice && !d.spliceMissing() { // a kernel without sk_msg: off
 		node.Flags |= redirect.CaptureMsNodeFlagMS_NODE_SPLICE
 	}
 	if err := d.capture.MsNodeSettings.Update(uint32(0), &node, ebpf.UpdateAny); err != nil {
@@ -92,30 +91,19 @@ func (d *Datapath) Node() (NodeSettings, error) {
 	}, nil
 }
 
-// NetnsCookie returns the cookie of the network namespace at path, the same
-// value bpf_get_netns_cookie() gives inside it.
-func NetnsCookie(path string) (uint64, error) {
-	var cookie uint64
-	err := netnsutil.Do(path, func() error {
-		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
-		if err != nil {
-			return err
-		}
-		defer unix.Close(fd)
-		cookie, err = unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
-		return err
-	})
-	if err != nil {
-		return 0, fmt.Errorf("netns cookie of %s: %w", path, err)
-	}
-	return cookie, nil
-}
+// ErrIPInUse is returned by AddPod for an address that belongs to another
+// registered pod: two pods never claim one address silently (the kernel
+// finds a pod by its addresses). Unregister, or re-register without it, the
+// pod that holds it first.
+var ErrIPInUse = errors.New("address registered to another pod")
 
 // AddPod registers a pod, or updates it in place when its namespace is
-// registered already. Tables are written before the pod entry that switches
-// them on, and stale rules are removed after, so a connection never sees a
-// half-written pod.
-func (d *Datapath) AddPod(p Pod) error {
+// registered already. Nothing is applied half-way: rules, addresses and the
+// sk_lookup link are staged before the pod entry that switches them on, a
+// failure removes what was staged (the pod's previous state stays in force),
+// and stale rules of the previous version are removed only after the new
+// one is in force. The netns path is checked against the cookie first.
+func (d *Datapath) AddPod(p Pod) (err error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if p.Cookie == 0 {
@@ -124,8 +112,27 @@ func (d *Datapath) AddPod(p Pod) error {
 			return fmt.Errorf("add pod: %w", err)
 		}
 		p.Cookie = c
+	} else if p.NetnsPath != "" {
+		if err := doInPod(p.Cookie, p.NetnsPath, func() error { return nil }); err != nil {
+			return fmt.Errorf("add pod %d: %w", p.Cookie, err)
+		}
+	}
+	if err := d.checkIPOwners(p.Cookie, p.IPs); err != nil {
+		return fmt.Errorf("add pod %d: %w", p.Cookie, err)
 	}
 	t := p.Traffic
+	// The proxy's ids as the programs see them (the host's view), before
+	// anything is written: a pod meshsplice cannot map is refused whole.
+	proxyUID, proxyGID := t.ProxyUID, t.ProxyGID
+	if p.NetnsPath != "" {
+		var err error
+		if proxyUID, proxyGID, err = proxyIDsOnHost(p.NetnsPath, t.ProxyUID, t.ProxyGID); err != nil {
+			return fmt.Errorf("add pod %d: %w", p.Cookie, err)
+		}
+	}
+	if len(t.PodIPs) == 0 {
+		t.PodIPs = p.IPs // what istio-iptables decides IPv6 capture from
+	}
 	ports := map[redirect.CaptureMsPortKey]bool{}
 	addPorts := func(kind redirect.CaptureMsPortKind, list []uint16) {
 		for _, port := range list {
@@ -145,30 +152,37 @@ func (d *Datapath) AddPod(p Pod) error {
 	addRanges(redirect.CaptureMsRangeKindMS_RANGE_OUT_INCLUDE, t.IncludeOutboundRanges)
 	addRanges(redirect.CaptureMsRangeKindMS_RANGE_OUT_EXCLUDE, t.ExcludeOutboundRanges)
 
-	one := uint8(1)
+	var undo rollback
+	defer func() {
+		if err != nil {
+			if rerr := undo.run(); rerr != nil {
+				err = fmt.Errorf("%w; rolling back: %w", err, rerr)
+			}
+		}
+	}()
 	for k := range ports {
-		if err := d.capture.MsPorts.Update(&k, &one, ebpf.UpdateAny); err != nil {
+		if err := stageKey(&undo, d.capture.MsPorts, &k); err != nil {
 			return fmt.Errorf("add pod %d: port rule %d: %w", p.Cookie, k.Port, err)
 		}
 	}
 	for k := range ranges {
-		if err := d.capture.MsRanges.Update(&k, &one, ebpf.UpdateAny); err != nil {
+		if err := stageKey(&undo, d.capture.MsRanges, &k); err != nil {
 			return fmt.Errorf("add pod %d: range rule: %w", p.Cookie, err)
 		}
 	}
 	for _, ip := range p.IPs {
-		a := addrKey(ip)
-		if err := d.capture.MsPodIps.Update(&a, &p.Cookie, ebpf.UpdateAny); err != nil {
+		if err := stageValue(&undo, d.capture.MsPodIps, addrKey(ip), p.Cookie); err != nil {
 			return fmt.Errorf("add pod %d: ip %s: %w", p.Cookie, ip, err)
 		}
 	}
 	if p.NetnsPath != "" {
-		if err := d.attachNetns(p.Cookie, p.NetnsPath); err != nil {
+		if err := d.attachNetns(&undo, p.Cookie, p.NetnsPath); err != nil {
 			return fmt.Errorf("add pod %d: %w", p.Cookie, err)
 		}
 	}
 	pod := podValue(t)
 	pod.Identity = p.Identity
+	pod.ProxyUid, pod.ProxyGid = proxyUID, proxyGID
 	for _, ip := range p.IPs {
 		if ip.Unmap().Is4() && pod.Ip4 == (redirect.CaptureMsAddr{}) {
 			pod.Ip4 = addrKey(ip)
@@ -176,23 +190,120 @@ func (d *Datapath) AddPod(p Pod) error {
 			pod.Ip6 = addrKey(ip)
 		}
 	}
-	slot, err := d.listenerSlot(p.Cookie)
+	slot, isNew, err := d.listenerSlot(p.Cookie)
 	if err != nil {
 		return fmt.Errorf("add pod %d: %w", p.Cookie, err)
 	}
+	if isNew {
+		// A free slot holds nothing: whatever is left there (a listener
+		// iterator that raced RemovePod) belongs to another namespace.
+		if err := d.clearListenerSlot(slot); err != nil {
+			return fmt.Errorf("add pod %d: %w", p.Cookie, err)
+		}
+	}
 	pod.ListenerSlot = slot
-	if err := d.capture.MsPods.Update(&p.Cookie, &pod, ebpf.UpdateAny); err != nil {
+	if err := stageValue(&undo, d.capture.MsPods, p.Cookie, pod); err != nil {
 		return fmt.Errorf("add pod %d: %w", p.Cookie, err)
 	}
+	// In force. What follows no longer undoes the registration.
+	undo = rollback{}
 	if p.NetnsPath != "" {
 		d.netns[p.Cookie] = p.NetnsPath
-		// A sidecar that listened before the pod was registered.
+		// A sidecar that listened before the pod was registered. A failure
+		// is retried by the periodic listener pass (ResyncListeners).
 		if err := d.syncListeners(p.Cookie, p.NetnsPath); err != nil {
-			return fmt.Errorf("add pod %d: %w", p.Cookie, err)
+			d.log.Warn("register sidecar listener; retried by the next listener pass", "netns_cookie", p.Cookie, "error", err)
 		}
 	}
 	// Drop what the previous version of this pod had and this one lacks.
 	return d.prune(p.Cookie, ports, ranges, p.IPs)
+}
+
+// checkIPOwners refuses addresses that another registered pod holds. An
+// address whose owner is no registered pod (a leftover) may be taken.
+func (d *Datapath) checkIPOwners(cookie uint64, ips []netip.Addr) error {
+	var result *multierror.Error
+	for _, ip := range ips {
+		a := addrKey(ip)
+		var owner uint64
+		if err := d.capture.MsPodIps.Lookup(&a, &owner); err != nil || owner == cookie {
+			continue
+		}
+		var other redirect.CaptureMsPod
+		if d.capture.MsPods.Lookup(&owner, &other) == nil {
+			result = multierror.Append(result, fmt.Errorf("%w: %s belongs to the pod of netns %d", ErrIPInUse, ip, owner))
+		}
+	}
+	return result.ErrorOrNil()
+}
+
+// rollback undoes staged kernel writes, newest first.
+type rollback struct{ steps []func() error }
+
+func (r *rollback) add(step func() error) { r.steps = append(r.steps, step) }
+
+// run undoes every step, past failures, and reports them all.
+func (r *rollback) run() error {
+	var result *multierror.Error
+	for i := len(r.steps) - 1; i >= 0; i-- {
+		if err := r.steps[i](); err != nil {
+			result = multierror.Append(result, err)
+		}
+	}
+	r.steps = nil
+	return result.ErrorOrNil()
+}
+
+// stageKey adds a set member (value 1) unless it is there already.
+func stageKey[K any](undo *rollback, m *ebpf.Map, k *K) error {
+	var v uint8
+	if m.Lookup(k, &v) == nil {
+		return nil
+	}
+	if err := m.Update(k, uint8(1), ebpf.UpdateAny); err != nil {
+		return err
+	}
+	undo.add(func() error { return deleteIfThere(m, k) })
+	return nil
+}
+
+// stageValue writes k = v, remembering the previous value to restore.
+func stageValue[K, V comparable](undo *rollback, m *ebpf.Map, k K, v V) error {
+	var prev V
+	had := m.Lookup(&k, &prev) == nil
+	if had && prev == v {
+		return nil
+	}
+	if err := m.Update(&k, &v, ebpf.UpdateAny); err != nil {
+		return err
+	}
+	undo.add(func() error {
+		if had {
+			return m.Update(&k, &prev, ebpf.UpdateAny)
+		}
+		return deleteIfThere(m, &k)
+	})
+	return nil
+}
+
+func deleteIfThere(m *ebpf.Map, k any) error {
+	if err := m.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("delete from %s: %w", m, err)
+	}
+	return nil
+}
+
+// clearListenerSlot empties both entries of a listener slot.
+func (d *Datapath) clearListenerSlot(slot uint32) error {
+	var result *multierror.Error
+	for _, idx := range []uint32{2 * slot, 2*slot + 1} {
+		// An empty sockmap slot answers EINVAL, not ENOENT.
+		if err := d.capture.MsListeners.Delete(&idx); err != nil &&
+			!errors.Is(err, ebpf.ErrKeyNotExist) && !errors.Is(err, unix.EINVAL) {
+			result = multierror.Append(result, fmt.Errorf("clear listener slot %d: %w", slot, err))
+		}
+	}
+	return result.ErrorOrNil()
 }
 
 // RemovePod forgets a pod: new connections in its namespace are left alone
@@ -209,14 +320,11 @@ func (d *Datapath) RemovePod(cookie uint64) error {
 		result = multierror.Append(result, fmt.Errorf("remove pod %d: %w", cookie, err))
 	}
 	delete(d.netns, cookie)
+	delete(d.unregistrable, cookie)
 	if hadPod {
 		// Free the listener slots for the next pod.
-		for _, idx := range []uint32{2 * old.ListenerSlot, 2*old.ListenerSlot + 1} {
-			// An empty sockmap slot answers EINVAL, not ENOENT.
-			if err := d.capture.MsListeners.Delete(&idx); err != nil &&
-				!errors.Is(err, ebpf.ErrKeyNotExist) && !errors.Is(err, unix.EINVAL) {
-				result = multierror.Append(result, fmt.Errorf("remove pod %d: clear listener slot: %w", cookie, err))
-			}
+		if err := d.clearListenerSlot(old.ListenerSlot); err != nil {
+			result = multierror.Append(result, fmt.Errorf("remove pod %d: %w", cookie, err))
 		}
 	}
 	if err := d.prune(cookie, nil, nil, nil); err != nil {
@@ -229,30 +337,32 @@ func (d *Datapath) RemovePod(cookie uint64) error {
 		}
 		l.Close()
 	} else if !errors.Is(err, os.ErrNotExist) {
-		os.Remove(pin)
+		if err := os.Remove(pin); err != nil && !errors.Is(err, os.ErrNotExist) {
+			result = multierror.Append(result, fmt.Errorf("remove pod %d: remove stale sk_lookup pin: %w", cookie, err))
+		}
 	}
 	return result.ErrorOrNil()
 }
 
 // listenerSlot keeps the slot of a registered pod, or gives a new pod the
-// lowest free one (pods x 2 entries of ms_listeners).
-func (d *Datapath) listenerSlot(cookie uint64) (uint32, error) {
+// lowest free one (pods x 2 entries of ms_listeners); isNew says which.
+func (d *Datapath) listenerSlot(cookie uint64) (slot uint32, isNew bool, err error) {
 	var c uint64
 	var v redirect.CaptureMsPod
 	used := map[uint32]bool{}
 	for it := d.capture.MsPods.Iterate(); it.Next(&c, &v); {
 		if c == cookie {
-			return v.ListenerSlot, nil
+			return v.ListenerSlot, false, nil
 		}
 		used[v.ListenerSlot] = true
 	}
 	max := d.capture.MsListeners.MaxEntries() / 2
 	for slot := uint32(0); slot < max; slot++ {
 		if !used[slot] {
-			return slot, nil
+			return slot, true, nil
 		}
 	}
-	return 0, fmt.Errorf("no free listener slot: %d pods registered", len(used))
+	return 0, false, fmt.Errorf("no free listener slot: %d pods registered", len(used))
 }
 
 // prune deletes the rules and addresses of the pod that are not in keep.
@@ -305,8 +415,9 @@ func (d *Datapath) prune(cookie uint64, keepPorts map[redirect.CaptureMsPortKey]
 }
 
 // attachNetns attaches inbound capture (sk_lookup) to the pod's namespace,
-// or updates the pinned link of an earlier run in place.
-func (d *Datapath) attachNetns(cookie uint64, path string) error {
+// or updates the pinned link of an earlier run in place (the pin is named
+// by the cookie it was checked against). A new link is undone by undo.
+func (d *Datapath) attachNetns(undo *rollback, cookie uint64, path string) error {
 	pin := filepath.Join(netnsLinkDir(d.pinDir), strconv.FormatUint(cookie, 10))
 	if l, err := link.LoadPinnedLink(pin, nil); err == nil {
 		err := l.Update(d.capture.MsSkLookup)
@@ -316,9 +427,9 @@ func (d *Datapath) attachNetns(cookie uint64, path string) error {
 		}
 		os.Remove(pin)
 	}
-	f, err := os.Open(path)
+	f, err := openPodNetns(cookie, path)
 	if err != nil {
-		return fmt.Errorf("open netns: %w", err)
+		return err
 	}
 	defer f.Close()
 	l, err := link.AttachNetNs(int(f.Fd()), d.capture.MsSkLookup)
@@ -329,6 +440,13 @@ func (d *Datapath) attachNetns(cookie uint64, path string) error {
 	if err := l.Pin(pin); err != nil {
 		return fmt.Errorf("pin sk_lookup link: %w", err)
 	}
+	// Removing the pin releases the link (detaches) once l is closed.
+	undo.add(func() error {
+		if err := os.Remove(pin); err != nil {
+			return fmt.Errorf("unpin sk_lookup link: %w", err)
+		}
+		return nil
+	})
 	return nil
 }
 
@@ -348,7 +466,9 @@ func (d *Datapath) updateNetnsLinks() error {
 		}
 		if err := l.Update(d.capture.MsSkLookup); err != nil {
 			// The namespace died: the link is defunct.
-			l.Unpin()
+			if err := l.Unpin(); err != nil {
+				d.log.Warn("unpin a defunct sk_lookup link", "pin", pin, "error", err)
+			}
 		}
 		l.Close()
 	}
@@ -455,6 +575,8 @@ func podValue(t istio.Traffic) redirect.CaptureMsPod {
 	set(t.IncludeAllOutbound, redirect.CaptureMsPodFlagMS_POD_INCLUDE_ALL_OUT)
 	set(t.IncludeAllInbound, redirect.CaptureMsPodFlagMS_POD_INCLUDE_ALL_IN)
 	set(t.IncludeOutboundLoopback, redirect.CaptureMsPodFlagMS_POD_INCLUDE_LOOPBACK)
+	set(t.Sidecar || t.Capture, redirect.CaptureMsPodFlagMS_POD_SIDECAR)
+	set(t.CaptureIPv6(), redirect.CaptureMsPodFlagMS_POD_CAPTURE_IPV6)
 	return v
 }
 
@@ -467,10 +589,14 @@ func trafficFromValue(v redirect.CaptureMsPod) istio.Traffic {
 		IncludeAllOutbound:      has(redirect.CaptureMsPodFlagMS_POD_INCLUDE_ALL_OUT),
 		IncludeAllInbound:       has(redirect.CaptureMsPodFlagMS_POD_INCLUDE_ALL_IN),
 		IncludeOutboundLoopback: has(redirect.CaptureMsPodFlagMS_POD_INCLUDE_LOOPBACK),
-		ProxyUID:                v.ProxyUid,
-		ProxyGID:                v.ProxyGid,
-		OutboundPort:            v.OutboundPort,
-		InboundPort:             v.InboundPort,
+		Sidecar:                 has(redirect.CaptureMsPodFlagMS_POD_SIDECAR),
+		// Read back with the pod's IPs, this gives the kernel's answer
+		// for CaptureIPv6 (an IPv6-only pod's is true either way).
+		DualStack:    has(redirect.CaptureMsPodFlagMS_POD_CAPTURE_IPV6),
+		ProxyUID:     v.ProxyUid,
+		ProxyGID:     v.ProxyGid,
+		OutboundPort: v.OutboundPort,
+		InboundPort:  v.InboundPort,
 	}
 }
 
@@ -493,26 +619,34 @@ func addrFromKey(a redirect.CaptureMsAddr) netip.Addr {
 	return netip.AddrFrom16(b).Unmap()
 }
 
-// rangeKey is an LPM key: the 96 fixed bits (kind, netns) then the prefix of
-// the 128-bit address, IPv4 prefixes as part of ::ffff:0:0/96.
+// rangeFixedBits is MS_RANGE_FIXED_BITS (bpf/common.h): kind, netns and
+// family, matched exactly.
+const rangeFixedBits = 128
+
+// rangeKey is an LPM key: the fixed bits (kind, netns, family) then the
+// prefix of the 128-bit address, IPv4 prefixes as part of ::ffff:0:0/96. The
+// family keeps IPv6 ranges such as ::/0 from matching v4-mapped addresses.
 func rangeKey(cookie uint64, kind redirect.CaptureMsRangeKind, p netip.Prefix) redirect.CaptureMsRangeKey {
-	bits := p.Bits()
+	bits, family := p.Bits(), uint32(unix.AF_INET6)
 	if p.Addr().Is4() {
-		bits += 96
+		bits, family = bits+96, unix.AF_INET
 	}
 	return redirect.CaptureMsRangeKey{
-		Prefixlen: uint32(96 + bits),
+		Prefixlen: uint32(rangeFixedBits + bits),
 		Kind:      kind,
 		Netns:     cookie,
+		Family:    family,
 		Ip:        addrKey(p.Masked().Addr()).Ip,
 	}
 }
 
 func prefixFromRangeKey(k redirect.CaptureMsRangeKey) netip.Prefix {
 	addr := addrFromKey(redirect.CaptureMsAddr{Ip: k.Ip})
-	bits := int(k.Prefixlen) - 96
-	if addr.Is4() {
+	bits := int(k.Prefixlen) - rangeFixedBits
+	if k.Family == unix.AF_INET {
 		bits -= 96
+	} else {
+		addr = netip.AddrFrom16(addr.As16()) // ::ffff:0:0/96 stays IPv6
 	}
 	return netip.PrefixFrom(addr, bits)
 }

@@ -4,6 +4,8 @@ import (
 	"net/netip"
 	"testing"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/meshsplice/meshsplice/redirect"
 )
 
@@ -39,15 +41,18 @@ func addrBytes(a redirect.CaptureMsAddr) [16]byte {
 }
 
 func TestRangeKeyPrefixLen(t *testing.T) {
+	const fixed = 128 // kind, netns, family
 	for _, tc := range []struct {
 		prefix string
 		bits   uint32
+		family uint32
 	}{
-		{"10.0.0.0/8", 96 + 96 + 8},
-		{"0.0.0.0/0", 96 + 96},
-		{"10.1.2.3/32", 96 + 128},
-		{"fd00::/8", 96 + 8},
-		{"::/0", 96},
+		{"10.0.0.0/8", fixed + 96 + 8, unix.AF_INET},
+		{"0.0.0.0/0", fixed + 96, unix.AF_INET},
+		{"10.1.2.3/32", fixed + 128, unix.AF_INET},
+		{"fd00::/8", fixed + 8, unix.AF_INET6},
+		{"::/0", fixed, unix.AF_INET6},
+		{"::ffff:0:0/96", fixed + 96, unix.AF_INET6},
 	} {
 		t.Run(tc.prefix, func(t *testing.T) {
 			p := netip.MustParsePrefix(tc.prefix)
@@ -55,8 +60,8 @@ func TestRangeKeyPrefixLen(t *testing.T) {
 			if k.Prefixlen != tc.bits {
 				t.Fatalf("prefixlen = %d, want %d", k.Prefixlen, tc.bits)
 			}
-			if k.Netns != 42 || k.Kind != redirect.CaptureMsRangeKindMS_RANGE_OUT_EXCLUDE {
-				t.Fatalf("fixed part = %d/%d", k.Netns, k.Kind)
+			if k.Netns != 42 || k.Kind != redirect.CaptureMsRangeKindMS_RANGE_OUT_EXCLUDE || k.Family != tc.family {
+				t.Fatalf("fixed part = %d/%d/%d", k.Netns, k.Kind, k.Family)
 			}
 			if back := prefixFromRangeKey(k); back != p {
 				t.Fatalf("prefixFromRangeKey = %s, want %s", back, p)

@@ -43,6 +43,14 @@ func freePort(t *testing.T) int {
 
 func startAgent(t *testing.T, m *mesh, configDir string) *agentProc {
 	t.Helper()
+	a := newAgent(t, m, configDir)
+	a.start()
+	return a
+}
+
+// newAgent prepares the agent's command line without starting it.
+func newAgent(t *testing.T, m *mesh, configDir string) *agentProc {
+	t.Helper()
 	bin := testnet.BuildBinary(t, "github.com/meshsplice/meshsplice/cmd/meshsplice")
 	sock := filepath.Join(t.TempDir(), "cni.sock")
 	a := &agentProc{t: t, bin: bin, metrics: fmt.Sprintf("127.0.0.1:%d", freePort(t))}
@@ -51,7 +59,6 @@ func startAgent(t *testing.T, m *mesh, configDir string) *agentProc {
 		"--state-dir", t.TempDir(), "--metrics-addr", a.metrics}
 	a.client = api.NewClient(sock, 5*time.Second)
 	t.Cleanup(a.client.Close)
-	a.start()
 	return a
 }
 
@@ -130,7 +137,13 @@ func (a *agentProc) status(pin string) datapath.Status {
 
 func eventually(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
+	waitUntil(t, what, 10*time.Second, cond)
+}
+
+// waitUntil is eventually with a deadline of its own.
+func waitUntil(t *testing.T, what string, timeout time.Duration, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
 	for !cond() {
 		if time.Now().After(deadline) {
 			t.Fatalf("timed out waiting for %s", what)
@@ -144,15 +157,7 @@ func eventually(t *testing.T, what string, cond func() bool) {
 // stops touching a pod after DEL, keeps its pods across a restart, and
 // `meshsplice status --json` agrees with the kernel maps.
 func TestAgentProcess(t *testing.T) {
-	testnet.RequireRoot(t)
-	m := &mesh{t: t, bin: mstest(t)}
-	m.cg = testnet.NewCgroup(t)
-	m.pin = testnet.PinDir(t, func(dir string) error { return datapath.Detach(dir, time.Second) })
-	configDir := t.TempDir()
-	if err := os.WriteFile(filepath.Join(configDir, "mesh.yaml"), []byte("trustDomain: demo.local\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	ag := startAgent(t, m, configDir)
+	m, ag, configDir := agentMesh(t)
 	node := testnet.NewBridgeNet(t, testnet.BridgeNetOpts{})
 	client := m.addPod(node, "client", nil)
 	server := m.addPod(node, "server", nil)
@@ -176,7 +181,9 @@ func TestAgentProcess(t *testing.T) {
 
 	// status --json agrees with the kernel and with the agent.
 	st := ag.status(m.pin)
-	if len(st.Pods) != 2 || !st.Node.Capture || !st.Node.Splice || len(st.Links) != 6 {
+	// Six links, plus the splice(2) reader links (docs/readers.md).
+	links := slices.DeleteFunc(slices.Clone(st.Links), func(l datapath.LinkStatus) bool { return strings.HasPrefix(l.Name, "splice-") })
+	if len(st.Pods) != 2 || !st.Node.Capture || !st.Node.Splice || len(links) != 6 {
 		t.Fatalf("status: %+v", st)
 	}
 	var agentPods []api.PodStatus

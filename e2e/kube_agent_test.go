@@ -35,8 +35,8 @@ func TestMain(m *testing.M) { os.Exit(kubetest.Main(m)) }
 // the API server gives them: an injected pod with the allowed service
 // account gets in, one with another service account is refused by the
 // kernel, one without a sidecar is an unknown source (it has no identity
-// to show db's sidecar either). An AuthorizationPolicy edit through the
-// API server reaches the kernel.
+// to show db's sidecar either), left to the sidecar. An
+// AuthorizationPolicy edit through the API server reaches the kernel.
 func TestAgentKubernetes(t *testing.T) {
 	testnet.RequireRoot(t)
 	srv := kubetest.Shared(t)
@@ -131,19 +131,19 @@ func TestAgentKubernetes(t *testing.T) {
 	}
 	// The agent learns the API server's objects asynchronously: wait for
 	// the verdict that needs the cluster-wide identities (an unknown
-	// source has no principal, which the ALLOW rule refuses).
-	eventually(t, "backend (node B, API identity backend) let in by db's kernel policy", func() bool {
-		return verdict(backend) == "allowed"
+	// source could present the allowed certificate: the kernel lets it
+	// through and leaves it to the sidecar).
+	eventually(t, "intruder (node B, API identity intruder) refused by db's kernel policy", func() bool {
+		return verdict(intruder) != "allowed"
 	})
 	for _, c := range []struct {
 		from *meshPod
 		want string
 	}{
-		{intruder, "denied"},
+		{backend, "allowed"},
 		// No sidecar: the kernel must not give it the identity its
-		// sidecar could not show; unknown, refused like the sidecar
-		// refuses its plaintext.
-		{plain, "denied"},
+		// sidecar could not show; unknown, left to db's sidecar.
+		{plain, "allowed"},
 	} {
 		if got := verdict(c.from); !strings.HasPrefix(got, c.want) {
 			t.Errorf("%s -> db: %s, want %s", c.from.Name, got, c.want)
@@ -159,8 +159,8 @@ func TestAgentKubernetes(t *testing.T) {
 	if _, err := ic.SecurityV1().AuthorizationPolicies(ns).Update(ctx, cur, metav1.UpdateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "the edited policy: intruder let in", func() bool { return verdict(intruder) == "allowed" })
-	if got := verdict(backend); got == "allowed" {
-		t.Errorf("backend -> db after the edit: allowed, want denied")
+	eventually(t, "the edited policy: backend refused", func() bool { return verdict(backend) != "allowed" })
+	if got := verdict(intruder); got != "allowed" {
+		t.Errorf("intruder -> db after the edit: %s, want allowed", got)
 	}
 }

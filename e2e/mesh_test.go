@@ -63,25 +63,43 @@ type mesh struct {
 
 func newMesh(t *testing.T) *mesh {
 	t.Helper()
+	return newMeshOpts(t, datapath.Options{})
+}
+
+// newMeshOpts is newMesh with datapath options (pin dir, cgroup, node and
+// logger are the mesh's own).
+func newMeshOpts(t *testing.T, opts datapath.Options) *mesh {
+	t.Helper()
 	testnet.RequireRoot(t)
-	m := &mesh{t: t, bin: mstest(t)}
-	m.cg = testnet.NewCgroup(t)
+	return newMeshOnOpts(t, testnet.NewCgroup(t), opts)
+}
+
+// newMeshOn is newMesh on a cgroup the test made.
+func newMeshOn(t *testing.T, cg *testnet.Cgroup) *mesh {
+	t.Helper()
+	return newMeshOnOpts(t, cg, datapath.Options{})
+}
+
+// newMeshOnOpts is newMeshOn with datapath options.
+func newMeshOnOpts(t *testing.T, cg *testnet.Cgroup, opts datapath.Options) *mesh {
+	t.Helper()
+	m := &mesh{t: t, bin: mstest(t), cg: cg}
+	// Programs of others attached before meshsplice stay (neighbour_test.go).
+	others := attachedCgroupPrograms(t, cg.Path)
 	m.pin = testnet.PinDir(t, func(dir string) error {
 		if err := datapath.Detach(dir, time.Second); err != nil {
 			return err
 		}
-		// After detach nothing may stay attached to the cgroup.
-		if n := attachedCgroupPrograms(t, m.cg.Path); n != 0 {
-			return fmt.Errorf("%d programs still attached to %s", n, m.cg.Path)
+		// After detach nothing of meshsplice may stay attached to the cgroup.
+		if n := attachedCgroupPrograms(t, m.cg.Path); n != others {
+			return fmt.Errorf("%d programs attached to %s after detach, want the %d of others", n, m.cg.Path, others)
 		}
 		return nil
 	})
-	dp, err := datapath.Open(datapath.Options{
-		PinDir:     m.pin,
-		CgroupPath: m.cg.Path,
-		Node:       datapath.NodeSettings{Capture: true, Splice: true},
-		Logger:     slog.New(slog.NewTextHandler(testLog{t}, nil)),
-	})
+	opts.PinDir, opts.CgroupPath = m.pin, m.cg.Path
+	opts.Node = datapath.NodeSettings{Capture: true, Splice: true}
+	opts.Logger = slog.New(slog.NewTextHandler(testLog{t}, nil))
+	dp, err := datapath.Open(opts)
 	if err != nil {
 		t.Fatalf("open datapath: %v", err)
 	}
@@ -105,6 +123,15 @@ type meshPod struct {
 	Traffic istio.Traffic
 	Sidecar *testnet.Proc
 	App     *testnet.Proc
+}
+
+// testDefaults are the mesh defaults of the test world: Istio's, in a
+// dual-stack mesh (ISTIO_DUAL_STACK=true), since every test pod has an IPv4
+// and an IPv6 address and IPv6 is captured only then.
+func testDefaults() istio.Defaults {
+	d := istio.DefaultDefaults()
+	d.DualStack = true
+	return d
 }
 
 // injected is the annotation set of a pod the Istio injector processed.
@@ -135,13 +162,14 @@ func (m *mesh) addPodWith(node *testnet.BridgeNet, name string, ann map[string]s
 	}
 	p.Cookie = cookie
 	if ann != nil {
-		tr, warnings, err := istio.ParseTraffic(ann, istio.DefaultDefaults())
+		tr, warnings, err := istio.ParseTraffic(ann, testDefaults())
 		if err != nil {
 			t.Fatalf("pod %s annotations: %v", name, err)
 		}
 		for _, w := range warnings {
 			t.Logf("pod %s: %s", name, w)
 		}
+		tr.PodIPs = []netip.Addr{p.IPv4, p.IPv6}
 		p.Traffic = tr
 		if err := redirect.PreparePodNetns(p.NS.Path()); err != nil {
 			t.Fatal(err)

@@ -76,7 +76,8 @@ func TestAgentPolicy(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	write("mesh.yaml", "trustDomain: cluster.local\n")
+	// A dual-stack mesh: the pods' IPv6 is captured, so policy applies to it.
+	write("mesh.yaml", "trustDomain: cluster.local\ndefaultConfig: {proxyMetadata: {ISTIO_DUAL_STACK: \"true\"}}\n")
 	write("policies.yaml", shopPolicies)
 	write("remote.yaml", fmt.Sprintf(`apiVersion: networking.istio.io/v1
 kind: WorkloadEntry

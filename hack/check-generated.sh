@@ -9,7 +9,7 @@ trap 'rm -rf "$scratch"' EXIT
 cp -r "$top/bpf" "$top/redirect" "$top/sockops" "$top/go.mod" "$top/go.sum" "$scratch/"
 (cd "$scratch" && go generate ./redirect ./sockops)
 status=0
-for f in redirect/capture_bpfel.go redirect/capture_bpfel.o redirect/teardown_bpfel.go redirect/teardown_bpfel.o sockops/splice_bpfel.go sockops/splice_bpfel.o; do
+for f in redirect/capture_bpfel.go redirect/capture_bpfel.o redirect/teardown_bpfel.go redirect/teardown_bpfel.o sockops/splice_bpfel.go sockops/splice_bpfel.o sockops/readers_bpfel.go sockops/readers_bpfel.o; do
   if ! cmp -s "$top/$f" "$scratch/$f"; then
     echo "check-generated: $f differs from a fresh 'make generate'" >&2
     status=1

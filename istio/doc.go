@@ -1,9 +1,8 @@
 // Package istio turns a pod's Istio sidecar traffic settings (its
 // annotations, plus mesh-wide [Defaults]) into a validated [Traffic] value
 // that the meshsplice datapath programs into the kernel, and defines, once,
-// which connections that configuration captures ([Traffic.CaptureOutbound],
-// [Traffic.CaptureInbound]). The BPF programs mirror these two functions;
-// tests compare the two.
+// which connections that configuration captures ([Traffic.Decide]). The BPF
+// programs mirror it; tests compare the two.
 //
 // Traffic parsing and the capture decisions are pure (no I/O). The
 // configuration Sources read the rest of Istio's configuration: [FileSource]
@@ -21,7 +20,9 @@
 //   - sidecar.istio.io/interceptionMode is not NONE (REDIRECT, the default,
 //     and TPROXY are treated alike);
 //   - meshsplice.io/capture is not "disabled". A disabled pod is left to
-//     whatever Istio itself does (istio-init or istio-cni iptables).
+//     whatever Istio itself does (istio-init or istio-cni iptables); its
+//     sidecar is still there ([Traffic.Sidecar]), and so is its kernel
+//     policy.
 //
 // On Kubernetes, [ClassifyPod] asks more of a pod, as Istio would: the
 // istio-proxy sidecar is there (a container, or a native sidecar: an init
@@ -39,6 +40,12 @@
 //
 // # Annotation syntax
 //
+// Every bad item is an error naming its annotation and value; the first 20
+// errors and the first 20 warnings are listed, the rest only counted
+// ("(N more errors not shown)"), since a pod may carry 10,000 bad entries.
+// FuzzAnnotations and FuzzLoad (corpora in testdata/fuzz) hold the parsers
+// to that.
+//
 // Lists are comma separated. Whitespace around items is allowed, empty items
 // are ignored and duplicates collapse; lists come back sorted. Ports are
 // 1-65535. Ranges are IPv4 or IPv6 CIDRs; a bare address means /32 or /128;
@@ -55,53 +62,75 @@
 //	traffic.sidecar.istio.io/includeOutboundIPRanges: "10.0.0.0/33" is not an IP range (CIDR or address)
 //	traffic.sidecar.istio.io/includeInboundPorts: "*" must stand alone, not in "*,8080"
 //
-// # Outbound: which connect() goes to the sidecar (port 15001)
+// # Which connections are captured: [Traffic.Decide]
 //
-// Rules are tried in order; the first that matches decides:
+// Decide models istio-iptables' nat rules (REDIRECT mode) for one TCP
+// connection ([Conn]): where it goes ([Target]: nowhere, the outbound port
+// 15001 or the inbound port 15006) and why ([Reason]). [Traffic.CaptureOutbound]
+// and [Traffic.CaptureInbound] are its two common cases. The datapath
+// (bpf/) decides the same; e2e tests compare the kernel with Decide.
 //
-//  1. pod not captured                                    -> no  (not-meshed)
-//  2. caller's uid is the proxy uid                       -> no  (proxy-uid)
-//  3. caller's gid is the proxy gid                       -> no  (proxy-gid)
-//  4. destination is loopback: 127.0.0.0/8, ::1, or the
-//     unspecified address (the kernel sends connect(0.0.0.0)
-//     to 127.0.0.1) -- see "Loopback" below              -> no  (loopback)
-//  5. destination port in excludeOutboundPorts           -> no  (excluded-port)
-//  6. destination in an excludeOutboundIPRanges range    -> no  (excluded-range)
-//  7. destination port in includeOutboundPorts           -> yes (captured)
-//  8. includeOutboundIPRanges is "*" or has a range
-//     containing the destination                         -> yes (captured)
-//  9. otherwise                                          -> no  (not-included)
+// IPv6 first: istio-iptables writes ip6tables rules only when the pod is
+// IPv6-only, or dual-stack with ISTIO_DUAL_STACK ([Defaults.DualStack], from
+// the mesh's defaultConfig.proxyMetadata); [Traffic.CaptureIPv6]. Otherwise
+// no IPv6 connection of the pod is captured, in or out (ipv6-not-captured).
+// IPv4 is always captured. [Traffic.PodIPs] must hold the pod's addresses.
+//
+// # Connections the pod makes (nat OUTPUT): Conn.Local
+//
+// Rules are tried in order; the first that matches decides. "Via lo" means a
+// loopback destination or one of the pod's own addresses ([Traffic.PodIPs]);
+// connect() to 0.0.0.0 or :: goes to 127.0.0.1 or ::1.
+//
+//  1. pod not captured                                    -> none (not-meshed)
+//  2. destination port in excludeOutboundPorts            -> none (excluded-port)
+//  3. via lo, from 127.0.0.6 or ::6 (Envoy's inbound
+//     passthrough to the app)                             -> none (inbound-passthrough-source)
+//  4. proxy uid, via lo, not to 127.0.0.1 / ::1, not to
+//     port 15008 (Envoy calling its own pod)              -> inbound (proxy-hairpin)
+//  5. via lo, not the proxy uid, unless an include range
+//     is loopback ([Traffic.IncludeOutboundLoopback])     -> none (loopback)
+//  6. proxy uid                                           -> none (proxy-uid)
+//  7. proxy gid: as 4 and 6                               -> inbound (proxy-hairpin) or none (proxy-gid)
+//  8. destination 127.0.0.1, ::1                          -> none (loopback)
+//  9. destination in an excludeOutboundIPRanges range     -> none (excluded-range)
+//  10. destination port in includeOutboundPorts           -> outbound (captured)
+//  11. includeOutboundIPRanges is "*" or has a range
+//     containing the destination                         -> outbound (captured)
+//  12. otherwise                                          -> none (not-included)
+//
+// So an app calling its own pod IP is never captured (unless an include
+// range is loopback: then rules 9-11 judge it, like 127.0.0.2), and neither
+// is the connection it makes captured inbound.
 //
 // A v4-mapped destination (::ffff:10.0.0.1, a dual-stack socket talking IPv4)
 // is judged as the IPv4 address; IPv4 ranges never match IPv6 destinations
-// and the other way round. Exclusions win over inclusions whatever the prefix
-// lengths: with includeOutboundIPRanges "10.0.0.0/8" and
-// excludeOutboundIPRanges "10.1.0.0/16", 10.1.2.3 is not captured and
-// 10.2.0.1 is. Excluded ranges also win over includeOutboundPorts: with
-// includeOutboundPorts "5432" and excludeOutboundIPRanges "10.1.0.0/16",
-// 10.1.2.3:5432 is not captured (that is istio-iptables' rule order; see
-// below) while 192.0.2.1:5432 is, even if includeOutboundIPRanges is "".
+// and the other way round (::/0 matches no IPv4 address). Exclusions win
+// over inclusions whatever the prefix lengths: with includeOutboundIPRanges
+// "10.0.0.0/8" and excludeOutboundIPRanges "10.1.0.0/16", 10.1.2.3 is not
+// captured and 10.2.0.1 is. Excluded ranges also win over
+// includeOutboundPorts: with includeOutboundPorts "5432" and
+// excludeOutboundIPRanges "10.1.0.0/16", 10.1.2.3:5432 is not captured
+// (istio-iptables' rule order) while 192.0.2.1:5432 is, even if
+// includeOutboundIPRanges is "".
 //
-// Loopback: like istio-iptables, loopback destinations are never captured,
-// except that when includeOutboundIPRanges explicitly lists a range whose
-// address is loopback (e.g. "127.0.0.0/8" or "127.1.2.3/32";
-// [Traffic.IncludeOutboundLoopback]) only 127.0.0.1, ::1 and the unspecified
-// addresses stay exempt and other loopback destinations go on to rules 5-9.
+// # Connections from outside the pod (nat PREROUTING)
 //
-// # Inbound: which accepted connection goes to the sidecar (port 15006)
+//  1. pod not captured                                    -> none (not-meshed)
+//  2. a source or destination that cannot arrive from
+//     outside (loopback, unspecified, the pod's own IPv4
+//     address): the kernel drops it                       -> none (martian)
+//  3. destination port is one of [ProxyPorts] or the
+//     configured inbound/outbound capture port            -> none (proxy-port)
+//  4. includeInboundPorts is "*" and the port is in
+//     excludeInboundPorts                                 -> none (excluded-inbound-port)
+//  5. includeInboundPorts is "*"                          -> inbound (captured)
+//  6. port in includeInboundPorts                         -> inbound (captured)
+//  7. otherwise                                           -> none (not-included-port)
 //
-//  1. pod not captured                                    -> no  (not-meshed)
-//  2. source is 127.0.0.6 or ::6, the address Envoy's
-//     inbound passthrough cluster binds to                -> no  (inbound-passthrough-source)
-//  3. source or destination is loopback (a connection made
-//     inside the pod, never an inbound one)               -> no  (loopback)
-//  4. destination port is one of [ProxyPorts] or the
-//     configured inbound/outbound capture port            -> no  (proxy-port)
-//  5. includeInboundPorts is "*" and the port is in
-//     excludeInboundPorts                                 -> no  (excluded-inbound-port)
-//  6. includeInboundPorts is "*"                          -> yes (captured)
-//  7. port in includeInboundPorts                         -> yes (captured)
-//  8. otherwise                                           -> no  (not-included-port)
+// There is no source rule: the 127.0.0.6 / ::6 exemption holds only over lo
+// (rule 3 above). An IPv6 SYN from ::6, or from the pod's own IPv6 address,
+// that arrives on eth0 is captured like any other.
 //
 // excludeInboundPorts only applies when includeInboundPorts is "*" (Istio
 // documents it so, and istio-iptables emits the exclusions only then);
@@ -112,48 +141,37 @@
 //
 // # Differences from istio-iptables
 //
-// The rule order above was checked against istio-iptables
+// The rules above were checked against istio-iptables
 // (tools/istio-iptables/pkg/capture/run.go, istio/istio at
-// https://github.com/istio/istio/blob/86c9f01fd735fb01d8192f5bcaf0d424afb7f14c/tools/istio-iptables/pkg/capture/run.go).
-// For what these functions see, they decide as istio-iptables does in
-// REDIRECT mode; where two "no" rules overlap only the reported reason may
-// differ. The differences:
+// https://github.com/istio/istio/blob/86c9f01fd735fb01d8192f5bcaf0d424afb7f14c/tools/istio-iptables/pkg/capture/run.go)
+// and its output for the injector's defaults
+// (baseline/testdata/istio-sidecar-v{4,6}.golden). The differences:
 //
-//   - istio-iptables tests excludeOutboundPorts first, before the uid/gid and
-//     loopback rules (run.go#L282-L288). Both say no, so only the reason
-//     differs: we report proxy-uid/proxy-gid/loopback first.
-//   - istio-iptables redirects the proxy's own TCP connections that leave via
-//     lo to anything but 127.0.0.1/::1 -- in practice to the pod's own IP, the
-//     app -> Envoy -> Envoy -> app hairpin -- to the inbound port 15006, except
-//     port 15008 (run.go#L294-L316). [Traffic.CaptureOutbound] says proxy-uid;
-//     the datapath handles the hairpin as an inbound connection, which
-//     [Traffic.CaptureInbound] decides by port.
-//   - istio-iptables lets the app's connections that leave via lo (loopback
-//     and the pod's own IPs) bypass the sidecar unless IncludeOutboundLoopback
-//     (run.go#L318-L336). These functions do not know the pod's IPs: the
-//     datapath must treat a connect() from the app to one of its own pod's
-//     addresses like one to 127.0.0.2 (exempt, or judged by rules 5-9 when
-//     IncludeOutboundLoopback), and must not capture inbound a connection the
-//     pod made to itself unless the proxy made it.
 //   - The loopback exemption that always applies is istio-iptables'
 //     ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR, 127.0.0.1/32 by default
 //     (run.go#L393-L396); we do not read that environment variable.
+//   - "Via lo" covers the pod's registered addresses and loopback, not other
+//     addresses a pod may add to its interfaces.
 //   - istio-iptables only hard-excludes port 15008 inbound (run.go#L258-L260)
 //     and the injector adds 15090, 15021 and the status port to
 //     excludeInboundPorts, which only applies with "*". We never capture
-//     [ProxyPorts] inbound, even when includeInboundPorts lists them.
+//     [ProxyPorts] inbound from outside, even when includeInboundPorts lists
+//     them.
 //   - Istio rejects bare addresses and whitespace in CIDR lists and rejects
 //     empty list items in its injector; we accept them.
 //   - Not modelled: DNS capture (ISTIO_META_DNS_CAPTURE, port 53 to 15053),
 //     ISTIO_OUTBOUND_OWNER_GROUPS, UDP, TPROXY marks, excludeInterfaces and
 //     kubevirtInterfaces / istio.io/reroute-virtual-interfaces (these are
-//     recognized and reported as unsupported warnings).
+//     recognized and reported as unsupported warnings), and a per-pod
+//     ISTIO_DUAL_STACK (only the mesh-wide proxyMetadata is read).
 //   - Istio CNI prefers the sidecar.istio.io/inject label over the
 //     annotation; callers that have the pod's labels should copy the label's
 //     value over the annotation before calling [ParseTraffic].
 //   - iptables' owner match compares the socket's file credentials (fsuid,
-//     fsgid, without supplementary groups); the uid and gid passed to
-//     CaptureOutbound should be the same.
+//     fsgid, without supplementary groups), as seen from the user namespace
+//     that owns the pod's network namespace; the uid and gid in [Conn] are
+//     the same, so for a pod with its own user namespace they are the ids
+//     inside it (the datapath maps them to the host's view).
 //
 // # Example
 //

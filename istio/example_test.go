@@ -37,8 +37,12 @@ func ExampleParseTraffic() {
 		ok, why := t.CaptureInbound(netip.AddrPortFrom(netip.MustParseAddr("10.1.0.5"), port), remote)
 		fmt.Println("in", port, ok, why)
 	}
-	ok, why = t.CaptureInbound(netip.MustParseAddrPort("10.1.0.5:8080"), netip.MustParseAddr("127.0.0.6"))
-	fmt.Println("in 8080 from 127.0.0.6", ok, why)
+	// Envoy's inbound passthrough: from 127.0.0.6 to the pod's own address,
+	// inside the pod, over lo. The caller knows the pod's addresses.
+	t.PodIPs = []netip.Addr{netip.MustParseAddr("10.1.0.5")}
+	to, why := t.Decide(istio.Conn{Local: true, Src: netip.MustParseAddr("127.0.0.6"),
+		Dst: netip.MustParseAddrPort("10.1.0.5:8080"), UID: 1337, GID: 1337})
+	fmt.Println("passthrough to 8080 from 127.0.0.6", to, why)
 
 	// Output:
 	// warning: traffic.sidecar.istio.io/excludeOutboundIPRanges: "10.96.0.10/12" has host bits set; using 10.96.0.0/12
@@ -53,7 +57,7 @@ func ExampleParseTraffic() {
 	// in 8080 true captured
 	// in 9090 false excluded-inbound-port
 	// in 15021 false proxy-port
-	// in 8080 from 127.0.0.6 false inbound-passthrough-source
+	// passthrough to 8080 from 127.0.0.6 none inbound-passthrough-source
 }
 
 func ExampleParseTraffic_errors() {

@@ -42,7 +42,8 @@ import (
 // edits take effect without a restart, once the folder has held still for
 // one interval (a file caught half-written is never applied), and an
 // invalid edit is reported and ignored, the last good configuration
-// staying in force.
+// staying in force. When the first read is invalid there is no last good
+// configuration: Run returns the error.
 type FileSource struct {
 	Dir      string
 	Interval time.Duration
@@ -72,7 +73,9 @@ func (s *FileSource) Run(ctx context.Context, updates chan<- Config) error {
 	defer tick.Stop()
 	for {
 		sum, files, err := s.snapshot()
-		if err != nil {
+		if err != nil && first {
+			return fmt.Errorf("read istio config folder %s (no last good configuration to keep): %w", s.Dir, err)
+		} else if err != nil {
 			s.Log.Error("read istio config folder", "dir", s.Dir, "error", err)
 		} else if !first && sum != last && sum != pending {
 			// Changed since the last look: wait until it holds still for
@@ -80,7 +83,9 @@ func (s *FileSource) Run(ctx context.Context, updates chan<- Config) error {
 			pending = sum
 		} else if first || sum != last {
 			cfg, err := Load(files)
-			if err != nil {
+			if err != nil && first {
+				return fmt.Errorf("istio config in %s is invalid and there is no last good one: %w", s.Dir, err)
+			} else if err != nil {
 				s.Log.Error("istio config rejected; keeping the last good one", "dir", s.Dir, "error", err)
 			} else {
 				select {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
+	"strconv"
 
 	meshv1alpha1 "istio.io/api/mesh/v1alpha1"
 	networkingv1 "istio.io/client-go/pkg/apis/networking/v1"
@@ -75,6 +76,11 @@ func (c Config) Defaults() Defaults {
 		if p := dc.GetStatusPort(); p > 0 && p < 65536 {
 			d.StatusPort = uint16(p)
 		}
+		// The proxy's environment, where istio-cni reads it from
+		// (ProxyEnvironments["ISTIO_DUAL_STACK"]).
+		if b, err := strconv.ParseBool(dc.GetProxyMetadata()["ISTIO_DUAL_STACK"]); err == nil {
+			d.DualStack = b
+		}
 	}
 	return d
 }
@@ -91,7 +97,8 @@ func (c Config) TrustDomain() string {
 // (FileSource) or, on Kubernetes, the API server. Run sends the current
 // Config as soon as it has one and then a new one after every change, until
 // ctx ends. A source never sends a half-read state: when a change is
-// invalid it reports the error and keeps the last good Config.
+// invalid it reports the error and keeps the last good Config; when there
+// is none yet (the first read is invalid), Run returns the error.
 type Source interface {
 	Run(ctx context.Context, updates chan<- Config) error
 }

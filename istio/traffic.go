@@ -86,6 +86,10 @@ type Defaults struct {
 	InboundPort        uint16 // 15006, MeshConfig proxyInboundListenPort
 	StatusPort         uint16 // 15020, values.global.proxy.statusPort; 0: none
 	InterceptionMode   string // "REDIRECT", ProxyConfig interceptionMode
+	// DualStack is the proxy's ISTIO_DUAL_STACK (ProxyConfig proxyMetadata):
+	// istio-iptables then captures IPv6 in a pod that also has IPv4
+	// addresses. See [Traffic.CaptureIPv6].
+	DualStack bool
 
 	IncludeOutboundIPRanges string // "*", values.global.proxy.includeIPRanges
 	ExcludeOutboundIPRanges string // "", values.global.proxy.excludeIPRanges
@@ -114,12 +118,27 @@ func DefaultDefaults() Defaults {
 // slices are sorted and free of duplicates; prefixes are masked, and IPv4
 // prefixes are never v4-mapped.
 type Traffic struct {
-	Capture   bool // false: leave the pod alone (not meshed, opted out, or interceptionMode NONE)
+	Capture bool // false: leave the pod alone (not meshed, opted out, or interceptionMode NONE)
+	// Sidecar: the pod has a sidecar that Istio captures for (injected, not
+	// inject=false, not interceptionMode NONE), whether meshsplice captures
+	// it (Capture) or Istio's own iptables do (meshsplice.io/capture
+	// "disabled", or the node switch off). Its authorization policy is
+	// enforced in the kernel either way.
+	Sidecar   bool
 	Splice    bool // sockmap splice allowed for this pod (never without Capture)
 	AppSplice bool // the app's own sockets are spliced too (never without Splice)
 
 	ProxyUID, ProxyGID        uint32
 	OutboundPort, InboundPort uint16 // 15001, 15006
+
+	// DualStack is [Defaults.DualStack]; with PodIPs it says whether IPv6
+	// is captured at all ([Traffic.CaptureIPv6]).
+	DualStack bool
+	// PodIPs are the pod's addresses, which ParseTraffic does not know: the
+	// caller fills them in. A connection the pod makes to one of them leaves
+	// through lo, like one to 127.0.0.2 (see [Traffic.Decide]). Empty: the
+	// addresses are unknown, and IPv6 counts as captured.
+	PodIPs []netip.Addr
 
 	IncludeAllOutbound    bool           // includeOutboundIPRanges "*"
 	IncludeOutboundRanges []netip.Prefix // empty when IncludeAllOutbound
@@ -180,7 +199,8 @@ func ParseTraffic(annotations map[string]string, d Defaults) (Traffic, []string,
 	splice := p.enum(AnnotationSplice, "enabled", "disabled", true)
 	appIngress := p.enum(AnnotationAppSplice, "true", "false", false)
 
-	t.Capture = injected && !injectOff && !interceptNone && capture
+	t.Sidecar = injected && !injectOff && !interceptNone
+	t.Capture = t.Sidecar && capture
 	t.Splice = t.Capture && splice
 	t.AppSplice = t.Splice && appIngress
 	if appIngress && !splice {
@@ -188,6 +208,7 @@ func ParseTraffic(annotations map[string]string, d Defaults) (Traffic, []string,
 	}
 
 	// Proxy identity. Like istio-iptables' -g, the gid follows the uid.
+	t.DualStack = d.DualStack
 	t.ProxyUID = d.ProxyUID
 	uidSrc := "Defaults.ProxyUID"
 	if v, ok := annotations[AnnotationProxyUID]; ok {
@@ -269,6 +290,7 @@ func ParseTraffic(annotations map[string]string, d Defaults) (Traffic, []string,
 		p.warnf("%s is not an Istio traffic annotation; ignored", name)
 	}
 
+	p.sum()
 	if len(p.errs) > 0 {
 		return Traffic{}, p.warns, errors.Join(p.errs...)
 	}
@@ -292,13 +314,23 @@ type parser struct {
 	warns    []string
 	errs     []error
 	badIDSrc []string // sources whose uid/gid did not parse
+	// moreWarns, moreErrs count what was not reported (maxReported).
+	moreWarns, moreErrs int
 }
 
 func (p *parser) warnf(format string, args ...any) {
+	if len(p.warns) >= maxReported {
+		p.moreWarns++
+		return
+	}
 	p.warns = append(p.warns, fmt.Sprintf(format, args...))
 }
 
 func (p *parser) errorf(format string, args ...any) {
+	if len(p.errs) >= maxReported {
+		p.moreErrs++
+		return
+	}
 	p.errs = append(p.errs, fmt.Errorf(format, args...))
 }
 

@@ -32,6 +32,7 @@ func withKV(m map[string]string, kv ...string) map[string]string {
 func base() Traffic {
 	return Traffic{
 		Capture:            true,
+		Sidecar:            true,
 		Splice:             true,
 		ProxyUID:           1337,
 		ProxyGID:           1337,
@@ -89,7 +90,9 @@ func TestParseTraffic(t *testing.T) {
 		warnings []string
 		errors   []string // one line per joined error; Traffic must then be zero
 	}
-	notCaptured := func(t *Traffic) { t.Capture, t.Splice = false, false }
+	notCaptured := func(t *Traffic) { t.Capture, t.Sidecar, t.Splice = false, false, false }
+	// optedOut: the sidecar is there, Istio's own rules capture for it.
+	optedOut := func(t *Traffic) { t.Capture, t.Splice = false, false }
 	tests := []tc{
 		// Meshed or not.
 		{name: "injected pod, no annotations", ann: pod()},
@@ -128,7 +131,7 @@ func TestParseTraffic(t *testing.T) {
 
 		// meshsplice.io/capture, splice, app-splice.
 		{name: "capture enabled", ann: pod(AnnotationCapture, "enabled")},
-		{name: "capture disabled", ann: pod(AnnotationCapture, "disabled"), want: notCaptured},
+		{name: "capture disabled", ann: pod(AnnotationCapture, "disabled"), want: optedOut},
 		{name: "capture bad", ann: pod(AnnotationCapture, "off"),
 			errors: []string{`meshsplice.io/capture: "off" is not "enabled" or "disabled"`}},
 		{name: "splice enabled", ann: pod(AnnotationSplice, "enabled")},
@@ -143,7 +146,7 @@ func TestParseTraffic(t *testing.T) {
 			want:     func(t *Traffic) { t.Splice = false },
 			warnings: []string{`meshsplice.io/app-splice: "true" has no effect with meshsplice.io/splice: "disabled"`}},
 		{name: "app-splice on a pod not captured", ann: pod(AnnotationAppSplice, "true", AnnotationCapture, "disabled"),
-			want: notCaptured},
+			want: optedOut},
 		{name: "app-splice bad", ann: pod(AnnotationAppSplice, "yes"),
 			errors: []string{`meshsplice.io/app-splice: "yes" is not "true" or "false"`}},
 
@@ -638,7 +641,7 @@ func TestParseTrafficNilAnnotations(t *testing.T) {
 		t.Fatalf("ParseTraffic(nil) warnings %q, err %v", warnings, err)
 	}
 	want := base()
-	want.Capture, want.Splice = false, false
+	want.Capture, want.Sidecar, want.Splice = false, false, false
 	if !reflect.DeepEqual(got, want) {
 		t.Fatalf("ParseTraffic(nil) = %+v, want %+v", got, want)
 	}

@@ -70,6 +70,7 @@ func Compile(in Input, ids Identities) (Result, error) {
 	res := Result{
 		WorkloadSet: map[string]int{},
 		Unenforced:  map[string]error{},
+		Partial:     map[string]string{},
 		IPIdentity:  map[netip.Addr]IdentityID{},
 		Identities:  map[IdentityID]string{},
 	}
@@ -87,20 +88,47 @@ func Compile(in Input, ids Identities) (Result, error) {
 	memo := map[string]int{} // applicable policies -> set
 	for _, w := range workloads {
 		key := w.Key()
-		var deny, allow []*compiled
-		var bad []string
+		if _, bad := res.Unenforced[key]; bad {
+			res.WorkloadSet[key] = -1
+			continue
+		}
+		var deny, allow, maybeAllow []*compiled
+		var bad, left []string
 		for _, cp := range policies {
-			if !c.applies(cp.p, w) {
+			sc := c.applies(cp.p, w)
+			if sc == outOfScope {
 				continue
 			}
 			switch {
 			case cp.invalid != nil:
 				bad = append(bad, cp.key+": "+oneLine(cp.invalid))
+			case sc == maybeInScope && cp.action == Deny:
+				left = append(left, "DENY "+cp.key+" left to the sidecar")
+			case sc == maybeInScope:
+				maybeAllow = append(maybeAllow, cp)
 			case cp.action == Deny:
 				deny = append(deny, cp)
 			default:
 				allow = append(allow, cp)
 			}
+		}
+		// Labels unknown: with an ALLOW policy that surely applies, the
+		// default is deny whatever the labels, and every ALLOW that may
+		// apply can only allow more; without one, any selected ALLOW
+		// would make the default deny, which the sidecar may not do.
+		if len(allow) > 0 {
+			for _, cp := range maybeAllow {
+				left = append(left, "ALLOW "+cp.key+" applied as if selected (the kernel allows more)")
+			}
+			allow = append(allow, maybeAllow...)
+			slices.SortFunc(allow, func(a, b *compiled) int { return cmp.Compare(a.idx, b.idx) })
+		} else {
+			for _, cp := range maybeAllow {
+				left = append(left, "ALLOW "+cp.key+" left to the sidecar")
+			}
+		}
+		if len(left) > 0 {
+			res.Partial[key] = "labels unknown: " + strings.Join(left, "; ")
 		}
 		res.WorkloadSet[key] = -1
 		if len(bad) > 0 {
@@ -138,31 +166,48 @@ func Compile(in Input, ids Identities) (Result, error) {
 // identities builds the identity universe and the address map, and returns
 // the workloads sorted by key with defaults filled in.
 func (c *compiler) identities(ids Identities, res *Result) ([]Workload, error) {
-	workloads := slices.Clone(c.in.Workloads)
-	seen := map[string]bool{}
+	var workloads []Workload
+	count := map[string]int{}
+	for _, w := range c.in.Workloads {
+		count[w.Key()]++
+	}
 	spiffeOf := map[IdentityID]string{}
 	owner := map[netip.Addr]IdentityID{}
 	conflict := map[netip.Addr]bool{}
-	for i := range workloads {
-		w := &workloads[i]
+	// A workload Compile cannot use is reported and left out; the others
+	// are compiled as if it were not there.
+	bad := func(w Workload, format string, args ...any) {
+		err := fmt.Errorf("%w: "+format, append([]any{ErrInvalidWorkload}, args...)...)
+		res.Unenforced[w.Key()] = err
+		res.WorkloadSet[w.Key()] = -1
+		res.Warnings = append(res.Warnings, fmt.Sprintf("workload %s: %v", w.Key(), err))
+	}
+	for _, w := range c.in.Workloads {
 		if w.Namespace == "" || w.Name == "" {
-			return nil, fmt.Errorf("%w: workload %q without namespace or name", ErrInvalidInput, w.Key())
+			bad(w, "no namespace or name")
+			continue
 		}
-		if seen[w.Key()] {
-			return nil, fmt.Errorf("%w: two workloads named %s", ErrInvalidInput, w.Key())
+		if count[w.Key()] > 1 {
+			if _, done := res.Unenforced[w.Key()]; !done {
+				bad(w, "%d workloads are named %s", count[w.Key()], w.Key())
+			}
+			continue
 		}
-		seen[w.Key()] = true
 		if w.ServiceAccount == "" {
 			w.ServiceAccount = "default"
 		}
 		spiffe := SPIFFEID(c.in.TrustDomain, w.Namespace, w.ServiceAccount)
 		id := ids.ID(spiffe)
 		if id == UnknownIdentity {
-			return nil, fmt.Errorf("%w: identity allocator gave no number to %s", ErrInvalidInput, spiffe)
+			bad(w, "the identity allocator gave no number to %s", spiffe)
+			continue
 		}
 		if other, ok := spiffeOf[id]; ok && other != spiffe {
-			return nil, fmt.Errorf("%w: identity allocator gave %d to both %s and %s", ErrInvalidInput, id, other, spiffe)
+			bad(w, "the identity allocator gave %d to both %s and %s", id, other, spiffe)
+			continue
 		}
+		workloads = append(workloads, w)
+		w := &workloads[len(workloads)-1]
 		spiffeOf[id] = spiffe
 		for _, ip := range w.IPs {
 			if !ip.IsValid() || ip.Zone() != "" {
@@ -266,18 +311,42 @@ func targetRefs(spec *securityv1beta1.AuthorizationPolicy) []*typev1beta1.Policy
 	return refs
 }
 
+// scope is whether a policy applies to a workload; maybeInScope when it
+// depends on labels the workload did not come with.
+type scope uint8
+
+const (
+	outOfScope scope = iota
+	inScope
+	maybeInScope
+)
+
 // applies reports whether p is in w's scope: Istio's
 // AuthorizationPolicies.ListAuthorizationPolicies and
 // WorkloadPolicyMatcher.ShouldAttachPolicy for a sidecar workload, plus the
 // Service attachment of a waypoint when Input.ServiceTargetRefs is set.
-func (c *compiler) applies(p *securityv1.AuthorizationPolicy, w Workload) bool {
+func (c *compiler) applies(p *securityv1.AuthorizationPolicy, w Workload) scope {
+	in := c.appliesByLabels(p, w)
+	if w.LabelsUnknown && in == byLabels {
+		return maybeInScope
+	}
+	if in == byLabels {
+		return inScope
+	}
+	return in
+}
+
+// byLabels: the policy applies if the workload's labels match.
+const byLabels scope = 255
+
+func (c *compiler) appliesByLabels(p *securityv1.AuthorizationPolicy, w Workload) scope {
 	if p.Namespace != c.in.RootNamespace && p.Namespace != w.Namespace {
-		return false
+		return outOfScope
 	}
 	spec := &p.Spec
 	if refs := targetRefs(spec); len(refs) > 0 {
 		if !c.in.ServiceTargetRefs || p.Namespace != w.Namespace {
-			return false
+			return outOfScope
 		}
 		for _, r := range refs {
 			if r.GetKind() != "Service" || (r.GetGroup() != "" && r.GetGroup() != "core") ||
@@ -285,14 +354,20 @@ func (c *compiler) applies(p *securityv1.AuthorizationPolicy, w Workload) bool {
 				continue
 			}
 			svc, ok := c.services[p.Namespace+"/"+r.GetName()]
-			if ok && len(svc.Selector) > 0 && subset(svc.Selector, w.Labels) {
-				return true
+			if ok && len(svc.Selector) > 0 && (w.LabelsUnknown || subset(svc.Selector, w.Labels)) {
+				return byLabels
 			}
 		}
-		return false
+		return outOfScope
 	}
-	sel := spec.GetSelector()
-	return sel == nil || subset(sel.GetMatchLabels(), w.Labels)
+	sel := spec.GetSelector().GetMatchLabels()
+	switch {
+	case len(sel) == 0:
+		return inScope
+	case w.LabelsUnknown || subset(sel, w.Labels):
+		return byLabels
+	}
+	return outOfScope
 }
 
 func subset(want, have map[string]string) bool {
@@ -568,7 +643,7 @@ func (c *compiler) translate(p *securityv1.AuthorizationPolicy, key string, acti
 		}
 		for _, s := range sources {
 			for _, o := range ops {
-				a, ok := c.atom(base.and(s.k).and(o.k))
+				a, ok := c.atom(base.and(s.k).and(o.k), action)
 				if !ok {
 					note("rule %d source %d operation %d: matches no connection: no atom", ri, s.idx, o.idx)
 					continue
@@ -583,10 +658,24 @@ func (c *compiler) translate(p *securityv1.AuthorizationPolicy, key string, acti
 
 // atom resolves a condition over the identity universe and normalizes its
 // address and port parts; ok is false when it can match nothing.
-func (c *compiler) atom(k cond) (a Atom, ok bool) {
+//
+// The unknown source is the exception to resolving: the kernel does not
+// know which certificate it will present to the sidecar, so an identity
+// condition can neither be taken as true nor as false for it. An ALLOW atom
+// matches it whatever its identity conditions say (the kernel allows what
+// some identity would be allowed), a DENY atom only when it has none (the
+// kernel denies only what every identity would be denied). Its address and
+// port conditions still apply.
+func (c *compiler) atom(k cond, action Action) (a Atom, ok bool) {
 	for i, u := range c.universe {
 		match := true
+		if u.id == UnknownIdentity {
+			match = action == Allow || len(k.ids) == 0
+		}
 		for _, p := range k.ids {
+			if u.id == UnknownIdentity {
+				break
+			}
 			if p.in[i] == p.negate {
 				match = false
 				break

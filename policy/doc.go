@@ -20,10 +20,31 @@
 // ([SPIFFEID]). The kernel knows a connection's source only by its address:
 // [Result.IPIdentity] maps every known workload address (local or not) to a
 // small [IdentityID] handed out by an [Allocator], which keeps numbers stable
-// across agent restarts (Save, Load). Identity 0, [UnknownIdentity], is a
-// source that is no known workload: it has no principal, so it matches no
-// principals, namespaces, serviceAccounts or trustDomains value and matches
-// every not- form of them. principals ["*"] is any known identity.
+// across agent restarts (Save, Load). principals ["*"] is any known identity.
+//
+// # Unknown sources
+//
+// Identity 0, [UnknownIdentity], is a source address that is no known
+// workload: a pod of another node the agent has not been told about, a VM,
+// another cluster. The sidecar judges it by the certificate it presents,
+// which the kernel cannot see, so the kernel may deny it only where it
+// KNOWS that no certificate could help:
+//
+//   - identity conditions (principals, namespaces, serviceAccounts,
+//     trustDomains, their not- forms, and the when keys source.principal,
+//     source.namespace, source.serviceAccount, source.trustDomain) hold for
+//     an unknown source in an ALLOW atom and fail for it in a DENY atom:
+//     an ALLOW by principal lets it through, a DENY by notPrincipals or
+//     notNamespaces does not deny it;
+//   - address and port conditions (ipBlocks, notIpBlocks, source.ip, ports,
+//     notPorts, destination.port) apply to it as to any source: an ALLOW
+//     whose every atom names ipBlocks it is outside still denies it, and a
+//     DENY of a port or of an address block still denies it.
+//
+// The property test TestKernelDenyImpliesSidecarDeny holds Compile to this
+// rule against a model of the sidecar (CUSTOM, AUDIT and dry-run
+// policies, L7 fields and when keys judged per request, any certificate for
+// an unknown source).
 //
 // Identities are finite: Compile resolves every identity condition over the
 // known identities plus the unknown one, with istiod's own matchers (the
@@ -49,6 +70,20 @@
 // ServiceEntry targets are not sidecar workloads). [Input.ServiceTargetRefs]
 // applies a Service targetRef to the Service's pods instead, as a waypoint
 // would; it is off because the sidecar would not enforce those policies.
+//
+// A workload whose labels are unknown ([Workload.LabelsUnknown]: the
+// runtime did not pass them) may or may not be selected by a policy with a
+// selector (or a Service targetRef). The kernel then enforces what its
+// sidecar would deny whatever the labels: such DENY policies are left out;
+// such ALLOW policies are applied as if they selected it when another ALLOW
+// policy surely applies (the default is deny anyway, and they only allow
+// more), and left out otherwise (alone they would turn the default to
+// deny). [Result.Partial] says so per workload.
+//
+// A workload Compile cannot use (no name, a name two workloads share, an
+// identity the allocator has no number for) gets no kernel policy and is
+// reported in [Result.Unenforced] ([ErrInvalidWorkload]); the others are
+// compiled as if it were not there.
 //
 // CUSTOM and AUDIT policies, and dry-run ones (annotation istio.io/dry-run),
 // are left to the sidecar ([Result.Ignored]). Of the rest, DENY comes before
@@ -150,8 +185,11 @@
 // address lies in exactly the entries that contain the matched prefix, so the
 // mask of entry P holds the atoms whose address condition is true when "in
 // Q" reads "Q contains P". PrefixMasks always has 0.0.0.0/0 and ::/0; IPv4
-// and IPv6 are separate families (a v4-mapped address is IPv6), and entries
-// whose mask equals their parent's are left out. Compile drops atoms that
+// and IPv6 are separate families, as in Envoy: an IPv6 block (::/0, ::/80,
+// v4-mapped ones such as ::ffff:10.0.0.0/104) never matches an IPv4 source,
+// and a v4-mapped source address is IPv4 (the kernel stores IPv4 that way;
+// its prefix trie keys carry the family). Entries whose mask equals their
+// parent's are left out. Compile drops atoms that
 // can match nothing. A workload whose policies need more than 64 atoms gets
 // no kernel policy ([ErrTooManyAtoms] in [Result.Unenforced]) rather than a
 // wrong one. Workloads with identical policies share one set.
@@ -162,8 +200,8 @@
 // where the sidecar judges the mTLS certificate. They agree for meshed pods
 // that use their sidecar. A source that is no known workload (another
 // cluster, a VM, anything not in [Input.Workloads]) is the unknown identity
-// to the kernel even if it presents a valid certificate, and a known pod is
-// judged by its identity even on a plaintext connection. Connections to ports
+// to the kernel, judged only by its address and port (see Unknown sources),
+// and a known pod is judged by its identity even on a plaintext connection. Connections to ports
 // the sidecar does not capture inbound (its own 15020, 15021, 15090, and
 // excludeInboundPorts) never meet Istio's authorization: the enforcement
 // layer must let them through rather than apply the set. The destination

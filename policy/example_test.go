@@ -48,7 +48,7 @@ func Example() {
 		}
 	}
 	// Output:
-	// ALLOW default/db-from-backend rule 0 source 0 operation 0: from {cluster.local/ns/default/sa/backend} (principals [cluster.local/ns/default/sa/backend]), address any, port 5432
+	// ALLOW default/db-from-backend rule 0 source 0 operation 0: from {unknown, cluster.local/ns/default/sa/backend} (principals [cluster.local/ns/default/sa/backend]), address any, port 5432
 	// default/db-from-backend rule 0 operation 0: methods: not visible in the kernel, dropped (the kernel allows more)
 	// 10.0.0.2 -> db:5432 allowed=true
 	// 10.0.0.2 -> db:22 allowed=false

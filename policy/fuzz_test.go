@@ -114,7 +114,7 @@ var (
 	fuzzDomains    = []string{"cluster.local", "*", "cluster.*", "*.local", "old.org", "example.org"}
 	fuzzIPs        = []string{"10.0.0.0/8", "10.0.1.0/24", "10.0.1.1", "10.0.1.2/31", "10.0.1.7/24", "0.0.0.0/0", "::/0",
 		"fd00::/8", "fd00::1:0/112", "fd00::1:1", "192.0.2.0/24", "2001:db8::/32", "::ffff:10.0.1.1",
-		"::ffff:10.0.0.0/104", "10.1.0.0/16", "10.0.2.0/23", "10.0.0.10", "10.0.1.4"}
+		"::ffff:10.0.0.0/104", "::/80", "::ffff:0:0/96", "::ffff:10.0.1.0/120", "10.1.0.0/16", "10.0.2.0/23", "10.0.0.10", "10.0.1.4"}
 	fuzzPorts = []string{"8080", "9090", "5432", "0", "65535", "080", "22", "8081"}
 	fuzzL7    = []string{"GET", "/api/*", "/{*}/x", "/{**}", "example.com", "*.example.com"}
 	fuzzKeys  = []string{"source.ip", "source.namespace", "source.principal", "source.serviceAccount", "source.trustDomain",
@@ -317,19 +317,38 @@ func TestGeneratedPolicies(t *testing.T) {
 	rng := rand.New(rand.NewPCG(1, 2))
 	probes := 0
 	for i := range n {
-		data := make([]byte, 96)
-		for j := range data {
-			data[j] = byte(rng.Uint32())
-		}
-		in := Input{Workloads: testWorkloads(), Services: testServices(), ServiceTargetRefs: i%3 == 0}
-		if i%5 == 0 {
-			in.TrustDomain, in.TrustDomainAliases = "example.org", []string{"old.org"}
-		}
-		in.Policies = (&fuzzGen{b: data}).policies()
+		in, data := generatedInput(rng, i)
+		in.ServiceTargetRefs = i%3 == 0
 		probes += checkAgainstReference(t, in, uint64(i), 200)
 		if t.Failed() {
 			t.Fatalf("input %d: %x", i, data)
 		}
 	}
 	t.Logf("%d generated inputs, %d probes agree with the reference evaluator", n, probes)
+}
+
+// generatedInput is the test world with policies the fuzz generator built
+// from random bytes (returned, to report a failure); every fifth one has
+// another trust domain and an alias, every fourth unknown labels for two
+// workloads.
+func generatedInput(rng *rand.Rand, i int) (Input, []byte) {
+	data := make([]byte, 96)
+	for j := range data {
+		data[j] = byte(rng.Uint32())
+	}
+	in := Input{Workloads: testWorkloads(), Services: testServices()}
+	if i%5 == 0 {
+		in.TrustDomain, in.TrustDomainAliases = "example.org", []string{"old.org"}
+	}
+	if i%4 == 1 {
+		// The runtime passed no labels for backend and db: the kernel
+		// must not know them (the sidecar still does).
+		for j, w := range in.Workloads {
+			if w.Name == "backend" || w.Name == "db" {
+				in.Workloads[j].LabelsUnknown = true
+			}
+		}
+	}
+	in.Policies = (&fuzzGen{b: data}).policies()
+	return in, data
 }

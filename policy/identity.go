@@ -15,8 +15,9 @@ import (
 type IdentityID uint32
 
 // UnknownIdentity is the identity of a source address that belongs to no
-// known workload. It matches no principal, namespace, service account or
-// trust domain, and matches every not- form of them.
+// known workload. Its certificate is unknown: identity conditions never
+// deny it, address and port conditions still can (see the package
+// documentation, "Unknown sources").
 const UnknownIdentity IdentityID = 0
 
 // Identities hands out the IdentityID of a SPIFFE ID. Compile calls ID for

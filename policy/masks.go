@@ -141,7 +141,12 @@ func portHolds(a Atom, port uint16) bool {
 // ALLOW policies), or -1 when no atom decided: allowed because no ALLOW
 // policy applies, or denied because none matched.
 //
-// srcIP is judged in its own family: a v4-mapped IPv6 address is IPv6.
+// srcIP is judged in its own family, never by a prefix of the other (as
+// Envoy judges it). A v4-mapped address is the IPv4 address, as in the
+// kernel (which stores IPv4 that way) and in Envoy (which unmaps the peer of
+// a dual-stack listener); no IPv6 packet carries one as its source (Linux
+// drops those, RFC 4291 2.5.5.2). So an IPv6 prefix, v4-mapped ones
+// included, never matches an IPv4 source.
 func (s *PolicySet) Verdict(src IdentityID, srcIP netip.Addr, dstPort uint16) (allow bool, atom int) {
 	idMask, ok := s.IdentityMasks[src]
 	if !ok {
@@ -166,7 +171,7 @@ func (s *PolicySet) Verdict(src IdentityID, srcIP netip.Addr, dstPort uint16) (a
 
 // lookupPrefix is the longest prefix match of addr in PrefixMasks.
 func (s *PolicySet) lookupPrefix(addr netip.Addr) uint64 {
-	addr = addr.WithZone("")
+	addr = addr.WithZone("").Unmap()
 	for b := addr.BitLen(); b >= 0 && addr.IsValid(); b-- {
 		p, _ := addr.Prefix(b)
 		if m, ok := s.PrefixMasks[p]; ok {

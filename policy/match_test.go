@@ -101,7 +101,7 @@ func TestLongestPrefixMasks(t *testing.T) {
 		{"10.1.2.3", 80, true, 1},
 		{"10.1.2.3", 22, false, 2},
 		{"11.0.0.1", 80, false, -1},
-		{"::ffff:10.9.9.9", 80, false, -1}, // v4-mapped is IPv6
+		{"::ffff:10.9.9.9", 80, true, 0}, // v4-mapped is IPv4, as in the kernel
 	} {
 		allow, atom := s.Verdict(0, netip.MustParseAddr(tc.ip), tc.port)
 		if allow != tc.allow || atom != tc.atom {

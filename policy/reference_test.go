@@ -3,6 +3,7 @@ package policy
 import (
 	"net/netip"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -52,8 +53,12 @@ type refRequest struct {
 // CUSTOM-DENY-ALLOW order without CUSTOM; DENY rules only where they are
 // pure L4; ALLOW rules with their L7 parts dropped; every workload an
 // invalid ALLOW policy selects left unenforced (allowed).
+//
+// When dst's labels are unknown, a policy that selects by labels may or may
+// not apply: such a DENY is left out, such an ALLOW counts only next to an
+// ALLOW that surely applies (alone it would make the default deny).
 func (r *refEvaluator) verdict(dst Workload, req refRequest) bool {
-	var allow, deny []*securityv1.AuthorizationPolicy
+	var allow, deny, maybeAllow []*securityv1.AuthorizationPolicy
 	for _, p := range r.in.Policies {
 		if p == nil || !r.inScope(p, dst) {
 			continue
@@ -61,17 +66,26 @@ func (r *refEvaluator) verdict(dst Workload, req refRequest) bool {
 		if v, err := strconv.ParseBool(p.Annotations["istio.io/dry-run"]); err == nil && v {
 			continue
 		}
+		maybe := dst.LabelsUnknown && (len(p.Spec.GetSelector().GetMatchLabels()) > 0 ||
+			len(p.Spec.GetTargetRefs()) > 0 || p.Spec.GetTargetRef() != nil)
 		switch p.Spec.GetAction() {
 		case securityv1beta1.AuthorizationPolicy_ALLOW:
 			if validate(&p.Spec) != nil {
 				return true
 			}
-			allow = append(allow, p)
+			if maybe {
+				maybeAllow = append(maybeAllow, p)
+			} else {
+				allow = append(allow, p)
+			}
 		case securityv1beta1.AuthorizationPolicy_DENY:
-			if validate(&p.Spec) == nil {
+			if validate(&p.Spec) == nil && !maybe {
 				deny = append(deny, p)
 			}
 		}
+	}
+	if len(allow) > 0 {
+		allow = append(allow, maybeAllow...)
 	}
 	for _, p := range deny {
 		for _, rule := range p.Spec.GetRules() {
@@ -102,6 +116,9 @@ func (r *refEvaluator) inScope(p *securityv1.AuthorizationPolicy, w Workload) bo
 		refs = append(refs, p.Spec.GetTargetRef())
 	}
 	if len(refs) == 0 {
+		if w.LabelsUnknown {
+			return true // maybe: verdict decides
+		}
 		for k, v := range p.Spec.GetSelector().GetMatchLabels() {
 			if got, ok := w.Labels[k]; !ok || got != v {
 				return false
@@ -125,6 +142,9 @@ func (r *refEvaluator) inScope(p *securityv1.AuthorizationPolicy, w Workload) bo
 		}
 		selected := true
 		for k, v := range svc.Selector {
+			if w.LabelsUnknown {
+				break
+			}
 			if got, ok := w.Labels[k]; !ok || got != v {
 				selected = false
 			}
@@ -144,7 +164,7 @@ func (r *refEvaluator) ruleMatches(ns string, rule *securityv1beta1.Rule, isDeny
 	for _, w := range rule.GetWhen() {
 		switch w.GetKey() {
 		case "source.ip", "source.namespace", "source.principal", "source.serviceAccount", "source.trustDomain", "destination.port":
-			if !r.whenHolds(ns, w, req) {
+			if !r.whenHolds(ns, w, isDeny, req) {
 				return false
 			}
 		default:
@@ -153,43 +173,39 @@ func (r *refEvaluator) ruleMatches(ns string, rule *securityv1beta1.Rule, isDeny
 			}
 		}
 	}
-	if len(rule.GetFrom()) > 0 {
-		matched := false
-		for _, f := range rule.GetFrom() {
-			s := f.GetSource()
-			if isDeny && len(s.RequestPrincipals)+len(s.NotRequestPrincipals)+len(s.RemoteIpBlocks)+len(s.NotRemoteIpBlocks) > 0 {
-				continue
-			}
-			if r.sourceHolds(ns, s, req) {
-				matched = true
-				break
-			}
-		}
-		if !matched {
+	return anyPart(rule.GetFrom(), func(f *securityv1beta1.Rule_From) bool {
+		s := f.GetSource()
+		if isDeny && len(s.RequestPrincipals)+len(s.NotRequestPrincipals)+len(s.RemoteIpBlocks)+len(s.NotRemoteIpBlocks) > 0 {
 			return false
 		}
-	}
-	if len(rule.GetTo()) > 0 {
-		matched := false
-		for _, t := range rule.GetTo() {
-			o := t.GetOperation()
-			if isDeny && len(o.Hosts)+len(o.NotHosts)+len(o.Methods)+len(o.NotMethods)+len(o.Paths)+len(o.NotPaths) > 0 {
-				continue
-			}
-			if refPortIn(o.Ports, req.port, true) && !refPortIn(o.NotPorts, req.port, false) {
-				matched = true
-				break
-			}
-		}
-		if !matched {
+		return r.sourceHolds(ns, s, isDeny, req)
+	}) && anyPart(rule.GetTo(), func(t *securityv1beta1.Rule_To) bool {
+		o := t.GetOperation()
+		if isDeny && len(o.Hosts)+len(o.NotHosts)+len(o.Methods)+len(o.NotMethods)+len(o.Paths)+len(o.NotPaths) > 0 {
 			return false
 		}
-	}
-	return true
+		return refPortIn(o.Ports, req.port, true) && !refPortIn(o.NotPorts, req.port, false)
+	})
 }
 
-func (r *refEvaluator) sourceHolds(ns string, s *securityv1beta1.Source, req refRequest) bool {
+// anyPart: a rule's from (or to) holds when it is empty or one of its
+// sources (operations) holds.
+func anyPart[T any](parts []T, holds func(T) bool) bool {
+	return len(parts) == 0 || slices.ContainsFunc(parts, holds)
+}
+
+// sourceHolds: for a source the kernel does not know (spiffe ""), an
+// identity field holds in an ALLOW rule (some certificate could satisfy it)
+// and fails in a DENY rule (some certificate could escape it).
+func (r *refEvaluator) sourceHolds(ns string, s *securityv1beta1.Source, isDeny bool, req refRequest) bool {
 	p := req.spiffe
+	if p == "" && len(s.Principals)+len(s.NotPrincipals)+len(s.Namespaces)+len(s.NotNamespaces)+
+		len(s.ServiceAccounts)+len(s.NotServiceAccounts)+len(s.TrustDomains)+len(s.NotTrustDomains) > 0 && isDeny {
+		return false
+	}
+	if p == "" {
+		return refIPIn(s.IpBlocks, req.ip, true) && !refIPIn(s.NotIpBlocks, req.ip, false)
+	}
 	return refField(r.tds.rewritePrincipals(s.Principals), r.tds.rewritePrincipals(s.NotPrincipals), p, refPrincipalRegex) &&
 		refField(s.Namespaces, s.NotNamespaces, p, refNamespaceRegex) &&
 		refField(s.ServiceAccounts, s.NotServiceAccounts, p, func(v string) string { return refServiceAccountRegex(ns, v) }) &&
@@ -197,8 +213,14 @@ func (r *refEvaluator) sourceHolds(ns string, s *securityv1beta1.Source, req ref
 		refIPIn(s.IpBlocks, req.ip, true) && !refIPIn(s.NotIpBlocks, req.ip, false)
 }
 
-func (r *refEvaluator) whenHolds(ns string, w *securityv1beta1.Condition, req refRequest) bool {
+func (r *refEvaluator) whenHolds(ns string, w *securityv1beta1.Condition, isDeny bool, req refRequest) bool {
 	vs, nvs, p := w.GetValues(), w.GetNotValues(), req.spiffe
+	switch w.GetKey() {
+	case "source.namespace", "source.principal", "source.serviceAccount", "source.trustDomain":
+		if p == "" && len(vs)+len(nvs) > 0 {
+			return !isDeny // see sourceHolds
+		}
+	}
 	switch w.GetKey() {
 	case "source.ip":
 		return refIPIn(vs, req.ip, true) && !refIPIn(nvs, req.ip, false)
@@ -295,6 +317,10 @@ func refIPIn(blocks []string, ip netip.Addr, ifEmpty bool) bool {
 	if len(blocks) == 0 {
 		return ifEmpty
 	}
+	// Envoy's peer address of an IPv4 connection is IPv4, also on a
+	// dual-stack listener, and a CIDR never matches an address of the
+	// other family (CidrRange::isInRange), v4-mapped CIDRs included.
+	ip = ip.Unmap()
 	for _, b := range blocks {
 		var p netip.Prefix
 		if strings.Contains(b, "/") {

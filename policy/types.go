@@ -19,8 +19,7 @@ const (
 
 var (
 	// ErrInvalidInput is wrapped by Compile's error when the input itself is
-	// unusable (a workload without a name, two workloads with one name, an
-	// Identities that returns UnknownIdentity).
+	// unusable (no identity allocator).
 	ErrInvalidInput = errors.New("invalid policy input")
 	// ErrTooManyAtoms is wrapped by Result.Unenforced when a workload's
 	// policies need more than MaxAtoms atoms.
@@ -29,6 +28,11 @@ var (
 	// that selects the workload is not valid, and by the reasons in
 	// Result.Ignored for invalid DENY policies.
 	ErrInvalidPolicy = errors.New("invalid authorization policy")
+	// ErrInvalidWorkload is wrapped by Result.Unenforced for a workload
+	// Compile cannot use (no name, a name two workloads share, an identity
+	// the allocator has no number for): that workload gets no kernel policy,
+	// the others are not affected.
+	ErrInvalidWorkload = errors.New("invalid workload")
 )
 
 // Workload is a pod (or any workload with a sidecar) that policies can
@@ -40,7 +44,12 @@ type Workload struct {
 	// like Kubernetes.
 	ServiceAccount string
 	Labels         map[string]string
-	IPs            []netip.Addr
+	// LabelsUnknown says Labels were not supplied (the runtime did not pass
+	// them), rather than that the workload has none. Compile then enforces
+	// only what the workload's sidecar would deny whichever selector
+	// policies apply to it (see Result.Partial).
+	LabelsUnknown bool
+	IPs           []netip.Addr
 }
 
 // Key is the workload's "namespace/name".
@@ -187,6 +196,11 @@ type Result struct {
 	// Unenforced says why a workload that policies apply to has no kernel
 	// policy; the reasons wrap ErrTooManyAtoms or ErrInvalidPolicy.
 	Unenforced map[string]error
+	// Partial says, for a workload whose labels are unknown, which selector
+	// policies the kernel leaves to the sidecar: the DENY ones, and the
+	// ALLOW ones when no ALLOW policy surely applies (they would turn the
+	// default to deny).
+	Partial map[string]string
 	// IPIdentity maps every known workload address to its identity.
 	// Addresses claimed by two identities are left out (see Warnings): they
 	// are unknown sources to the kernel.

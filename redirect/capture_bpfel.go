@@ -29,49 +29,63 @@ const (
 	CaptureMsCounterMS_C_SKIP_EXCLUDED_PORT         CaptureMsCounter = 5
 	CaptureMsCounterMS_C_SKIP_EXCLUDED_RANGE        CaptureMsCounter = 6
 	CaptureMsCounterMS_C_SKIP_NOT_INCLUDED          CaptureMsCounter = 7
-	CaptureMsCounterMS_C_CONNECT_NO_STORAGE         CaptureMsCounter = 8
-	CaptureMsCounterMS_C_ORIG_DST_OUTBOUND          CaptureMsCounter = 9
-	CaptureMsCounterMS_C_ORIG_DST_INBOUND           CaptureMsCounter = 10
-	CaptureMsCounterMS_C_ORIG_DST_KERNEL            CaptureMsCounter = 11
-	CaptureMsCounterMS_C_ORIG_DST_SHORT_BUF         CaptureMsCounter = 12
-	CaptureMsCounterMS_C_INBOUND_MESHED             CaptureMsCounter = 13
-	CaptureMsCounterMS_C_INBOUND_CAPTURED           CaptureMsCounter = 14
-	CaptureMsCounterMS_C_INBOUND_SKIP_OFF           CaptureMsCounter = 15
-	CaptureMsCounterMS_C_INBOUND_SKIP_PROXY_PORT    CaptureMsCounter = 16
-	CaptureMsCounterMS_C_INBOUND_SKIP_PASSTHROUGH   CaptureMsCounter = 17
-	CaptureMsCounterMS_C_INBOUND_SKIP_LOOPBACK      CaptureMsCounter = 18
-	CaptureMsCounterMS_C_INBOUND_SKIP_EXCLUDED_PORT CaptureMsCounter = 19
-	CaptureMsCounterMS_C_INBOUND_SKIP_NOT_INCLUDED  CaptureMsCounter = 20
-	CaptureMsCounterMS_C_INBOUND_NO_LISTENER        CaptureMsCounter = 21
-	CaptureMsCounterMS_C_INBOUND_ASSIGN_FAILED      CaptureMsCounter = 22
-	CaptureMsCounterMS_C_LISTENER_STARTED           CaptureMsCounter = 23
-	CaptureMsCounterMS_C_LISTENER_REGISTERED        CaptureMsCounter = 24
-	CaptureMsCounterMS_C_LISTENER_REFUSED           CaptureMsCounter = 25
-	CaptureMsCounterMS_C_ORIG_DST_STORED            CaptureMsCounter = 26
-	CaptureMsCounterMS_C_SOCK_INSERTED              CaptureMsCounter = 27
-	CaptureMsCounterMS_C_SOCK_INSERT_FAILED         CaptureMsCounter = 28
-	CaptureMsCounterMS_C_SOCK_SKIP_SPLICE_OFF       CaptureMsCounter = 29
-	CaptureMsCounterMS_C_SOCK_SKIP_PEER_UNKNOWN     CaptureMsCounter = 30
-	CaptureMsCounterMS_C_SOCK_SKIP_ROLE_UNKNOWN     CaptureMsCounter = 31
-	CaptureMsCounterMS_C_SOCK_SKIP_APP              CaptureMsCounter = 32
-	CaptureMsCounterMS_C_SOCK_SKIP_EARLY_DATA       CaptureMsCounter = 33
-	CaptureMsCounterMS_C_POLICY_EGRESS_ALLOWED      CaptureMsCounter = 34
-	CaptureMsCounterMS_C_POLICY_EGRESS_DENIED       CaptureMsCounter = 35
-	CaptureMsCounterMS_C_POLICY_INGRESS_ALLOWED     CaptureMsCounter = 36
-	CaptureMsCounterMS_C_POLICY_INGRESS_DENIED      CaptureMsCounter = 37
-	CaptureMsCounterMS_C_POLICY_DENIAL_NOT_RECORDED CaptureMsCounter = 38
-	CaptureMsCounterMS_C_POLICY_TORN_DOWN           CaptureMsCounter = 39
-	CaptureMsCounterMS_C_POLICY_TEARDOWN_FAILED     CaptureMsCounter = 40
-	CaptureMsCounterMS_C_MSG_REDIRECTED             CaptureMsCounter = 41
-	CaptureMsCounterMS_C_BYTES_REDIRECTED           CaptureMsCounter = 42
-	CaptureMsCounterMS_C_MSG_MISS_FIRST             CaptureMsCounter = 43
-	CaptureMsCounterMS_C_MSG_MISS_LATER             CaptureMsCounter = 44
-	CaptureMsCounterMS_C_MSG_AFTER_MISS             CaptureMsCounter = 45
-	CaptureMsCounterMS_C_BYTES_AFTER_MISS           CaptureMsCounter = 46
-	CaptureMsCounterMS_C_MSG_DRAIN                  CaptureMsCounter = 47
-	CaptureMsCounterMS_C_MSG_PASS                   CaptureMsCounter = 48
-	CaptureMsCounterMS_C_BYTES_PASS                 CaptureMsCounter = 49
-	CaptureMsCounterMS_C_MAX                        CaptureMsCounter = 50
+	CaptureMsCounterMS_C_SKIP_IPV6                  CaptureMsCounter = 8
+	CaptureMsCounterMS_C_CONNECT_HAIRPIN            CaptureMsCounter = 9
+	CaptureMsCounterMS_C_CONNECT_NO_STORAGE         CaptureMsCounter = 10
+	CaptureMsCounterMS_C_ORIG_DST_OUTBOUND          CaptureMsCounter = 11
+	CaptureMsCounterMS_C_ORIG_DST_INBOUND           CaptureMsCounter = 12
+	CaptureMsCounterMS_C_ORIG_DST_KERNEL            CaptureMsCounter = 13
+	CaptureMsCounterMS_C_ORIG_DST_SHORT_BUF         CaptureMsCounter = 14
+	CaptureMsCounterMS_C_ORIG_DST_MISSING           CaptureMsCounter = 15
+	CaptureMsCounterMS_C_INBOUND_MESHED             CaptureMsCounter = 16
+	CaptureMsCounterMS_C_INBOUND_CAPTURED           CaptureMsCounter = 17
+	CaptureMsCounterMS_C_INBOUND_SKIP_OFF           CaptureMsCounter = 18
+	CaptureMsCounterMS_C_INBOUND_SKIP_PROXY_PORT    CaptureMsCounter = 19
+	CaptureMsCounterMS_C_INBOUND_SKIP_PASSTHROUGH   CaptureMsCounter = 20
+	CaptureMsCounterMS_C_INBOUND_SKIP_LOOPBACK      CaptureMsCounter = 21
+	CaptureMsCounterMS_C_INBOUND_SKIP_SELF          CaptureMsCounter = 22
+	CaptureMsCounterMS_C_INBOUND_SKIP_IPV6          CaptureMsCounter = 23
+	CaptureMsCounterMS_C_INBOUND_SKIP_EXCLUDED_PORT CaptureMsCounter = 24
+	CaptureMsCounterMS_C_INBOUND_SKIP_NOT_INCLUDED  CaptureMsCounter = 25
+	CaptureMsCounterMS_C_INBOUND_NO_LISTENER        CaptureMsCounter = 26
+	CaptureMsCounterMS_C_INBOUND_ASSIGN_FAILED      CaptureMsCounter = 27
+	CaptureMsCounterMS_C_LISTENER_STARTED           CaptureMsCounter = 28
+	CaptureMsCounterMS_C_LISTENER_REGISTERED        CaptureMsCounter = 29
+	CaptureMsCounterMS_C_LISTENER_REFUSED           CaptureMsCounter = 30
+	CaptureMsCounterMS_C_ORIG_DST_STORED            CaptureMsCounter = 31
+	CaptureMsCounterMS_C_ORIG_DST_EVICTED           CaptureMsCounter = 32
+	CaptureMsCounterMS_C_SOCK_INSERTED              CaptureMsCounter = 33
+	CaptureMsCounterMS_C_SOCK_INSERT_FAILED         CaptureMsCounter = 34
+	CaptureMsCounterMS_C_SOCK_SKIP_SPLICE_OFF       CaptureMsCounter = 35
+	CaptureMsCounterMS_C_SOCK_SKIP_PEER_UNKNOWN     CaptureMsCounter = 36
+	CaptureMsCounterMS_C_SOCK_SKIP_ROLE_UNKNOWN     CaptureMsCounter = 37
+	CaptureMsCounterMS_C_SOCK_SKIP_APP              CaptureMsCounter = 38
+	CaptureMsCounterMS_C_SOCK_SKIP_EARLY_DATA       CaptureMsCounter = 39
+	CaptureMsCounterMS_C_POLICY_EGRESS_ALLOWED      CaptureMsCounter = 40
+	CaptureMsCounterMS_C_POLICY_EGRESS_DENIED       CaptureMsCounter = 41
+	CaptureMsCounterMS_C_POLICY_INGRESS_ALLOWED     CaptureMsCounter = 42
+	CaptureMsCounterMS_C_POLICY_INGRESS_DENIED      CaptureMsCounter = 43
+	CaptureMsCounterMS_C_POLICY_DENIAL_NOT_RECORDED CaptureMsCounter = 44
+	CaptureMsCounterMS_C_POLICY_TORN_DOWN           CaptureMsCounter = 45
+	CaptureMsCounterMS_C_POLICY_TEARDOWN_FAILED     CaptureMsCounter = 46
+	CaptureMsCounterMS_C_MSG_REDIRECTED             CaptureMsCounter = 47
+	CaptureMsCounterMS_C_BYTES_REDIRECTED           CaptureMsCounter = 48
+	CaptureMsCounterMS_C_MSG_MISS_FIRST             CaptureMsCounter = 49
+	CaptureMsCounterMS_C_MSG_MISS_LATER             CaptureMsCounter = 50
+	CaptureMsCounterMS_C_MSG_AFTER_MISS             CaptureMsCounter = 51
+	CaptureMsCounterMS_C_BYTES_AFTER_MISS           CaptureMsCounter = 52
+	CaptureMsCounterMS_C_MSG_DRAIN                  CaptureMsCounter = 53
+	CaptureMsCounterMS_C_MSG_PASS                   CaptureMsCounter = 54
+	CaptureMsCounterMS_C_BYTES_PASS                 CaptureMsCounter = 55
+	CaptureMsCounterMS_C_LISTENER_EVENT_LOST        CaptureMsCounter = 56
+	CaptureMsCounterMS_C_LISTENER_RESYNCED          CaptureMsCounter = 57
+	CaptureMsCounterMS_C_SPLICE_REFUSED             CaptureMsCounter = 58
+	CaptureMsCounterMS_C_SPLICE_UNGUARDED           CaptureMsCounter = 59
+	CaptureMsCounterMS_C_SPLICE_READER_RESET        CaptureMsCounter = 60
+	CaptureMsCounterMS_C_SOCK_SKIP_SPLICE_READER    CaptureMsCounter = 61
+	CaptureMsCounterMS_C_MSG_BACKPRESSURE           CaptureMsCounter = 62
+	CaptureMsCounterMS_C_MSG_RESUMED                CaptureMsCounter = 63
+	CaptureMsCounterMS_C_MAX                        CaptureMsCounter = 64
 )
 
 type CaptureMsDenial struct {
@@ -152,6 +166,8 @@ const (
 	CaptureMsPodFlagMS_POD_INCLUDE_ALL_OUT  CaptureMsPodFlag = 8
 	CaptureMsPodFlagMS_POD_INCLUDE_ALL_IN   CaptureMsPodFlag = 16
 	CaptureMsPodFlagMS_POD_INCLUDE_LOOPBACK CaptureMsPodFlag = 32
+	CaptureMsPodFlagMS_POD_CAPTURE_IPV6     CaptureMsPodFlag = 64
+	CaptureMsPodFlagMS_POD_SIDECAR          CaptureMsPodFlag = 128
 )
 
 type CaptureMsPolIdKey struct {
@@ -171,6 +187,7 @@ type CaptureMsPolPrefixKey struct {
 	_         structs.HostLayout
 	Prefixlen uint32
 	Set       uint32
+	Family    uint32
 	Ip        [4]uint32
 }
 
@@ -206,7 +223,9 @@ type CaptureMsRangeKey struct {
 	Prefixlen uint32
 	Kind      CaptureMsRangeKind
 	Netns     uint64
+	Family    uint32
 	Ip        [4]uint32
+	Pad       uint32
 }
 
 type CaptureMsRangeKind uint32
@@ -244,6 +263,8 @@ const (
 	CaptureMsSkFlagMS_SK_SENT       CaptureMsSkFlag = 32
 	CaptureMsSkFlagMS_SK_PASSIVE    CaptureMsSkFlag = 64
 	CaptureMsSkFlagMS_SK_ACTIVE     CaptureMsSkFlag = 128
+	CaptureMsSkFlagMS_SK_ADDR_KEYED CaptureMsSkFlag = 256
+	CaptureMsSkFlagMS_SK_TX_BACKOFF CaptureMsSkFlag = 512
 )
 
 type CaptureMsSockKey struct {
@@ -279,8 +300,10 @@ const (
 	CaptureMapMsPolSets       = "ms_pol_sets"
 	CaptureMapMsPorts         = "ms_ports"
 	CaptureMapMsRanges        = "ms_ranges"
+	CaptureMapMsSelfSyn       = "ms_self_syn"
 	CaptureMapMsSkState       = "ms_sk_state"
 	CaptureMapMsSocks         = "ms_socks"
+	CaptureMapMsSpliceReaders = "ms_splice_readers"
 	CaptureProgMsConnect4     = "ms_connect4"
 	CaptureProgMsConnect6     = "ms_connect6"
 	CaptureProgMsGetsockopt   = "ms_getsockopt"
@@ -343,27 +366,29 @@ type CaptureProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type CaptureMapSpecs struct {
-	MsCounters     *ebpf.MapSpec `ebpf:"ms_counters"`
-	MsDenialLog    *ebpf.MapSpec `ebpf:"ms_denial_log"`
-	MsDenialSeq    *ebpf.MapSpec `ebpf:"ms_denial_seq"`
-	MsDenials      *ebpf.MapSpec `ebpf:"ms_denials"`
-	MsEvents       *ebpf.MapSpec `ebpf:"ms_events"`
-	MsIpInfo       *ebpf.MapSpec `ebpf:"ms_ip_info"`
-	MsIterNetns    *ebpf.MapSpec `ebpf:"ms_iter_netns"`
-	MsListeners    *ebpf.MapSpec `ebpf:"ms_listeners"`
-	MsNodeSettings *ebpf.MapSpec `ebpf:"ms_node_settings"`
-	MsOrigDst      *ebpf.MapSpec `ebpf:"ms_orig_dst"`
-	MsPodIps       *ebpf.MapSpec `ebpf:"ms_pod_ips"`
-	MsPods         *ebpf.MapSpec `ebpf:"ms_pods"`
-	MsPolBypass    *ebpf.MapSpec `ebpf:"ms_pol_bypass"`
-	MsPolIds       *ebpf.MapSpec `ebpf:"ms_pol_ids"`
-	MsPolPorts     *ebpf.MapSpec `ebpf:"ms_pol_ports"`
-	MsPolPrefixes  *ebpf.MapSpec `ebpf:"ms_pol_prefixes"`
-	MsPolSets      *ebpf.MapSpec `ebpf:"ms_pol_sets"`
-	MsPorts        *ebpf.MapSpec `ebpf:"ms_ports"`
-	MsRanges       *ebpf.MapSpec `ebpf:"ms_ranges"`
-	MsSkState      *ebpf.MapSpec `ebpf:"ms_sk_state"`
-	MsSocks        *ebpf.MapSpec `ebpf:"ms_socks"`
+	MsCounters      *ebpf.MapSpec `ebpf:"ms_counters"`
+	MsDenialLog     *ebpf.MapSpec `ebpf:"ms_denial_log"`
+	MsDenialSeq     *ebpf.MapSpec `ebpf:"ms_denial_seq"`
+	MsDenials       *ebpf.MapSpec `ebpf:"ms_denials"`
+	MsEvents        *ebpf.MapSpec `ebpf:"ms_events"`
+	MsIpInfo        *ebpf.MapSpec `ebpf:"ms_ip_info"`
+	MsIterNetns     *ebpf.MapSpec `ebpf:"ms_iter_netns"`
+	MsListeners     *ebpf.MapSpec `ebpf:"ms_listeners"`
+	MsNodeSettings  *ebpf.MapSpec `ebpf:"ms_node_settings"`
+	MsOrigDst       *ebpf.MapSpec `ebpf:"ms_orig_dst"`
+	MsPodIps        *ebpf.MapSpec `ebpf:"ms_pod_ips"`
+	MsPods          *ebpf.MapSpec `ebpf:"ms_pods"`
+	MsPolBypass     *ebpf.MapSpec `ebpf:"ms_pol_bypass"`
+	MsPolIds        *ebpf.MapSpec `ebpf:"ms_pol_ids"`
+	MsPolPorts      *ebpf.MapSpec `ebpf:"ms_pol_ports"`
+	MsPolPrefixes   *ebpf.MapSpec `ebpf:"ms_pol_prefixes"`
+	MsPolSets       *ebpf.MapSpec `ebpf:"ms_pol_sets"`
+	MsPorts         *ebpf.MapSpec `ebpf:"ms_ports"`
+	MsRanges        *ebpf.MapSpec `ebpf:"ms_ranges"`
+	MsSelfSyn       *ebpf.MapSpec `ebpf:"ms_self_syn"`
+	MsSkState       *ebpf.MapSpec `ebpf:"ms_sk_state"`
+	MsSocks         *ebpf.MapSpec `ebpf:"ms_socks"`
+	MsSpliceReaders *ebpf.MapSpec `ebpf:"ms_splice_readers"`
 }
 
 // CaptureVariableSpecs contains global variables before they are loaded into the kernel.
@@ -394,27 +419,29 @@ func (o *CaptureObjects) Close() error {
 //
 // It can be passed to LoadCaptureObjects or ebpf.CollectionSpec.LoadAndAssign.
 type CaptureMaps struct {
-	MsCounters     *ebpf.Map `ebpf:"ms_counters"`
-	MsDenialLog    *ebpf.Map `ebpf:"ms_denial_log"`
-	MsDenialSeq    *ebpf.Map `ebpf:"ms_denial_seq"`
-	MsDenials      *ebpf.Map `ebpf:"ms_denials"`
-	MsEvents       *ebpf.Map `ebpf:"ms_events"`
-	MsIpInfo       *ebpf.Map `ebpf:"ms_ip_info"`
-	MsIterNetns    *ebpf.Map `ebpf:"ms_iter_netns"`
-	MsListeners    *ebpf.Map `ebpf:"ms_listeners"`
-	MsNodeSettings *ebpf.Map `ebpf:"ms_node_settings"`
-	MsOrigDst      *ebpf.Map `ebpf:"ms_orig_dst"`
-	MsPodIps       *ebpf.Map `ebpf:"ms_pod_ips"`
-	MsPods         *ebpf.Map `ebpf:"ms_pods"`
-	MsPolBypass    *ebpf.Map `ebpf:"ms_pol_bypass"`
-	MsPolIds       *ebpf.Map `ebpf:"ms_pol_ids"`
-	MsPolPorts     *ebpf.Map `ebpf:"ms_pol_ports"`
-	MsPolPrefixes  *ebpf.Map `ebpf:"ms_pol_prefixes"`
-	MsPolSets      *ebpf.Map `ebpf:"ms_pol_sets"`
-	MsPorts        *ebpf.Map `ebpf:"ms_ports"`
-	MsRanges       *ebpf.Map `ebpf:"ms_ranges"`
-	MsSkState      *ebpf.Map `ebpf:"ms_sk_state"`
-	MsSocks        *ebpf.Map `ebpf:"ms_socks"`
+	MsCounters      *ebpf.Map `ebpf:"ms_counters"`
+	MsDenialLog     *ebpf.Map `ebpf:"ms_denial_log"`
+	MsDenialSeq     *ebpf.Map `ebpf:"ms_denial_seq"`
+	MsDenials       *ebpf.Map `ebpf:"ms_denials"`
+	MsEvents        *ebpf.Map `ebpf:"ms_events"`
+	MsIpInfo        *ebpf.Map `ebpf:"ms_ip_info"`
+	MsIterNetns     *ebpf.Map `ebpf:"ms_iter_netns"`
+	MsListeners     *ebpf.Map `ebpf:"ms_listeners"`
+	MsNodeSettings  *ebpf.Map `ebpf:"ms_node_settings"`
+	MsOrigDst       *ebpf.Map `ebpf:"ms_orig_dst"`
+	MsPodIps        *ebpf.Map `ebpf:"ms_pod_ips"`
+	MsPods          *ebpf.Map `ebpf:"ms_pods"`
+	MsPolBypass     *ebpf.Map `ebpf:"ms_pol_bypass"`
+	MsPolIds        *ebpf.Map `ebpf:"ms_pol_ids"`
+	MsPolPorts      *ebpf.Map `ebpf:"ms_pol_ports"`
+	MsPolPrefixes   *ebpf.Map `ebpf:"ms_pol_prefixes"`
+	MsPolSets       *ebpf.Map `ebpf:"ms_pol_sets"`
+	MsPorts         *ebpf.Map `ebpf:"ms_ports"`
+	MsRanges        *ebpf.Map `ebpf:"ms_ranges"`
+	MsSelfSyn       *ebpf.Map `ebpf:"ms_self_syn"`
+	MsSkState       *ebpf.Map `ebpf:"ms_sk_state"`
+	MsSocks         *ebpf.Map `ebpf:"ms_socks"`
+	MsSpliceReaders *ebpf.Map `ebpf:"ms_splice_readers"`
 }
 
 func (m *CaptureMaps) Close() error {
@@ -438,8 +465,10 @@ func (m *CaptureMaps) Close() error {
 		m.MsPolSets,
 		m.MsPorts,
 		m.MsRanges,
+		m.MsSelfSyn,
 		m.MsSkState,
 		m.MsSocks,
+		m.MsSpliceReaders,
 	)
 }
 

@@ -21,6 +21,49 @@ var PassthroughV6 = net.ParseIP("::6")
 // inbound capture lets through (without it the sidecar's connection to the
 // app would be captured again, a loop). Idempotent.
 func PreparePodNetns(path string) error {
+	_, err := AddPassthroughV6(path)
+	return err
+}
+
+// AddPassthroughV6 is PreparePodNetns that also tells whether it added
+// ::6/128 (false: it was there already, or IPv6 is off in the pod), so
+// that the pod's teardown removes only what its set-up added
+// (RemovePassthroughV6).
+func AddPassthroughV6(path string) (added bool, err error) {
+	err = onLoopback(path, func(h *netlink.Handle, lo netlink.Link, addr *netlink.Addr) error {
+		err := h.AddrAdd(lo, addr)
+		switch {
+		case err == nil:
+			added = true
+		case errors.Is(err, os.ErrExist) || errors.Is(err, unix.EEXIST):
+		case errors.Is(err, unix.EADDRNOTAVAIL) || errors.Is(err, unix.EACCES):
+			// IPv6 disabled in the pod: nothing to prepare.
+		default:
+			return fmt.Errorf("add ::6 to lo in %s: %w", path, err)
+		}
+		return nil
+	})
+	return added, err
+}
+
+// RemovePassthroughV6 removes ::6/128 from the pod's lo. A namespace or an
+// address that is gone already is not an error.
+func RemovePassthroughV6(path string) error {
+	err := onLoopback(path, func(h *netlink.Handle, lo netlink.Link, addr *netlink.Addr) error {
+		if err := h.AddrDel(lo, addr); err != nil && !errors.Is(err, unix.EADDRNOTAVAIL) && !errors.Is(err, unix.ENOENT) {
+			return fmt.Errorf("remove ::6 from lo in %s: %w", path, err)
+		}
+		return nil
+	})
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	return err
+}
+
+// onLoopback runs fn with a netlink handle in the netns at path, its lo and
+// the ::6/128 address.
+func onLoopback(path string, fn func(h *netlink.Handle, lo netlink.Link, addr *netlink.Addr) error) error {
 	ns, err := netns.GetFromPath(path)
 	if err != nil {
 		return fmt.Errorf("open netns %s: %w", path, err)
@@ -35,16 +78,8 @@ func PreparePodNetns(path string) error {
 	if err != nil {
 		return fmt.Errorf("find lo in %s: %w", path, err)
 	}
-	addr := &netlink.Addr{
+	return fn(h, lo, &netlink.Addr{
 		IPNet: &net.IPNet{IP: PassthroughV6, Mask: net.CIDRMask(128, 128)},
 		Flags: unix.IFA_F_NODAD,
-	}
-	if err := h.AddrAdd(lo, addr); err != nil && !errors.Is(err, os.ErrExist) && !errors.Is(err, unix.EEXIST) {
-		if errors.Is(err, unix.EADDRNOTAVAIL) || errors.Is(err, unix.EACCES) {
-			// IPv6 disabled in the pod: nothing to prepare.
-			return nil
-		}
-		return fmt.Errorf("add ::6 to lo in %s: %w", path, err)
-	}
-	return nil
+	})
 }

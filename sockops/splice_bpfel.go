@@ -29,49 +29,63 @@ const (
 	SpliceMsCounterMS_C_SKIP_EXCLUDED_PORT         SpliceMsCounter = 5
 	SpliceMsCounterMS_C_SKIP_EXCLUDED_RANGE        SpliceMsCounter = 6
 	SpliceMsCounterMS_C_SKIP_NOT_INCLUDED          SpliceMsCounter = 7
-	SpliceMsCounterMS_C_CONNECT_NO_STORAGE         SpliceMsCounter = 8
-	SpliceMsCounterMS_C_ORIG_DST_OUTBOUND          SpliceMsCounter = 9
-	SpliceMsCounterMS_C_ORIG_DST_INBOUND           SpliceMsCounter = 10
-	SpliceMsCounterMS_C_ORIG_DST_KERNEL            SpliceMsCounter = 11
-	SpliceMsCounterMS_C_ORIG_DST_SHORT_BUF         SpliceMsCounter = 12
-	SpliceMsCounterMS_C_INBOUND_MESHED             SpliceMsCounter = 13
-	SpliceMsCounterMS_C_INBOUND_CAPTURED           SpliceMsCounter = 14
-	SpliceMsCounterMS_C_INBOUND_SKIP_OFF           SpliceMsCounter = 15
-	SpliceMsCounterMS_C_INBOUND_SKIP_PROXY_PORT    SpliceMsCounter = 16
-	SpliceMsCounterMS_C_INBOUND_SKIP_PASSTHROUGH   SpliceMsCounter = 17
-	SpliceMsCounterMS_C_INBOUND_SKIP_LOOPBACK      SpliceMsCounter = 18
-	SpliceMsCounterMS_C_INBOUND_SKIP_EXCLUDED_PORT SpliceMsCounter = 19
-	SpliceMsCounterMS_C_INBOUND_SKIP_NOT_INCLUDED  SpliceMsCounter = 20
-	SpliceMsCounterMS_C_INBOUND_NO_LISTENER        SpliceMsCounter = 21
-	SpliceMsCounterMS_C_INBOUND_ASSIGN_FAILED      SpliceMsCounter = 22
-	SpliceMsCounterMS_C_LISTENER_STARTED           SpliceMsCounter = 23
-	SpliceMsCounterMS_C_LISTENER_REGISTERED        SpliceMsCounter = 24
-	SpliceMsCounterMS_C_LISTENER_REFUSED           SpliceMsCounter = 25
-	SpliceMsCounterMS_C_ORIG_DST_STORED            SpliceMsCounter = 26
-	SpliceMsCounterMS_C_SOCK_INSERTED              SpliceMsCounter = 27
-	SpliceMsCounterMS_C_SOCK_INSERT_FAILED         SpliceMsCounter = 28
-	SpliceMsCounterMS_C_SOCK_SKIP_SPLICE_OFF       SpliceMsCounter = 29
-	SpliceMsCounterMS_C_SOCK_SKIP_PEER_UNKNOWN     SpliceMsCounter = 30
-	SpliceMsCounterMS_C_SOCK_SKIP_ROLE_UNKNOWN     SpliceMsCounter = 31
-	SpliceMsCounterMS_C_SOCK_SKIP_APP              SpliceMsCounter = 32
-	SpliceMsCounterMS_C_SOCK_SKIP_EARLY_DATA       SpliceMsCounter = 33
-	SpliceMsCounterMS_C_POLICY_EGRESS_ALLOWED      SpliceMsCounter = 34
-	SpliceMsCounterMS_C_POLICY_EGRESS_DENIED       SpliceMsCounter = 35
-	SpliceMsCounterMS_C_POLICY_INGRESS_ALLOWED     SpliceMsCounter = 36
-	SpliceMsCounterMS_C_POLICY_INGRESS_DENIED      SpliceMsCounter = 37
-	SpliceMsCounterMS_C_POLICY_DENIAL_NOT_RECORDED SpliceMsCounter = 38
-	SpliceMsCounterMS_C_POLICY_TORN_DOWN           SpliceMsCounter = 39
-	SpliceMsCounterMS_C_POLICY_TEARDOWN_FAILED     SpliceMsCounter = 40
-	SpliceMsCounterMS_C_MSG_REDIRECTED             SpliceMsCounter = 41
-	SpliceMsCounterMS_C_BYTES_REDIRECTED           SpliceMsCounter = 42
-	SpliceMsCounterMS_C_MSG_MISS_FIRST             SpliceMsCounter = 43
-	SpliceMsCounterMS_C_MSG_MISS_LATER             SpliceMsCounter = 44
-	SpliceMsCounterMS_C_MSG_AFTER_MISS             SpliceMsCounter = 45
-	SpliceMsCounterMS_C_BYTES_AFTER_MISS           SpliceMsCounter = 46
-	SpliceMsCounterMS_C_MSG_DRAIN                  SpliceMsCounter = 47
-	SpliceMsCounterMS_C_MSG_PASS                   SpliceMsCounter = 48
-	SpliceMsCounterMS_C_BYTES_PASS                 SpliceMsCounter = 49
-	SpliceMsCounterMS_C_MAX                        SpliceMsCounter = 50
+	SpliceMsCounterMS_C_SKIP_IPV6                  SpliceMsCounter = 8
+	SpliceMsCounterMS_C_CONNECT_HAIRPIN            SpliceMsCounter = 9
+	SpliceMsCounterMS_C_CONNECT_NO_STORAGE         SpliceMsCounter = 10
+	SpliceMsCounterMS_C_ORIG_DST_OUTBOUND          SpliceMsCounter = 11
+	SpliceMsCounterMS_C_ORIG_DST_INBOUND           SpliceMsCounter = 12
+	SpliceMsCounterMS_C_ORIG_DST_KERNEL            SpliceMsCounter = 13
+	SpliceMsCounterMS_C_ORIG_DST_SHORT_BUF         SpliceMsCounter = 14
+	SpliceMsCounterMS_C_ORIG_DST_MISSING           SpliceMsCounter = 15
+	SpliceMsCounterMS_C_INBOUND_MESHED             SpliceMsCounter = 16
+	SpliceMsCounterMS_C_INBOUND_CAPTURED           SpliceMsCounter = 17
+	SpliceMsCounterMS_C_INBOUND_SKIP_OFF           SpliceMsCounter = 18
+	SpliceMsCounterMS_C_INBOUND_SKIP_PROXY_PORT    SpliceMsCounter = 19
+	SpliceMsCounterMS_C_INBOUND_SKIP_PASSTHROUGH   SpliceMsCounter = 20
+	SpliceMsCounterMS_C_INBOUND_SKIP_LOOPBACK      SpliceMsCounter = 21
+	SpliceMsCounterMS_C_INBOUND_SKIP_SELF          SpliceMsCounter = 22
+	SpliceMsCounterMS_C_INBOUND_SKIP_IPV6          SpliceMsCounter = 23
+	SpliceMsCounterMS_C_INBOUND_SKIP_EXCLUDED_PORT SpliceMsCounter = 24
+	SpliceMsCounterMS_C_INBOUND_SKIP_NOT_INCLUDED  SpliceMsCounter = 25
+	SpliceMsCounterMS_C_INBOUND_NO_LISTENER        SpliceMsCounter = 26
+	SpliceMsCounterMS_C_INBOUND_ASSIGN_FAILED      SpliceMsCounter = 27
+	SpliceMsCounterMS_C_LISTENER_STARTED           SpliceMsCounter = 28
+	SpliceMsCounterMS_C_LISTENER_REGISTERED        SpliceMsCounter = 29
+	SpliceMsCounterMS_C_LISTENER_REFUSED           SpliceMsCounter = 30
+	SpliceMsCounterMS_C_ORIG_DST_STORED            SpliceMsCounter = 31
+	SpliceMsCounterMS_C_ORIG_DST_EVICTED           SpliceMsCounter = 32
+	SpliceMsCounterMS_C_SOCK_INSERTED              SpliceMsCounter = 33
+	SpliceMsCounterMS_C_SOCK_INSERT_FAILED         SpliceMsCounter = 34
+	SpliceMsCounterMS_C_SOCK_SKIP_SPLICE_OFF       SpliceMsCounter = 35
+	SpliceMsCounterMS_C_SOCK_SKIP_PEER_UNKNOWN     SpliceMsCounter = 36
+	SpliceMsCounterMS_C_SOCK_SKIP_ROLE_UNKNOWN     SpliceMsCounter = 37
+	SpliceMsCounterMS_C_SOCK_SKIP_APP              SpliceMsCounter = 38
+	SpliceMsCounterMS_C_SOCK_SKIP_EARLY_DATA       SpliceMsCounter = 39
+	SpliceMsCounterMS_C_POLICY_EGRESS_ALLOWED      SpliceMsCounter = 40
+	SpliceMsCounterMS_C_POLICY_EGRESS_DENIED       SpliceMsCounter = 41
+	SpliceMsCounterMS_C_POLICY_INGRESS_ALLOWED     SpliceMsCounter = 42
+	SpliceMsCounterMS_C_POLICY_INGRESS_DENIED      SpliceMsCounter = 43
+	SpliceMsCounterMS_C_POLICY_DENIAL_NOT_RECORDED SpliceMsCounter = 44
+	SpliceMsCounterMS_C_POLICY_TORN_DOWN           SpliceMsCounter = 45
+	SpliceMsCounterMS_C_POLICY_TEARDOWN_FAILED     SpliceMsCounter = 46
+	SpliceMsCounterMS_C_MSG_REDIRECTED             SpliceMsCounter = 47
+	SpliceMsCounterMS_C_BYTES_REDIRECTED           SpliceMsCounter = 48
+	SpliceMsCounterMS_C_MSG_MISS_FIRST             SpliceMsCounter = 49
+	SpliceMsCounterMS_C_MSG_MISS_LATER             SpliceMsCounter = 50
+	SpliceMsCounterMS_C_MSG_AFTER_MISS             SpliceMsCounter = 51
+	SpliceMsCounterMS_C_BYTES_AFTER_MISS           SpliceMsCounter = 52
+	SpliceMsCounterMS_C_MSG_DRAIN                  SpliceMsCounter = 53
+	SpliceMsCounterMS_C_MSG_PASS                   SpliceMsCounter = 54
+	SpliceMsCounterMS_C_BYTES_PASS                 SpliceMsCounter = 55
+	SpliceMsCounterMS_C_LISTENER_EVENT_LOST        SpliceMsCounter = 56
+	SpliceMsCounterMS_C_LISTENER_RESYNCED          SpliceMsCounter = 57
+	SpliceMsCounterMS_C_SPLICE_REFUSED             SpliceMsCounter = 58
+	SpliceMsCounterMS_C_SPLICE_UNGUARDED           SpliceMsCounter = 59
+	SpliceMsCounterMS_C_SPLICE_READER_RESET        SpliceMsCounter = 60
+	SpliceMsCounterMS_C_SOCK_SKIP_SPLICE_READER    SpliceMsCounter = 61
+	SpliceMsCounterMS_C_MSG_BACKPRESSURE           SpliceMsCounter = 62
+	SpliceMsCounterMS_C_MSG_RESUMED                SpliceMsCounter = 63
+	SpliceMsCounterMS_C_MAX                        SpliceMsCounter = 64
 )
 
 type SpliceMsDenial struct {
@@ -137,6 +151,7 @@ type SpliceMsPolPrefixKey struct {
 	_         structs.HostLayout
 	Prefixlen uint32
 	Set       uint32
+	Family    uint32
 	Ip        [4]uint32
 }
 
@@ -163,7 +178,9 @@ type SpliceMsRangeKey struct {
 	Prefixlen uint32
 	Kind      uint32
 	Netns     uint64
+	Family    uint32
 	Ip        [4]uint32
+	Pad       uint32
 }
 
 type SpliceMsSk struct {
@@ -189,31 +206,34 @@ type SpliceMsSockKey struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	SpliceMapMsCounters     = "ms_counters"
-	SpliceMapMsDenialLog    = "ms_denial_log"
-	SpliceMapMsDenialSeq    = "ms_denial_seq"
-	SpliceMapMsDenials      = "ms_denials"
-	SpliceMapMsEvents       = "ms_events"
-	SpliceMapMsIpInfo       = "ms_ip_info"
-	SpliceMapMsIterNetns    = "ms_iter_netns"
-	SpliceMapMsListeners    = "ms_listeners"
-	SpliceMapMsNodeSettings = "ms_node_settings"
-	SpliceMapMsOrigDst      = "ms_orig_dst"
-	SpliceMapMsPodIps       = "ms_pod_ips"
-	SpliceMapMsPods         = "ms_pods"
-	SpliceMapMsPolBypass    = "ms_pol_bypass"
-	SpliceMapMsPolIds       = "ms_pol_ids"
-	SpliceMapMsPolPorts     = "ms_pol_ports"
-	SpliceMapMsPolPrefixes  = "ms_pol_prefixes"
-	SpliceMapMsPolSets      = "ms_pol_sets"
-	SpliceMapMsPorts        = "ms_ports"
-	SpliceMapMsRanges       = "ms_ranges"
-	SpliceMapMsSkState      = "ms_sk_state"
-	SpliceMapMsSocks        = "ms_socks"
-	SpliceProgMsSkMsg       = "ms_sk_msg"
-	SpliceProgMsSockops     = "ms_sockops"
-	SpliceVarMsBtfAnchor    = "ms_btf_anchor"
-	SpliceVarMsCounterCount = "ms_counter_count"
+	SpliceMapMsCounters      = "ms_counters"
+	SpliceMapMsDenialLog     = "ms_denial_log"
+	SpliceMapMsDenialSeq     = "ms_denial_seq"
+	SpliceMapMsDenials       = "ms_denials"
+	SpliceMapMsEvents        = "ms_events"
+	SpliceMapMsIpInfo        = "ms_ip_info"
+	SpliceMapMsIterNetns     = "ms_iter_netns"
+	SpliceMapMsListeners     = "ms_listeners"
+	SpliceMapMsNodeSettings  = "ms_node_settings"
+	SpliceMapMsOrigDst       = "ms_orig_dst"
+	SpliceMapMsPodIps        = "ms_pod_ips"
+	SpliceMapMsPods          = "ms_pods"
+	SpliceMapMsPolBypass     = "ms_pol_bypass"
+	SpliceMapMsPolIds        = "ms_pol_ids"
+	SpliceMapMsPolPorts      = "ms_pol_ports"
+	SpliceMapMsPolPrefixes   = "ms_pol_prefixes"
+	SpliceMapMsPolSets       = "ms_pol_sets"
+	SpliceMapMsPorts         = "ms_ports"
+	SpliceMapMsRanges        = "ms_ranges"
+	SpliceMapMsSelfSyn       = "ms_self_syn"
+	SpliceMapMsSkAddrs       = "ms_sk_addrs"
+	SpliceMapMsSkState       = "ms_sk_state"
+	SpliceMapMsSocks         = "ms_socks"
+	SpliceMapMsSpliceReaders = "ms_splice_readers"
+	SpliceProgMsSkMsg        = "ms_sk_msg"
+	SpliceProgMsSockops      = "ms_sockops"
+	SpliceVarMsBtfAnchor     = "ms_btf_anchor"
+	SpliceVarMsCounterCount  = "ms_counter_count"
 )
 
 // LoadSplice returns the embedded CollectionSpec for Splice.
@@ -266,27 +286,30 @@ type SpliceProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type SpliceMapSpecs struct {
-	MsCounters     *ebpf.MapSpec `ebpf:"ms_counters"`
-	MsDenialLog    *ebpf.MapSpec `ebpf:"ms_denial_log"`
-	MsDenialSeq    *ebpf.MapSpec `ebpf:"ms_denial_seq"`
-	MsDenials      *ebpf.MapSpec `ebpf:"ms_denials"`
-	MsEvents       *ebpf.MapSpec `ebpf:"ms_events"`
-	MsIpInfo       *ebpf.MapSpec `ebpf:"ms_ip_info"`
-	MsIterNetns    *ebpf.MapSpec `ebpf:"ms_iter_netns"`
-	MsListeners    *ebpf.MapSpec `ebpf:"ms_listeners"`
-	MsNodeSettings *ebpf.MapSpec `ebpf:"ms_node_settings"`
-	MsOrigDst      *ebpf.MapSpec `ebpf:"ms_orig_dst"`
-	MsPodIps       *ebpf.MapSpec `ebpf:"ms_pod_ips"`
-	MsPods         *ebpf.MapSpec `ebpf:"ms_pods"`
-	MsPolBypass    *ebpf.MapSpec `ebpf:"ms_pol_bypass"`
-	MsPolIds       *ebpf.MapSpec `ebpf:"ms_pol_ids"`
-	MsPolPorts     *ebpf.MapSpec `ebpf:"ms_pol_ports"`
-	MsPolPrefixes  *ebpf.MapSpec `ebpf:"ms_pol_prefixes"`
-	MsPolSets      *ebpf.MapSpec `ebpf:"ms_pol_sets"`
-	MsPorts        *ebpf.MapSpec `ebpf:"ms_ports"`
-	MsRanges       *ebpf.MapSpec `ebpf:"ms_ranges"`
-	MsSkState      *ebpf.MapSpec `ebpf:"ms_sk_state"`
-	MsSocks        *ebpf.MapSpec `ebpf:"ms_socks"`
+	MsCounters      *ebpf.MapSpec `ebpf:"ms_counters"`
+	MsDenialLog     *ebpf.MapSpec `ebpf:"ms_denial_log"`
+	MsDenialSeq     *ebpf.MapSpec `ebpf:"ms_denial_seq"`
+	MsDenials       *ebpf.MapSpec `ebpf:"ms_denials"`
+	MsEvents        *ebpf.MapSpec `ebpf:"ms_events"`
+	MsIpInfo        *ebpf.MapSpec `ebpf:"ms_ip_info"`
+	MsIterNetns     *ebpf.MapSpec `ebpf:"ms_iter_netns"`
+	MsListeners     *ebpf.MapSpec `ebpf:"ms_listeners"`
+	MsNodeSettings  *ebpf.MapSpec `ebpf:"ms_node_settings"`
+	MsOrigDst       *ebpf.MapSpec `ebpf:"ms_orig_dst"`
+	MsPodIps        *ebpf.MapSpec `ebpf:"ms_pod_ips"`
+	MsPods          *ebpf.MapSpec `ebpf:"ms_pods"`
+	MsPolBypass     *ebpf.MapSpec `ebpf:"ms_pol_bypass"`
+	MsPolIds        *ebpf.MapSpec `ebpf:"ms_pol_ids"`
+	MsPolPorts      *ebpf.MapSpec `ebpf:"ms_pol_ports"`
+	MsPolPrefixes   *ebpf.MapSpec `ebpf:"ms_pol_prefixes"`
+	MsPolSets       *ebpf.MapSpec `ebpf:"ms_pol_sets"`
+	MsPorts         *ebpf.MapSpec `ebpf:"ms_ports"`
+	MsRanges        *ebpf.MapSpec `ebpf:"ms_ranges"`
+	MsSelfSyn       *ebpf.MapSpec `ebpf:"ms_self_syn"`
+	MsSkAddrs       *ebpf.MapSpec `ebpf:"ms_sk_addrs"`
+	MsSkState       *ebpf.MapSpec `ebpf:"ms_sk_state"`
+	MsSocks         *ebpf.MapSpec `ebpf:"ms_socks"`
+	MsSpliceReaders *ebpf.MapSpec `ebpf:"ms_splice_readers"`
 }
 
 // SpliceVariableSpecs contains global variables before they are loaded into the kernel.
@@ -317,27 +340,30 @@ func (o *SpliceObjects) Close() error {
 //
 // It can be passed to LoadSpliceObjects or ebpf.CollectionSpec.LoadAndAssign.
 type SpliceMaps struct {
-	MsCounters     *ebpf.Map `ebpf:"ms_counters"`
-	MsDenialLog    *ebpf.Map `ebpf:"ms_denial_log"`
-	MsDenialSeq    *ebpf.Map `ebpf:"ms_denial_seq"`
-	MsDenials      *ebpf.Map `ebpf:"ms_denials"`
-	MsEvents       *ebpf.Map `ebpf:"ms_events"`
-	MsIpInfo       *ebpf.Map `ebpf:"ms_ip_info"`
-	MsIterNetns    *ebpf.Map `ebpf:"ms_iter_netns"`
-	MsListeners    *ebpf.Map `ebpf:"ms_listeners"`
-	MsNodeSettings *ebpf.Map `ebpf:"ms_node_settings"`
-	MsOrigDst      *ebpf.Map `ebpf:"ms_orig_dst"`
-	MsPodIps       *ebpf.Map `ebpf:"ms_pod_ips"`
-	MsPods         *ebpf.Map `ebpf:"ms_pods"`
-	MsPolBypass    *ebpf.Map `ebpf:"ms_pol_bypass"`
-	MsPolIds       *ebpf.Map `ebpf:"ms_pol_ids"`
-	MsPolPorts     *ebpf.Map `ebpf:"ms_pol_ports"`
-	MsPolPrefixes  *ebpf.Map `ebpf:"ms_pol_prefixes"`
-	MsPolSets      *ebpf.Map `ebpf:"ms_pol_sets"`
-	MsPorts        *ebpf.Map `ebpf:"ms_ports"`
-	MsRanges       *ebpf.Map `ebpf:"ms_ranges"`
-	MsSkState      *ebpf.Map `ebpf:"ms_sk_state"`
-	MsSocks        *ebpf.Map `ebpf:"ms_socks"`
+	MsCounters      *ebpf.Map `ebpf:"ms_counters"`
+	MsDenialLog     *ebpf.Map `ebpf:"ms_denial_log"`
+	MsDenialSeq     *ebpf.Map `ebpf:"ms_denial_seq"`
+	MsDenials       *ebpf.Map `ebpf:"ms_denials"`
+	MsEvents        *ebpf.Map `ebpf:"ms_events"`
+	MsIpInfo        *ebpf.Map `ebpf:"ms_ip_info"`
+	MsIterNetns     *ebpf.Map `ebpf:"ms_iter_netns"`
+	MsListeners     *ebpf.Map `ebpf:"ms_listeners"`
+	MsNodeSettings  *ebpf.Map `ebpf:"ms_node_settings"`
+	MsOrigDst       *ebpf.Map `ebpf:"ms_orig_dst"`
+	MsPodIps        *ebpf.Map `ebpf:"ms_pod_ips"`
+	MsPods          *ebpf.Map `ebpf:"ms_pods"`
+	MsPolBypass     *ebpf.Map `ebpf:"ms_pol_bypass"`
+	MsPolIds        *ebpf.Map `ebpf:"ms_pol_ids"`
+	MsPolPorts      *ebpf.Map `ebpf:"ms_pol_ports"`
+	MsPolPrefixes   *ebpf.Map `ebpf:"ms_pol_prefixes"`
+	MsPolSets       *ebpf.Map `ebpf:"ms_pol_sets"`
+	MsPorts         *ebpf.Map `ebpf:"ms_ports"`
+	MsRanges        *ebpf.Map `ebpf:"ms_ranges"`
+	MsSelfSyn       *ebpf.Map `ebpf:"ms_self_syn"`
+	MsSkAddrs       *ebpf.Map `ebpf:"ms_sk_addrs"`
+	MsSkState       *ebpf.Map `ebpf:"ms_sk_state"`
+	MsSocks         *ebpf.Map `ebpf:"ms_socks"`
+	MsSpliceReaders *ebpf.Map `ebpf:"ms_splice_readers"`
 }
 
 func (m *SpliceMaps) Close() error {
@@ -361,8 +387,11 @@ func (m *SpliceMaps) Close() error {
 		m.MsPolSets,
 		m.MsPorts,
 		m.MsRanges,
+		m.MsSelfSyn,
+		m.MsSkAddrs,
 		m.MsSkState,
 		m.MsSocks,
+		m.MsSpliceReaders,
 	)
 }
 

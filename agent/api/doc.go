@@ -7,6 +7,11 @@
 // depends on the standard library only: the CNI plugin links it, and it
 // runs once per pod.
 //
+// Only root (or one uid given to [AllowUID]) may use the socket made by
+// [Listen]: it has mode 0600 from the moment it appears at its path, and
+// every request is checked against the caller's SO_PEERCRED. Request size
+// and read time are bounded ([DefaultLimits]); see access.go.
+//
 // Being plain HTTP, it can be poked at with curl:
 //
 //	curl --unix-socket /run/meshsplice/cni.sock http://meshsplice/v1/health
@@ -58,6 +63,7 @@
 // example "invalid request: ips[1]: \"10.0.0.300\" is not an IP address".
 //
 //	400 invalid_request  the body or a field is invalid ([ErrInvalidRequest])
+//	403 forbidden        the caller is neither root nor the allowed uid ([ErrForbidden])
 //	404 pod_not_found    no such container ID ([ErrPodNotFound])
 //	404 not_found        no such endpoint
 //	405 method_not_allowed

@@ -16,35 +16,49 @@ import (
 // Server serves the API on a unix socket.
 type Server struct {
 	path string
+	st   os.FileInfo // the socket file, removed on Shutdown/Close if still ours
 	ln   *net.UnixListener
 	srv  *http.Server
 }
 
-// Listen creates the API socket at path (mode 0600: only root may register
-// pods; the directory is created with mode 0755 if needed) and returns a
-// server for reg, ready to Serve. A stale socket left by a crashed agent is
-// replaced; a socket on which another process still answers is an error.
-func Listen(path string, reg Registry, log *slog.Logger) (*Server, error) {
+// Listen creates the API socket at path (mode 0600, bound where nobody else
+// can reach it before it has its mode: see access.go; the directory is
+// created with mode 0755 if needed) and returns a server for reg, ready to
+// Serve. Only root, or the uid of AllowUID, may use it. A stale socket left
+// by a crashed agent is replaced; a socket on which another process still
+// answers is an error.
+func Listen(path string, reg Registry, log *slog.Logger, opts ...Option) (*Server, error) {
+	o := listenOptions{limits: DefaultLimits}
+	for _, opt := range opts {
+		opt(&o)
+	}
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return nil, fmt.Errorf("create socket directory: %w", err)
 	}
 	if err := removeStaleSocket(path); err != nil {
 		return nil, err
 	}
-	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	ln, err := listenPrivate(path, o.uid)
 	if err != nil {
-		return nil, fmt.Errorf("listen on %s: %w", path, err)
+		return nil, err
 	}
-	if err := os.Chmod(path, 0o600); err != nil {
-		ln.Close()
-		return nil, fmt.Errorf("restrict %s: %w", path, err)
-	}
+	st, _ := os.Lstat(path)
+	guard := &handler{log: log}
 	return &Server{
 		path: path,
+		st:   st,
 		ln:   ln,
 		srv: &http.Server{
-			Handler:           NewHandler(reg, log),
-			ReadHeaderTimeout: 10 * time.Second,
+			Handler:           guard.requirePeer(o.uid, NewHandler(reg, log)),
+			ConnContext:       peerCred,
+			ReadHeaderTimeout: o.limits.ReadTimeout,
+			ReadTimeout:       o.limits.ReadTimeout,
+			WriteTimeout:      o.limits.WriteTimeout,
+			IdleTimeout:       o.limits.IdleTimeout,
+			MaxHeaderBytes:    o.limits.MaxHeaderBytes,
 		},
 	}, nil
 }
@@ -64,9 +78,10 @@ func (s *Server) Serve() error {
 // is done, and removes the socket.
 func (s *Server) Shutdown(ctx context.Context) error {
 	err := s.srv.Shutdown(ctx)
-	// Serve may never have run: close the listener (removing the socket)
-	// ourselves. Closing twice is harmless.
+	// Serve may never have run: close the listener ourselves. Closing
+	// twice is harmless.
 	s.ln.Close()
+	removeOwnSocket(s.path, s.st)
 	if err != nil {
 		return fmt.Errorf("shut down %s: %w", s.path, err)
 	}
@@ -77,6 +92,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 func (s *Server) Close() error {
 	err := s.srv.Close()
 	s.ln.Close()
+	removeOwnSocket(s.path, s.st)
 	if err != nil {
 		return fmt.Errorf("close %s: %w", s.path, err)
 	}

@@ -95,6 +95,8 @@ func (e *Error) Is(target error) bool {
 		return target == ErrConflict
 	case CodeNotReady:
 		return target == ErrNotReady
+	case CodeForbidden:
+		return target == ErrForbidden
 	}
 	return false
 }
@@ -199,11 +201,13 @@ func (r PodRegistration) Validate() error {
 		add(&fieldError{field: "netns", msg: "is required"})
 	case !filepath.IsAbs(r.Netns):
 		add(&fieldError{field: "netns", msg: fmt.Sprintf("%q must be an absolute path", r.Netns)})
+	case strings.ContainsRune(r.Netns, 0):
+		add(&fieldError{field: "netns", msg: fmt.Sprintf("%q holds a NUL byte", r.Netns)})
 	}
 	switch {
 	case r.IfName == "":
 		add(&fieldError{field: "ifName", msg: "is required"})
-	case len(r.IfName) > 15 || strings.ContainsAny(r.IfName, "/: \t\n") || r.IfName == "." || r.IfName == "..":
+	case len(r.IfName) > 15 || strings.ContainsAny(r.IfName, "/: \t\n\x00") || r.IfName == "." || r.IfName == "..":
 		add(&fieldError{field: "ifName", msg: fmt.Sprintf("%q is not a valid interface name", r.IfName)})
 	}
 	if len(r.IPs) == 0 {
@@ -239,9 +243,25 @@ type PodStatus struct {
 	Capture bool `json:"capture"`
 	// Splice tells whether the pod's connections are spliced.
 	Splice bool `json:"splice"`
+	// InboundReady tells whether the kernel holds the sidecar's inbound
+	// listener, so inbound capture can hand it connections (nil: the pod
+	// is not captured). InboundReason says why not.
+	InboundReady  *bool  `json:"inboundReady,omitempty"`
+	InboundReason string `json:"inboundReason,omitempty"`
 	// Warnings are what the agent found odd in the pod's settings
 	// (unsupported or unknown annotations, ignored values).
 	Warnings []string `json:"warnings,omitempty"`
+	// Policy says whether the kernel enforces the pod's authorization
+	// policy, and why not (nil from an agent that does not say).
+	Policy *PolicyStatus `json:"policy,omitempty"`
+}
+
+// PolicyStatus is whether the kernel enforces a pod's authorization policy
+// (the agent's view of datapath.PodPolicy).
+type PolicyStatus struct {
+	Enforced bool `json:"enforced"`
+	// Reason says why not, or, when enforced, what is left to the sidecar.
+	Reason string `json:"reason,omitempty"`
 }
 
 // fieldError is a problem with one field of a request.

@@ -23,10 +23,13 @@ func runAgent(ctx context.Context, args []string) error {
 	cgroup := fs.String("cgroup", "", "cgroup v2 directory to attach to (default: the cgroup v2 root, from /proc/self/mountinfo)")
 	pinDir := fs.String("pin-dir", datapath.DefaultPinDir, "bpffs directory for maps and links")
 	socket := fs.String("cni-socket", api.DefaultSocket, "unix socket the CNI plugin registers pods on")
+	cniUID := fs.Int("cni-uid", 0, "uid that may register pods on --cni-socket besides root (0: root only); the socket is given to it")
 	stateDir := fs.String("state-dir", agent.DefaultStateDir, "where pod registrations are kept across agent restarts")
 	metrics := fs.String("metrics-addr", agent.DefaultMetricsAddr, "address of /healthz, /readyz, /metrics and /pods (empty: off)")
 	capture := fs.Bool("capture", true, "node switch: capture meshed pods' traffic (new connections)")
 	splice := fs.Bool("splice", true, "node switch: splice (new connections)")
+	grace := fs.Duration("listener-grace", agent.DefaultListenerGrace, "warn when a captured pod's sidecar inbound listener is not in the kernel this long after registration")
+	pressure := fs.Duration("pressure-interval", agent.DefaultPressureInterval, "how often to look for kernel tables at their limit (logged once per interval, /readyz 503 meanwhile)")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
 	kube := addKubeFlags(fs)
 	if err := fs.Parse(args); err != nil {
@@ -64,8 +67,9 @@ func runAgent(ctx context.Context, args []string) error {
 	log.Info("starting meshsplice agent", "cgroup", *cgroup, "pin_dir", *pinDir, "istio_config", *configDir,
 		"args", strings.Join(args, " "))
 	return agent.Run(ctx, agent.Config{
-		PinDir: *pinDir, CgroupPath: *cgroup, CNISocket: *socket, StateDir: *stateDir,
+		PinDir: *pinDir, CgroupPath: *cgroup, CNISocket: *socket, CNIUID: *cniUID, StateDir: *stateDir,
 		MetricsAddr: *metrics, NodeCapture: *capture, NodeSplice: *splice,
-		Source: source, Log: log,
+		Source: source, Log: log, ListenerGrace: *grace,
+		PressureInterval: *pressure,
 	})
 }

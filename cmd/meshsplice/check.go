@@ -36,6 +36,7 @@ func runCheck(_ context.Context, args []string) error {
 		results = append(results, datapath.ProbeResult{Name: "kernel BTF", OK: true, Required: true})
 	}
 	results = append(results, datapath.Probe()...)
+	results = append(results, datapath.ProbeReaders())
 	if *asJSON {
 		enc := json.NewEncoder(os.Stdout)
 		enc.SetIndent("", "  ")

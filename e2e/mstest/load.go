@@ -12,6 +12,7 @@ import (
 	"net"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -30,6 +31,13 @@ import (
 //   - --reconnect: every exchange on a new connection (connect, one
 //     request/response, graceful close): the connection rate.
 //
+// The window's edges are the moments the client prints its "window" events,
+// not times planned in advance: a client the machine's load delays still
+// counts exactly the exchanges between its two events, and with
+// --cpu-stat each event carries the cgroups' CPU time read right before the
+// start (after the end), so the CPU time and the exchanges cover the same
+// span however late the caller handles the events.
+//
 // Payloads are random but fixed per connection and echoes are compared
 // byte for byte (the per-message pseudo-random payload and CRC of the
 // verifying mode cost more CPU than a small proxy hop, which would blur
@@ -40,6 +48,12 @@ import (
 type windowEvent struct {
 	Event string `json:"event"` // "window"
 	Phase string `json:"phase"` // "start" or "end"
+	// CPU is each --cpu-stat cgroup's CPU time, read at the mark; Error
+	// says why it could not be read.
+	CPU   map[string]cpuTimes `json:"cpu,omitempty"`
+	Error string              `json:"error,omitempty"`
+	// UnixNS is the wall clock right after the readings.
+	UnixNS int64 `json:"unix_ns"`
 }
 
 // aggregateEvent is printed last but one (before "summary") in load mode.
@@ -50,7 +64,8 @@ type aggregateEvent struct {
 	Shape string  `json:"shape"`
 	Conns int     `json:"conns"`
 	Rate  float64 `json:"rate"` // requested exchanges/s in total, 0 = as fast as possible
-	// WindowMS is the measurement window's length.
+	// WindowMS is the measurement window's length, as it happened (it
+	// lasts longer than --duration when the end mark comes late).
 	WindowMS float64 `json:"window_ms"`
 	// Messages are the exchanges (stream: the chunks written; reconnect:
 	// the connections) that started inside the window.
@@ -93,12 +108,55 @@ func newHistogram(samples []time.Duration) histogram {
 	return h
 }
 
-// loadWindow is the shared clock of a load run.
+// loadWindow is the shared clock of a load run: the window's edges are set
+// when they are marked. Times are offsets from begin on the monotonic
+// clock; an unset edge is notYet.
 type loadWindow struct {
-	start, end time.Time
+	begin      time.Time
+	start, end atomic.Int64
 }
 
-func (w loadWindow) in(t time.Time) bool { return !t.Before(w.start) && t.Before(w.end) }
+const notYet = math.MaxInt64
+
+func newLoadWindow(begin time.Time) *loadWindow {
+	w := &loadWindow{begin: begin}
+	w.start.Store(notYet)
+	w.end.Store(notYet)
+	return w
+}
+
+// in tells whether t is inside the window as marked so far.
+func (w *loadWindow) in(t time.Time) bool {
+	at := int64(t.Sub(w.begin))
+	return at >= w.start.Load() && at < w.end.Load()
+}
+
+// over tells whether the window has ended by t.
+func (w *loadWindow) over(t time.Time) bool { return int64(t.Sub(w.begin)) >= w.end.Load() }
+
+// mark runs the window: at begin+warmup it reads the CPU times and opens
+// the window, duration later it closes it and reads them again, printing
+// a window event each time. It returns the window's length and the
+// reading errors.
+func (w *loadWindow) mark(warmup, duration time.Duration, stats cpuStats) (time.Duration, []string) {
+	var errs []string
+	time.Sleep(time.Until(w.begin.Add(warmup)))
+	ev := stats.markEvent("start")
+	opened := time.Now()
+	w.start.Store(int64(opened.Sub(w.begin)))
+	emit(ev)
+	time.Sleep(time.Until(opened.Add(duration)))
+	closed := time.Now()
+	w.end.Store(int64(closed.Sub(w.begin)))
+	ev2 := stats.markEvent("end")
+	emit(ev2)
+	for _, e := range []windowEvent{ev, ev2} {
+		if e.Error != "" {
+			errs = append(errs, "window "+e.Phase+": "+e.Error)
+		}
+	}
+	return closed.Sub(opened), errs
+}
 
 // connStats is what one connection (or reconnecting worker) measured.
 type connStats struct {
@@ -125,15 +183,13 @@ func runLoad(cfg clientConfig, src net.Addr) int {
 		return 2
 	}
 	begin := time.Now()
-	w := loadWindow{start: begin.Add(cfg.warmup)}
-	w.end = w.start.Add(cfg.duration)
+	w := newLoadWindow(begin)
 	marked := make(chan struct{})
+	var window time.Duration
+	var markErrs []string
 	go func() {
 		defer close(marked)
-		time.Sleep(time.Until(w.start))
-		emit(windowEvent{Event: "window", Phase: "start"})
-		time.Sleep(time.Until(w.end))
-		emit(windowEvent{Event: "window", Phase: "end"})
+		window, markErrs = w.mark(cfg.warmup, cfg.duration, cfg.cpuStats)
 	}()
 
 	stats := make([]connStats, cfg.conns)
@@ -160,7 +216,7 @@ func runLoad(cfg clientConfig, src net.Addr) int {
 	<-marked // a run that failed early still ends its window
 
 	agg := aggregateEvent{Event: "aggregate", Shape: shape, Conns: cfg.conns, Rate: cfg.rate, Errors: []string{}}
-	agg.WindowMS = float64(cfg.duration.Microseconds()) / 1000
+	agg.WindowMS = float64(window.Microseconds()) / 1000
 	var all []time.Duration
 	failed := 0
 	for i, s := range stats {
@@ -174,11 +230,12 @@ func runLoad(cfg clientConfig, src net.Addr) int {
 			}
 		}
 	}
-	agg.OK = failed == 0 && agg.Messages > 0
+	agg.OK = failed == 0 && agg.Messages > 0 && len(markErrs) == 0
 	if agg.Messages == 0 && failed == 0 {
 		agg.Errors = append(agg.Errors, "nothing was exchanged inside the window")
 	}
-	secs := cfg.duration.Seconds()
+	agg.Errors = append(agg.Errors, markErrs...)
+	secs := window.Seconds()
 	agg.RPS = float64(agg.Messages) / secs
 	agg.BytesPerS = float64(agg.Bytes) / secs
 	if len(all) > 0 {
@@ -267,7 +324,7 @@ func pace(next time.Time, interval time.Duration) time.Time {
 }
 
 // rrConn is one request/response connection of load mode.
-func rrConn(idx int, cfg clientConfig, src net.Addr, w loadWindow, first time.Time, interval time.Duration) connStats {
+func rrConn(idx int, cfg clientConfig, src net.Addr, w *loadWindow, first time.Time, interval time.Duration) connStats {
 	var s connStats
 	c, err := dialLoad(cfg, src)
 	if err != nil {
@@ -281,7 +338,7 @@ func rrConn(idx int, cfg clientConfig, src net.Addr, w loadWindow, first time.Ti
 	for i := uint32(0); ; i++ {
 		next = pace(next, interval)
 		start := time.Now()
-		if !start.Before(w.end) {
+		if w.over(start) {
 			break
 		}
 		m := msg.next(i)
@@ -306,7 +363,7 @@ func rrConn(idx int, cfg clientConfig, src net.Addr, w loadWindow, first time.Ti
 }
 
 // reconnectLoop opens one connection per exchange.
-func reconnectLoop(idx int, cfg clientConfig, src net.Addr, w loadWindow, first time.Time, interval time.Duration) connStats {
+func reconnectLoop(idx int, cfg clientConfig, src net.Addr, w *loadWindow, first time.Time, interval time.Duration) connStats {
 	var s connStats
 	msg := newFixedMessage(cfg.seed, idx, cfg.size)
 	rbuf := make([]byte, headerLen+cfg.size)
@@ -314,7 +371,7 @@ func reconnectLoop(idx int, cfg clientConfig, src net.Addr, w loadWindow, first 
 	for i := uint32(0); ; i++ {
 		next = pace(next, interval)
 		start := time.Now()
-		if !start.Before(w.end) {
+		if w.over(start) {
 			break
 		}
 		if err := oneShot(cfg, src, msg.next(i), rbuf); err != nil {
@@ -349,7 +406,7 @@ func oneShot(cfg clientConfig, src net.Addr, msg, rbuf []byte) error {
 
 // streamConn writes chunks to a sink until the window ends, then checks the
 // sink's count of the bytes it received.
-func streamConn(idx int, cfg clientConfig, src net.Addr, w loadWindow) connStats {
+func streamConn(idx int, cfg clientConfig, src net.Addr, w *loadWindow) connStats {
 	var s connStats
 	c, err := dialLoad(cfg, src)
 	if err != nil {
@@ -361,7 +418,7 @@ func streamConn(idx int, cfg clientConfig, src net.Addr, w loadWindow) connStats
 	var total int64
 	for {
 		start := time.Now()
-		if !start.Before(w.end) {
+		if w.over(start) {
 			break
 		}
 		_ = c.SetWriteDeadline(start.Add(cfg.timeout))

@@ -1,10 +1,16 @@
 package main
 
 import (
+	"bytes"
+	"errors"
 	"math"
+	"os/exec"
+	"slices"
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/meshsplice/meshsplice/internal/lab"
 	"github.com/meshsplice/meshsplice/internal/testnet"
 )
 
@@ -55,17 +61,24 @@ func TestLoadMode(t *testing.T) {
 		{"reconnect", 7101, []string{"--conns", "2", "--size", "64", "--reconnect"}, "reconnect"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			args := append([]string{bin, "client", "--target", target(srv.IPv4, tc.port), "--duration", "200ms", "--warmup", "50ms"}, tc.args...)
-			p := testnet.Start(t, testnet.StartOpts{NetNS: cli.NS, Name: "client", Args: args})
+			cg := testnet.NewCgroup(t)
+			args := append([]string{bin, "client", "--target", target(srv.IPv4, tc.port), "--duration", "200ms", "--warmup", "50ms",
+				"--cpu-stat", "client=" + cg.Path}, tc.args...)
+			p := testnet.Start(t, testnet.StartOpts{NetNS: cli.NS, Name: "client", Args: args, Cgroup: cg})
 			if err := p.WaitTimeout(30 * time.Second); err != nil {
 				t.Fatal(err)
 			}
 			var phases []string
 			var agg testnet.Event
+			var cpuUS []float64 // the client cgroup's CPU time at each mark
 			for _, ev := range p.Events() {
 				switch ev.Str("event") {
 				case "window":
 					phases = append(phases, ev.Str("phase"))
+					cpu, _ := ev["cpu"].(map[string]any)
+					client, _ := cpu["client"].(map[string]any)
+					total, _ := client["total_us"].(float64)
+					cpuUS = append(cpuUS, total)
 				case "aggregate":
 					agg = ev
 				case "result":
@@ -75,7 +88,12 @@ func TestLoadMode(t *testing.T) {
 				}
 			}
 			if len(phases) != 2 || phases[0] != "start" || phases[1] != "end" {
-				t.Errorf("window events %v, want start then end", phases)
+				t.Fatalf("window events %v, want start then end", phases)
+			}
+			// The client read its cgroup at both marks, and worked in
+			// between.
+			if cpuUS[0] <= 0 || cpuUS[1] <= cpuUS[0] {
+				t.Errorf("client CPU time at the window's start and end: %v us", cpuUS)
 			}
 			if agg == nil || !agg.Bool("ok") || agg.Str("shape") != tc.shape || agg.Int("messages") <= 0 || agg["rps"].(float64) <= 0 {
 				t.Fatalf("aggregate %v", agg)
@@ -94,5 +112,49 @@ func TestLoadMode(t *testing.T) {
 				t.Errorf("%d exchanges in a 200ms window at 2000/s", agg.Int("messages"))
 			}
 		})
+	}
+}
+
+// TestWindowCommand runs a program under mstest window: its standard output
+// passes through, its window lines are each followed by a window event
+// with the cgroup's CPU time, and its exit status is kept.
+func TestWindowCommand(t *testing.T) {
+	testnet.RequireRoot(t)
+	bin := testnet.BuildBinary(t, ".")
+	cg := testnet.NewCgroup(t)
+	cmd := exec.Command(bin, "window", "--cpu-stat", "app="+cg.Path, "--start", "Starting at ", "--end", "Ended after ", "--",
+		"sh", "-c", `echo '{"result":1}'; echo 'Starting at 10 qps' >&2; echo work >&2; echo 'Starting at again' >&2; echo 'Ended after 1s' >&2; exit 3`)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	cmd.SysProcAttr = cg.SysProcAttr()
+	err := cmd.Run()
+	var exit *exec.ExitError
+	if !errors.As(err, &exit) || exit.ExitCode() != 3 {
+		t.Fatalf("exit: %v, want status 3; stderr:\n%s", err, stderr.String())
+	}
+	if stdout.String() != "{\"result\":1}\n" {
+		t.Errorf("stdout %q", stdout.String())
+	}
+	lines := strings.Split(strings.TrimSuffix(stderr.String(), "\n"), "\n")
+	var shape []string
+	var cpuUS []float64
+	for _, l := range lines {
+		ev, ok := lab.ParseEvent(l)
+		if !ok {
+			shape = append(shape, l)
+			continue
+		}
+		shape = append(shape, ev.Str("event")+" "+ev.Str("phase"))
+		cpu, _ := ev["cpu"].(map[string]any)
+		app, _ := cpu["app"].(map[string]any)
+		total, _ := app["total_us"].(float64)
+		cpuUS = append(cpuUS, total)
+	}
+	want := []string{"Starting at 10 qps", "window start", "work", "Starting at again", "Ended after 1s", "window end"}
+	if !slices.Equal(shape, want) {
+		t.Fatalf("stderr:\n%s\nwant the lines %q", stderr.String(), want)
+	}
+	if cpuUS[0] <= 0 || cpuUS[1] < cpuUS[0] {
+		t.Errorf("CPU time at the marks: %v us", cpuUS)
 	}
 }

@@ -12,16 +12,22 @@
 //	mstest fionread-server --port P
 //	mstest sink --port P
 //	mstest client --target IP:PORT [--messages N] [--size S] [--pipelined] [--conns C] ...
-//	mstest client --target IP:PORT --duration D [--warmup W] [--rate R] [--stream|--reconnect] ...
+//	mstest client --target IP:PORT --duration D [--warmup W] [--rate R] [--stream|--reconnect] [--cpu-stat ROLE=DIR]...
+//	mstest window --cpu-stat ROLE=DIR... --start PREFIX --end PREFIX -- PROGRAM [ARGS...]
+//	mstest reader --port P --read read|recv|recvmsg|splice|iocopy|fionread
+//	mstest send --target IP:PORT --write write|sendfile|splice --bytes N
 //
 // Every subcommand prints one JSON object per line on standard output, one
-// per event, each with an "event" field, and diagnostics on standard error.
+// per event, each with an "event" field, and diagnostics on standard error
+// (window prints its events on standard error: standard output is its
+// program's).
 // Run a subcommand with -h for its flags.
 //
 // No code path copies between two TCP connections with io.Copy, ReadFrom or
 // WriteTo: Go would use splice(2) for that, which changes the kernel paths
 // under test. Data is moved with explicit Read/Write loops, except in
-// splice-server, which uses splice(2) on purpose.
+// splice-server, reader, send and sidecar --copy iocopy, which use splice(2),
+// sendfile(2) or io.Copy on purpose.
 package main
 
 import (
@@ -50,6 +56,11 @@ func main() {
 		"fionread-server": runFionreadServer,
 		"sink":            runSink,
 		"client":          runClient,
+		"window":          runWindow,
+		"reader":          runReader,
+		"send":            runSend,
+		"respond-close":   runRespondClose,
+		"request":         runRequest,
 	}
 	cmd, ok := cmds[os.Args[1]]
 	if !ok {
@@ -72,6 +83,11 @@ subcommands:
   fionread-server  TCP echo server polling ioctl(FIONREAD) before reads
   sink             TCP server that discards what it reads and answers the byte count at EOF
   client           verifying client for the echo servers
+  window           run a load generator, reading cgroups' CPU time at its window's edges
+  reader           server reading a stream with read, recv, recvmsg, splice, io.Copy or FIONREAD+read
+  send             client writing a stream with write, sendfile or splice, checking the reader's CRC
+  respond-close    server that answers and closes with unread input or SO_LINGER 0 (RST)
+  request          client for respond-close: must read the whole answer
 
 Run "mstest SUBCOMMAND -h" for its flags.`)
 }

@@ -44,6 +44,9 @@ type closeEvent struct {
 
 	// splice-server only.
 	SpliceCalls int64 `json:"splice_calls,omitempty"`
+	// SpliceEINVAL: the first splice(2) said EINVAL ("not supported
+	// here") and the server echoed with read(2) instead, as proxies do.
+	SpliceEINVAL bool `json:"splice_einval,omitempty"`
 	// fionread-server only.
 	Reads          int64 `json:"reads,omitempty"`
 	FionreadValues []int `json:"fionread_values,omitempty"`
@@ -129,27 +132,10 @@ func serve(name, mode string, args []string, extra func(fs *flag.FlagSet), handl
 func runEcho(args []string) int {
 	return serve("echo", "echo", args, nil, func(_ uint64, c *net.TCPConn) closeEvent {
 		var ev closeEvent
-		buf := make([]byte, 64<<10)
-		for {
-			n, err := c.Read(buf)
-			if n > 0 {
-				ev.Bytes += int64(n)
-				if _, werr := c.Write(buf[:n]); werr != nil {
-					ev.Error = fmt.Sprintf("write: %v", werr)
-					return ev
-				}
-			}
-			if errors.Is(err, io.EOF) {
-				if err := c.CloseWrite(); err != nil {
-					ev.Error = fmt.Sprintf("close write: %v", err)
-				}
-				return ev
-			}
-			if err != nil {
-				ev.Error = fmt.Sprintf("read: %v", err)
-				return ev
-			}
+		if err := echoLoop(c, &ev); err != nil {
+			ev.Error = err.Error()
 		}
+		return ev
 	})
 }
 

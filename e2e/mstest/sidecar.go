@@ -53,6 +53,14 @@ type upstreamEvent struct {
 	Remote   string `json:"remote"`
 }
 
+// gateEvent is printed when an accepted connection waits for
+// --orig-dst-gate.
+type gateEvent struct {
+	Event    string `json:"event"` // "gate"
+	ID       uint64 `json:"id"`
+	Listener string `json:"listener"`
+}
+
 // warningEvent reports a degraded but working situation.
 type warningEvent struct {
 	Event    string `json:"event"` // "warning"
@@ -74,6 +82,7 @@ type sidecarCloseEvent struct {
 
 type sidecar struct {
 	quiet                     bool
+	origDstGate               string
 	outboundPort, inboundPort int
 	dialTimeout               time.Duration
 	inboundV4                 netip.Addr
@@ -95,11 +104,14 @@ func runSidecar(args []string) int {
 	dialTimeout := fs.Duration("dial-timeout", 5*time.Second, "timeout for connecting to the original destination")
 	inV4 := fs.String("inbound-source-v4", "127.0.0.6", "source address of inbound upstream connections over IPv4")
 	inV6 := fs.String("inbound-source-v6", "::6", "source address of inbound upstream connections over IPv6 (falls back to none, with a warning event, when it cannot be bound)")
+	fs.BoolVar(&sidecarResets, "propagate-resets", false, "when one side resets the connection, reset the other (SO_LINGER 0), as Envoy does")
+	fs.BoolVar(&sidecarIOCopy, "iocopy", false, "copy with io.Copy (Go splices between two TCP connections), as some proxies do, instead of read/write loops")
+	origDstGate := fs.String("orig-dst-gate", "", "after accept, wait until this file exists before asking SO_ORIGINAL_DST (tests: a destination evicted in between)")
 	quiet := fs.Bool("quiet", false, "print no accept, upstream and close events, only errors and warnings (benchmarks: thousands of connections)")
 	if code, ok := parseFlags(fs, args); !ok {
 		return code
 	}
-	sc := &sidecar{dialTimeout: *dialTimeout, outboundPort: *outPort, inboundPort: *inPort, quiet: *quiet}
+	sc := &sidecar{dialTimeout: *dialTimeout, outboundPort: *outPort, inboundPort: *inPort, quiet: *quiet, origDstGate: *origDstGate}
 	var err error
 	if sc.inboundV4, err = netip.ParseAddr(*inV4); err != nil || !sc.inboundV4.Is4() {
 		logf("sidecar: bad --inbound-source-v4 %q", *inV4)
@@ -163,6 +175,15 @@ func (sc *sidecar) handle(listener string, down *net.TCPConn) {
 		emit(errorEvent{Event: "error", Listener: listener, ID: id, Stage: stage, Error: err.Error(), Errno: errnoName(err), Peer: peer, Local: local, OrigDst: od})
 	}
 
+	if sc.origDstGate != "" {
+		emit(gateEvent{Event: "gate", ID: id, Listener: listener})
+		for {
+			if _, err := os.Stat(sc.origDstGate); err == nil {
+				break
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
 	od, err := originalDst(down, v4)
 	if err != nil {
 		fail("orig_dst", "", err)
@@ -223,36 +244,70 @@ func proxy(down, up *net.TCPConn) (bytesUp, bytesDown int64, err error) {
 	abort := func(err error) {
 		once.Do(func() {
 			first = err
+			if sidecarResets && errors.Is(err, unix.ECONNRESET) {
+				down.SetLinger(0)
+				up.SetLinger(0)
+			}
 			down.Close()
 			up.Close()
 		})
+	}
+	// With --propagate-resets, like Envoy, a side that resets is read to
+	// the end first: a write to it failing stops that direction only, and
+	// the other direction passes on what the side sent before its reset,
+	// then the reset.
+	fail := func(err error) {
+		var we writeError
+		if sidecarResets && errors.As(err, &we) {
+			return
+		}
+		abort(err)
 	}
 	var wg sync.WaitGroup
 	wg.Go(func() {
 		var err error
 		if bytesUp, err = copyLoop(up, down); err != nil {
-			abort(fmt.Errorf("downstream to upstream: %w", err))
+			fail(fmt.Errorf("downstream to upstream: %w", err))
 		}
 	})
 	wg.Go(func() {
 		var err error
 		if bytesDown, err = copyLoop(down, up); err != nil {
-			abort(fmt.Errorf("upstream to downstream: %w", err))
+			fail(fmt.Errorf("upstream to downstream: %w", err))
 		}
 	})
 	wg.Wait()
 	return bytesUp, bytesDown, first
 }
 
+// writeError is a copyLoop write failure.
+type writeError struct{ error }
+
+func (e writeError) Unwrap() error { return e.error }
+
+// sidecarIOCopy makes copyLoop use io.Copy (--iocopy); sidecarResets
+// propagates resets (--propagate-resets).
+var sidecarIOCopy, sidecarResets bool
+
 // copyLoop moves bytes from src to dst until EOF, then half-closes dst.
 func copyLoop(dst, src *net.TCPConn) (int64, error) {
+	if sidecarIOCopy {
+		n, err := io.Copy(dst, src)
+		if err != nil {
+			return n, fmt.Errorf("io.Copy: %w", err)
+		}
+		if cerr := dst.CloseWrite(); cerr != nil {
+			return n, fmt.Errorf("close write: %w", cerr)
+		}
+		return n, nil
+	}
 	buf := make([]byte, 64<<10)
 	var total int64
 	for {
 		n, err := src.Read(buf)
 		if n > 0 {
 			if _, werr := dst.Write(buf[:n]); werr != nil {
-				return total, fmt.Errorf("write: %w", werr)
+				return total, writeError{fmt.Errorf("write: %w", werr)}
 			}
 			total += int64(n)
 		}

@@ -3,6 +3,7 @@ package main
 import (
 	"errors"
 	"fmt"
+	"io"
 	"net"
 
 	"golang.org/x/sys/unix"
@@ -48,6 +49,12 @@ func spliceEcho(c *net.TCPConn, ev *closeEvent) error {
 			return fmt.Errorf("wait for socket: %w", err)
 		}
 		ev.SpliceCalls++
+		if errors.Is(serr, unix.EINVAL) && ev.Bytes == 0 {
+			// "splice not supported here", as proxies read it:
+			// read(2) from now on.
+			ev.SpliceEINVAL = true
+			return echoLoop(c, ev)
+		}
 		if serr != nil {
 			return fmt.Errorf("splice: %w", serr)
 		}
@@ -70,6 +77,26 @@ func spliceEcho(c *net.TCPConn, ev *closeEvent) error {
 		ev.Bytes += n
 		if _, err := c.Write(buf[:n]); err != nil {
 			return fmt.Errorf("write: %w", err)
+		}
+	}
+}
+
+// echoLoop echoes with read(2)/write(2) until EOF.
+func echoLoop(c *net.TCPConn, ev *closeEvent) error {
+	buf := make([]byte, 64<<10)
+	for {
+		n, err := c.Read(buf)
+		if n > 0 {
+			ev.Bytes += int64(n)
+			if _, werr := c.Write(buf[:n]); werr != nil {
+				return fmt.Errorf("write: %w", werr)
+			}
+		}
+		if errors.Is(err, io.EOF) {
+			return closeWrite(c)
+		}
+		if err != nil {
+			return fmt.Errorf("read: %w", err)
 		}
 	}
 }

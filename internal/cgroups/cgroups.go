@@ -27,6 +27,29 @@ func Mount() (string, error) {
 }
 
 // parseMount returns the first cgroup2 mount point in mountinfo data.
+func parseMount(r io.Reader) (string, error) {
+	mounts, err := parseMounts(r, "cgroup2")
+	if err != nil {
+		return "", err
+	}
+	if len(mounts) == 0 {
+		return "", errors.New("no cgroup2 filesystem mounted (no \"cgroup2\" entry in /proc/self/mountinfo); mount one, e.g. mount -t cgroup2 none /sys/fs/cgroup/unified")
+	}
+	return mounts[0], nil
+}
+
+// MountsOfType returns the mount points of every filesystem of type fstype
+// ("bpf", "cgroup2") in /proc/self/mountinfo, in mount order.
+func MountsOfType(fstype string) ([]string, error) {
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		return nil, fmt.Errorf("open mountinfo: %w", err)
+	}
+	defer f.Close()
+	return parseMounts(f, fstype)
+}
+
+// parseMounts returns the mount points of type fstype in mountinfo data.
 //
 // A mountinfo line is
 //
@@ -34,7 +57,8 @@ func Mount() (string, error) {
 //
 // with the mount point in the fifth field, a variable number of optional
 // fields ended by "-", and the filesystem type right after it.
-func parseMount(r io.Reader) (string, error) {
+func parseMounts(r io.Reader, fstype string) ([]string, error) {
+	var out []string
 	sc := bufio.NewScanner(r)
 	sc.Buffer(make([]byte, 64*1024), 1024*1024)
 	for sc.Scan() {
@@ -52,14 +76,14 @@ func parseMount(r io.Reader) (string, error) {
 		if sep < 0 || sep+1 >= len(fields) {
 			continue
 		}
-		if fields[sep+1] == "cgroup2" {
-			return unescapeMountinfo(fields[4]), nil
+		if fields[sep+1] == fstype {
+			out = append(out, unescapeMountinfo(fields[4]))
 		}
 	}
 	if err := sc.Err(); err != nil {
-		return "", fmt.Errorf("read mountinfo: %w", err)
+		return nil, fmt.Errorf("read mountinfo: %w", err)
 	}
-	return "", errors.New("no cgroup2 filesystem mounted (no \"cgroup2\" entry in /proc/self/mountinfo); mount one, e.g. mount -t cgroup2 none /sys/fs/cgroup/unified")
+	return out, nil
 }
 
 // unescapeMountinfo undoes the octal escaping (\040 for space, \011, \012,

@@ -1,7 +1,6 @@
 package lab
 
 import (
-	"bufio"
 	"errors"
 	"fmt"
 	"os"
@@ -144,50 +143,13 @@ func (c CPU) Sub(o CPU) CPU {
 }
 
 // Usage returns the CPU time used by the cgroup's processes (and those of
-// its descendants) since it was created: usage_usec, user_usec and
-// system_usec of cpu.stat, which exists without the cpu controller. Without
+// its descendants) since it was created (cgroups.CPUStat). Without
 // CONFIG_IRQ_TIME_ACCOUNTING softirq work done in a process's context (the
 // receive side of loopback and veth traffic it sends) counts as its system
 // time.
 func (cg *Cgroup) Usage() (CPU, error) {
-	f, err := os.Open(filepath.Join(cg.Path, "cpu.stat"))
-	if err != nil {
-		return CPU{}, fmt.Errorf("cpu usage of %s: %w", cg.Path, err)
-	}
-	defer f.Close()
-	var c CPU
-	found := 0
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		k, v, ok := strings.Cut(sc.Text(), " ")
-		if !ok {
-			continue
-		}
-		var dst *time.Duration
-		switch k {
-		case "usage_usec":
-			dst = &c.Total
-		case "user_usec":
-			dst = &c.User
-		case "system_usec":
-			dst = &c.System
-		default:
-			continue
-		}
-		us, err := strconv.ParseInt(v, 10, 64)
-		if err != nil {
-			return CPU{}, fmt.Errorf("cpu usage of %s: %s: %w", cg.Path, k, err)
-		}
-		*dst = time.Duration(us) * time.Microsecond
-		found++
-	}
-	if err := sc.Err(); err != nil {
-		return CPU{}, fmt.Errorf("cpu usage of %s: %w", cg.Path, err)
-	}
-	if found != 3 {
-		return CPU{}, fmt.Errorf("cpu usage of %s: cpu.stat lacks usage_usec, user_usec or system_usec", cg.Path)
-	}
-	return c, nil
+	total, user, system, err := cgroups.CPUStat(cg.Path)
+	return CPU{Total: total, User: user, System: system}, err
 }
 
 // killCgroupTree kills every process of the cgroup at path and of its
