@@ -40,6 +40,8 @@ func runBench(ctx context.Context, args []string) error {
 	fromJSON := fs.String("from-json", "", "measure nothing: render the report of an earlier --json run")
 	cleanup := fs.Bool("cleanup", false, "measure nothing: remove what killed benchmark runs left (msbench-* namespaces, cgroups, pins)")
 	verbose := fs.Bool("v", false, "log the datapath's work to stderr")
+	limits := fs.Bool("limits", false, "measure instead the cost of a new connection with the topology's 2 pods and with --limits-pods registered, interleaved, and the BPF map memory (docs/limits.md); uses --reps (default 5), --warmup, --throughput-window (default 1s), --json")
+	limitsPods := fs.Int("limits-pods", 1000, "registered pods of --limits' large point")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -52,6 +54,16 @@ func runBench(ctx context.Context, args []string) error {
 		}
 		fmt.Fprintln(os.Stderr, "meshsplice bench: no msbench-* namespace, cgroup or pin left")
 		return nil
+	}
+	if *limits {
+		lo := bench.LimitsOptions{Pods: *limitsPods, Options: bench.Options{
+			BinDir: *binDir, Reps: *reps, Warmup: *warmup, ThroughputWindow: *tputWindow, Pin: bench.Pin(*pin), Nice: nice,
+			Retries: *retries, Progress: os.Stderr, InPlace: isTerminal(os.Stderr), Command: "meshsplice bench " + strings.Join(args, " "),
+		}}
+		if *verbose {
+			lo.Log = slog.New(slog.NewTextHandler(os.Stderr, nil))
+		}
+		return runLimits(ctx, lo, *asJSON)
 	}
 
 	var rep *bench.Report
@@ -124,6 +136,25 @@ func runBench(ctx context.Context, args []string) error {
 		}
 	}
 	return nil
+}
+
+// runLimits runs bench --limits and prints its table, or its JSON on stdout
+// and the table on stderr.
+func runLimits(ctx context.Context, opts bench.LimitsOptions, asJSON bool) error {
+	rep, err := bench.Limits(ctx, opts)
+	if err != nil {
+		return err
+	}
+	table := io.Writer(os.Stdout)
+	if asJSON {
+		table = os.Stderr
+	}
+	if err := rep.WriteTable(table); err != nil || !asJSON {
+		return err
+	}
+	enc := json.NewEncoder(os.Stdout)
+	enc.SetIndent("", "  ")
+	return enc.Encode(rep)
 }
 
 func orDefault(v, d int) int {
