@@ -113,35 +113,14 @@ func Limits(ctx context.Context, opts LimitsOptions) (_ *LimitsReport, err error
 	}
 	opts.Modes = []Mode{Meshsplice}
 	opts.setDefaults()
-	if opts.BinDir, err = filepath.Abs(opts.BinDir); err != nil {
-		return nil, err
-	}
-	if err := preflight(&opts.Options); err != nil {
-		return nil, err
-	}
-	restore, err := placeSelf(&opts.Options)
-	if err != nil {
-		return nil, err
-	}
-	defer restore()
 	rep := &LimitsReport{Command: opts.Command, Started: time.Now().UTC().Truncate(time.Second), Machine: machine(), Resources: []string{}}
-	l, err := lab.New(Prefix, opts.Log)
-	if err != nil {
-		return nil, err
-	}
-	rep.Resources = append(rep.Resources, l.Prefix)
-	e := &env{opts: &opts.Options, topo: SameNode, lab: l}
-	defer func() {
-		if cerr := e.close(); cerr != nil {
-			err = errors.Join(err, fmt.Errorf("clean up: %w", cerr))
-		}
-	}()
 	p := &progress{w: opts.Progress, inPlace: opts.InPlace, total: 2 * opts.Reps}
 	defer p.done()
-	p.note("building %s (%s)", SameNode, l.Prefix)
-	if err := e.build(ctx); err != nil {
-		return nil, fmt.Errorf("build: %w", err)
+	e, closeEnv, err := buildSameNode(ctx, &opts.Options, &rep.Resources, p, "")
+	if err != nil {
+		return nil, err
 	}
+	defer func() { err = errors.Join(err, closeEnv()) }()
 	small := len(e.meshed)
 	if opts.Pods < small {
 		return nil, fmt.Errorf("--limits-pods %d: the topology alone registers %d", opts.Pods, small)
@@ -197,6 +176,42 @@ func Limits(ctx context.Context, opts LimitsOptions) (_ *LimitsReport, err error
 	}
 	rep.Seconds = time.Since(rep.Started).Round(time.Second).Seconds()
 	return rep, nil
+}
+
+// buildSameNode prepares this process (pinning, nice) and builds a
+// same-node topology for Limits and Soak, noting its name prefix in
+// resources; closeEnv removes it and restores the process. On error
+// nothing is left.
+func buildSameNode(ctx context.Context, opts *Options, resources *[]string, p *progress, what string) (e *env, closeEnv func() error, err error) {
+	if opts.BinDir, err = filepath.Abs(opts.BinDir); err != nil {
+		return nil, nil, err
+	}
+	if err := preflight(opts); err != nil {
+		return nil, nil, err
+	}
+	restore, err := placeSelf(opts)
+	if err != nil {
+		return nil, nil, err
+	}
+	l, err := lab.New(Prefix, opts.Log)
+	if err != nil {
+		restore()
+		return nil, nil, err
+	}
+	*resources = append(*resources, l.Prefix)
+	e = &env{opts: opts, topo: SameNode, lab: l}
+	closeEnv = func() error {
+		defer restore()
+		if err := e.close(); err != nil {
+			return fmt.Errorf("clean up: %w", err)
+		}
+		return nil
+	}
+	p.note("building %s%s (%s)", SameNode, what, l.Prefix)
+	if err := e.build(ctx); err != nil {
+		return nil, nil, errors.Join(fmt.Errorf("build: %w", err), closeEnv())
+	}
+	return e, closeEnv, nil
 }
 
 func ratio(a, b float64) float64 {
@@ -259,44 +274,55 @@ func (f *fakePods) set(n int) error {
 		}
 		f.n--
 	}
-	// One set, two ALLOW atoms, any port: bit 0 from anyone (pods
-	// registered without an identity connect as identity 0), bit 1 from
-	// every registered identity, so that each has its own entry. The
-	// policy allows every connection of the run after looking up both
-	// addresses, the source's identity, the port and the source prefix.
-	set := datapath.PolicySet{
-		HasAllow: true, AllowMask: 3, DefaultIdentityMask: 1, DefaultPortMask: 3, IdentityMasks: map[uint32]uint64{},
-		PrefixMasks: map[netip.Prefix]uint64{netip.MustParsePrefix("0.0.0.0/0"): 3, netip.MustParsePrefix("::/0"): 3},
-		Atoms:       []string{"allow-any", "allow-registered"},
-	}
-	f.policy = datapath.Policy{Sets: []datapath.PolicySet{set}, IPs: map[netip.Addr]datapath.IPPolicy{}}
-	addIP := func(ip netip.Addr) {
-		id := uint32(len(f.policy.IPs) + 1)
-		set.IdentityMasks[id] = 3
-		f.policy.IPs[ip] = datapath.IPPolicy{Identity: id, Set: 0}
-	}
+	var ips []netip.Addr
 	for _, p := range f.e.meshed {
-		addIP(p.IP)
+		ips = append(ips, p.IP)
 	}
 	for i := range f.n {
-		addIP(fakeIP(i))
+		ips = append(ips, fakeIP(i))
 	}
+	f.policy = allowPolicy(ips, 1)
 	if err := dp.SetPolicy(f.policy); err != nil {
 		return fmt.Errorf("policy for %d pods: %w", len(f.policy.IPs), err)
 	}
 	return nil
 }
 
-// mapMemory reads the BPF maps this process holds open (the datapath's)
-// from /proc/self/fdinfo, as bpftool map show does: memlock is what the
-// kernel charges for each map. Each map is counted once.
-func mapMemory() ([]MapMemory, error) {
+// allowPolicy is a kernel policy that gives each of ips an identity
+// (firstID, firstID+1, ...) and a policy set, and allows every connection
+// after the whole lookup: one set, two ALLOW atoms, any port; bit 0 from
+// anyone (pods registered without an identity connect as identity 0), bit
+// 1 from each given identity, so that each has its own ms_pol_ids entry.
+func allowPolicy(ips []netip.Addr, firstID uint32) datapath.Policy {
+	set := datapath.PolicySet{
+		HasAllow: true, AllowMask: 3, DefaultIdentityMask: 1, DefaultPortMask: 3, IdentityMasks: map[uint32]uint64{},
+		PrefixMasks: map[netip.Prefix]uint64{netip.MustParsePrefix("0.0.0.0/0"): 3, netip.MustParsePrefix("::/0"): 3},
+		Atoms:       []string{"allow-any", "allow-registered"},
+	}
+	pol := datapath.Policy{Sets: []datapath.PolicySet{set}, IPs: map[netip.Addr]datapath.IPPolicy{}}
+	for i, ip := range ips {
+		id := firstID + uint32(i)
+		set.IdentityMasks[id] = 3
+		pol.IPs[ip] = datapath.IPPolicy{Identity: id, Set: 0}
+	}
+	return pol
+}
+
+// procMap is a BPF map this process holds open, by its /proc/self/fdinfo.
+type procMap struct {
+	id   ebpf.MapID
+	info map[string]string
+}
+
+// processMaps lists the BPF maps this process holds open (the
+// datapath's), each once.
+func processMaps() ([]procMap, error) {
 	fds, err := os.ReadDir("/proc/self/fd")
 	if err != nil {
 		return nil, err
 	}
 	seen := map[uint64]bool{}
-	var out []MapMemory
+	var out []procMap
 	for _, fd := range fds {
 		if target, err := os.Readlink(filepath.Join("/proc/self/fd", fd.Name())); err != nil || target != "anon_inode:bpf-map" {
 			continue
@@ -316,18 +342,32 @@ func mapMemory() ([]MapMemory, error) {
 			continue
 		}
 		seen[id] = true
+		out = append(out, procMap{id: ebpf.MapID(id), info: info})
+	}
+	if len(out) == 0 {
+		return nil, errors.New("no BPF map open in this process")
+	}
+	return out, nil
+}
+
+// mapMemory reads the BPF maps this process holds open, as bpftool map
+// show does: memlock is what the kernel charges for each map.
+func mapMemory() ([]MapMemory, error) {
+	pms, err := processMaps()
+	if err != nil {
+		return nil, err
+	}
+	var out []MapMemory
+	for _, pm := range pms {
 		m := MapMemory{}
-		m.Memlock, _ = strconv.ParseInt(info["memlock"], 10, 64)
-		if mm, err := ebpf.NewMapFromID(ebpf.MapID(id)); err == nil {
+		m.Memlock, _ = strconv.ParseInt(pm.info["memlock"], 10, 64)
+		if mm, err := ebpf.NewMapFromID(pm.id); err == nil {
 			if mi, err := mm.Info(); err == nil {
 				m.Name, m.Type, m.MaxEntries = mi.Name, mi.Type.String(), mi.MaxEntries
 			}
 			mm.Close()
 		}
 		out = append(out, m)
-	}
-	if len(out) == 0 {
-		return nil, errors.New("no BPF map open in this process")
 	}
 	slices.SortFunc(out, func(a, b MapMemory) int {
 		if a.Memlock != b.Memlock {
@@ -336,6 +376,62 @@ func mapMemory() ([]MapMemory, error) {
 		return strings.Compare(a.Name, b.Name)
 	})
 	return out, nil
+}
+
+// countedTypes are the maps whose entries mapEntries counts: those that
+// hold only what was put in them.
+var countedTypes = []ebpf.MapType{ebpf.Hash, ebpf.LRUHash, ebpf.PerCPUHash, ebpf.LRUCPUHash, ebpf.LPMTrie, ebpf.SockHash}
+
+// mapEntries counts the entries of every hash-type map this process holds
+// open, by name; lru names the LRU ones (which forget entries only when
+// full).
+func mapEntries() (out map[string]int, lru map[string]bool, err error) {
+	pms, err := processMaps()
+	if err != nil {
+		return nil, nil, err
+	}
+	out, lru = map[string]int{}, map[string]bool{}
+	for _, pm := range pms {
+		m, err := ebpf.NewMapFromID(pm.id)
+		if err != nil {
+			return nil, nil, fmt.Errorf("map %d: %w", pm.id, err)
+		}
+		mi, err := m.Info()
+		if err == nil && slices.Contains(countedTypes, mi.Type) {
+			out[mi.Name], err = countKeys(m)
+			lru[mi.Name] = mi.Type == ebpf.LRUHash || mi.Type == ebpf.LRUCPUHash
+		}
+		m.Close()
+		if err != nil {
+			return nil, nil, fmt.Errorf("map %d: %w", pm.id, err)
+		}
+	}
+	return out, lru, nil
+}
+
+// countKeys walks m's keys (at most twice its size: a walk that entries
+// deleted meanwhile restart ends anyway).
+func countKeys(m *ebpf.Map) (int, error) {
+	var prev []byte
+	next := make([]byte, m.KeySize())
+	n := 0
+	for n < 2*int(m.MaxEntries()) {
+		var err error
+		if prev == nil {
+			err = m.NextKey(nil, next)
+		} else {
+			err = m.NextKey(prev, next)
+		}
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			break
+		}
+		if err != nil {
+			return 0, err
+		}
+		n++
+		prev = slices.Clone(next)
+	}
+	return n, nil
 }
 
 // WriteTable prints the report for people.

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -67,5 +68,41 @@ func checkLeftovers(t *testing.T, prefixes []string) {
 		if _, err := os.Stat(filepath.Join(lab.BPFFSRoot, p)); !errors.Is(err, os.ErrNotExist) {
 			t.Errorf("pin dir of %s: %v", p, err)
 		}
+	}
+}
+
+// TestSoakSmoke runs the soak for a few seconds: traffic flows without an
+// error while pods and the policy churn, samples are taken, every map is
+// back to its baseline at the end, the chart renders, and nothing is left
+// behind. It asserts nothing about timing.
+func TestSoakSmoke(t *testing.T) {
+	testnet.RequireRoot(t)
+	dir := binDir(t)
+	rep, err := bench.Soak(context.Background(), bench.SoakOptions{
+		Options:  bench.Options{BinDir: dir},
+		Duration: 8 * time.Second, Pods: 6, Churn: 200 * time.Millisecond, Sample: time.Second,
+	})
+	if rep != nil {
+		checkLeftovers(t, rep.Resources)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rep.Errors) > 0 {
+		t.Errorf("errors: %q", rep.Errors)
+	}
+	if len(rep.NotBack) > 0 {
+		t.Errorf("not back to baseline: %q", rep.NotBack)
+	}
+	if rep.NewConns == 0 || rep.LongLivedMessages == 0 || rep.PodChurns == 0 || rep.PolicyChurns == 0 || len(rep.Samples) < 2 {
+		t.Errorf("new conns %d, long-lived exchanges %d, pod churns %d, policy churns %d, samples %d: something did not run",
+			rep.NewConns, rep.LongLivedMessages, rep.PodChurns, rep.PolicyChurns, len(rep.Samples))
+	}
+	if rep.Baseline["ms_pods"] != 2 {
+		t.Errorf("baseline %v: want the 2 traffic pods in ms_pods", rep.Baseline)
+	}
+	var svg strings.Builder
+	if err := rep.WriteSVG(&svg); err != nil || !strings.Contains(svg.String(), "<polyline") {
+		t.Errorf("svg: %v", err)
 	}
 }
