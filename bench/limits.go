@@ -21,7 +21,7 @@ import (
 )
 
 // LimitsOptions configure Limits. Of Options it uses BinDir, Reps (default
-// 5), Warmup, ThroughputWindow (default 1s), Pin, Nice, Retries, Progress,
+// 5), Warmup (default 150ms), ThroughputWindow (default 1s), Pin, Nice, Retries, Progress,
 // Log and Command.
 type LimitsOptions struct {
 	Options
@@ -107,6 +107,9 @@ func Limits(ctx context.Context, opts LimitsOptions) (_ *LimitsReport, err error
 	}
 	if opts.Pods <= 0 {
 		opts.Pods = 1000
+	}
+	if opts.Warmup <= 0 {
+		opts.Warmup = 150 * time.Millisecond
 	}
 	if opts.Conns <= 0 {
 		opts.Conns = 1
