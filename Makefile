@@ -10,6 +10,13 @@ TEST_FLAGS ?= -count=1 -timeout 20m
 DEPS := ./hack/deps.sh
 
 
+
+.PHONY: manifests
+# manifests writes manifests/meshsplice.yaml from the Helm chart (a test
+# fails when the checked-in file differs).
+manifests:
+	./hack/render-manifests.sh > manifests/meshsplice.yaml.tmp && mv manifests/meshsplice.yaml.tmp manifests/meshsplice.yaml
+
 .PHONY: all build demo-bins generate check-generated test unit lint demo bench bench-bins clean
 
 all: build

@@ -34,6 +34,7 @@ test             apt nftables        nft: the baseline tests check that no nat h
 test             apt git             the repository tests read git ls-files
 test             apt curl            the cni/README.md curl examples, run by cni/readme_test.go
 test             go  cnitool=github.com/containernetworking/cni/cnitool@v1.3.1  the cni/README.md cnitool example, run by cni/readme_test.go
+test             go  helm=helm.sh/helm/v3/cmd/helm@v3.22.0  make manifests, make test: helm lint/template of manifests/chart/meshsplice
 lint             apt clang-format-19 make lint checks the BPF C's format
 generate         apt clang-19        make generate, check-generated: compile the BPF C (bpf2go)
 generate         apt llvm-19         llvm-strip for bpf2go

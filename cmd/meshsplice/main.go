@@ -32,7 +32,7 @@ var commands = []command{
 func usage() {
 	fmt.Fprintf(os.Stderr, "usage: meshsplice <command> [flags]\n\ncommands:\n")
 	for _, c := range commands {
-		fmt.Fprintf(os.Stderr, "  %-10s %s\n", c.name, c.summary)
+		fmt.Fprintf(os.Stderr, "  %-13s %s\n", c.name, c.summary)
 	}
 	fmt.Fprintf(os.Stderr, "\nrun 'meshsplice <command> -h' for a command's flags\n")
 }
