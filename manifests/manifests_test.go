@@ -226,3 +226,33 @@ func must(b []byte, err error) []byte {
 	}
 	return b
 }
+
+// TestDefaultImageIsMakeImage: the chart's default image is the one make
+// image builds (the Makefile's IMAGE).
+func TestDefaultImageIsMakeImage(t *testing.T) {
+	mk, err := os.ReadFile("../Makefile")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var image string
+	for _, l := range strings.Split(string(mk), "\n") {
+		if v, ok := strings.CutPrefix(l, "IMAGE := "); ok {
+			image = strings.TrimSpace(v)
+		}
+	}
+	var values struct {
+		Image struct{ Repository, Tag string }
+	}
+	if err := yaml.Unmarshal(must(os.ReadFile(chart+"/values.yaml")), &values); err != nil {
+		t.Fatal(err)
+	}
+	if got := values.Image.Repository + ":" + values.Image.Tag; image == "" || got != image {
+		t.Errorf("chart's default image %s, make image builds %q", got, image)
+	}
+	o := parse(t, must(os.ReadFile("meshsplice.yaml")))
+	for _, c := range o.ds.Spec.Template.Spec.Containers {
+		if c.Image != image {
+			t.Errorf("container %s runs %s, want %s", c.Name, c.Image, image)
+		}
+	}
+}

@@ -1,0 +1,149 @@
+package main
+
+import (
+	"archive/tar"
+	"bytes"
+	"compress/gzip"
+	"crypto/sha256"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// makeImage runs make image into its own bin dir and returns the archive
+// and the digest it printed.
+func makeImage(tb testing.TB) ([]byte, string) {
+	tb.Helper()
+	bin := tb.TempDir()
+	cmd := exec.Command("make", "-s", "-C", "../..", "image", "BIN="+bin)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		tb.Fatalf("make image: %v\n%s", err, out)
+	}
+	f := strings.Fields(string(out))
+	if len(f) < 3 {
+		tb.Fatalf("make image printed %q", out)
+	}
+	b, err := os.ReadFile(filepath.Join(bin, "meshsplice-image.tar"))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return b, f[len(f)-1]
+}
+
+// TestImageReproducible: make image twice gives the same archive, byte for
+// byte, and so the same digest.
+func TestImageReproducible(t *testing.T) {
+	a, da := makeImage(t)
+	b, db := makeImage(t)
+	if da != db || !bytes.Equal(a, b) {
+		t.Fatalf("two builds differ: %s (%d bytes) and %s (%d bytes)", da, len(a), db, len(b))
+	}
+	checkLayout(t, a, da)
+}
+
+// checkLayout reads the archive as a runtime would: index.json names the
+// manifest, every blob's name is its digest, the config's diff_id is the
+// uncompressed layer's, and the layer holds the two executables.
+func checkLayout(tb testing.TB, archive []byte, digest string) {
+	tb.Helper()
+	files := map[string][]byte{}
+	tr := tar.NewReader(bytes.NewReader(archive))
+	for {
+		h, err := tr.Next()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			tb.Fatal(err)
+		}
+		files[h.Name], _ = io.ReadAll(tr)
+	}
+	for name, data := range files {
+		if hex, ok := strings.CutPrefix(name, "blobs/sha256/"); ok && fmt.Sprintf("%x", sha256.Sum256(data)) != hex {
+			tb.Errorf("blob %s holds other content", name)
+		}
+	}
+	blob := func(d string) []byte {
+		b, ok := files["blobs/sha256/"+strings.TrimPrefix(d, "sha256:")]
+		if !ok {
+			tb.Fatalf("no blob %s", d)
+		}
+		return b
+	}
+	var index struct {
+		Manifests []struct {
+			Digest      string
+			Annotations map[string]string
+		}
+	}
+	if err := json.Unmarshal(files["index.json"], &index); err != nil || len(index.Manifests) != 1 {
+		tb.Fatalf("index.json: %v %s", err, files["index.json"])
+	}
+	if m := index.Manifests[0]; m.Digest != digest || m.Annotations["io.containerd.image.name"] != "ghcr.io/meshsplice/meshsplice:0.1.0" {
+		tb.Errorf("index names %s %v, want %s", m.Digest, m.Annotations, digest)
+	}
+	var manifest struct {
+		Config struct{ Digest string }
+		Layers []struct{ Digest string }
+	}
+	if err := json.Unmarshal(blob(digest), &manifest); err != nil || len(manifest.Layers) != 1 {
+		tb.Fatalf("manifest: %v", err)
+	}
+	var config struct {
+		RootFS struct {
+			DiffIDs []string `json:"diff_ids"`
+		}
+	}
+	if err := json.Unmarshal(blob(manifest.Config.Digest), &config); err != nil {
+		tb.Fatal(err)
+	}
+	zr, err := gzip.NewReader(bytes.NewReader(blob(manifest.Layers[0].Digest)))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	raw, err := io.ReadAll(zr)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	if d := fmt.Sprintf("sha256:%x", sha256.Sum256(raw)); len(config.RootFS.DiffIDs) != 1 || config.RootFS.DiffIDs[0] != d {
+		tb.Errorf("diff_ids %v, want [%s]", config.RootFS.DiffIDs, d)
+	}
+	var names []string
+	lr := tar.NewReader(bytes.NewReader(raw))
+	for {
+		h, err := lr.Next()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			tb.Fatal(err)
+		}
+		if h.Mode != 0o755 || h.Uid != 0 {
+			tb.Errorf("%s: mode %o uid %d", h.Name, h.Mode, h.Uid)
+		}
+		names = append(names, h.Name)
+	}
+	if strings.Join(names, " ") != "meshsplice meshsplice-cni" {
+		tb.Errorf("layer holds %v", names)
+	}
+}
+
+func TestCut(t *testing.T) {
+	for _, tc := range []struct{ ref, repo, tag string }{
+		{"ghcr.io/meshsplice/meshsplice:0.1.0", "ghcr.io/meshsplice/meshsplice", "0.1.0"},
+		{"localhost:5000/meshsplice:dev", "localhost:5000/meshsplice", "dev"},
+		{"localhost:5000/meshsplice", "", ""},
+		{"meshsplice", "", ""},
+	} {
+		repo, tag, ok := cut(tc.ref)
+		if ok != (tc.repo != "") || repo != tc.repo || tag != tc.tag {
+			t.Errorf("cut(%q) = %q %q %v", tc.ref, repo, tag, ok)
+		}
+	}
+}
