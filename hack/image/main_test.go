@@ -45,6 +45,84 @@ func TestImageReproducible(t *testing.T) {
 		t.Fatalf("two builds differ: %s (%d bytes) and %s (%d bytes)", da, len(a), db, len(b))
 	}
 	checkLayout(t, a, da)
+	verifyGGCR(t, a)
+}
+
+// verifyGGCR has go-containerregistry (tools/ociverify) read and validate
+// the archive: an implementation other than the one that wrote it.
+func verifyGGCR(tb testing.TB, archive []byte) {
+	tb.Helper()
+	dir := tb.TempDir()
+	untar(tb, bytes.NewReader(archive), dir, nil)
+	out, err := ociverify(dir)
+	if err != nil {
+		tb.Fatalf("go-containerregistry rejects the image: %v\n%s", err, out)
+	}
+	if !strings.Contains(string(out), "linux/") || !strings.Contains(string(out), "ghcr.io/meshsplice/meshsplice:0.1.0") {
+		tb.Errorf("ociverify printed %q", out)
+	}
+}
+
+func ociverify(dir string) ([]byte, error) {
+	return exec.Command("go", "run", "-C", "../../tools/ociverify", ".", dir).CombinedOutput()
+}
+
+// untar writes the archive's files under dir, each passed through edit
+// first (if not nil).
+func untar(tb testing.TB, r io.Reader, dir string, edit func([]byte) []byte) {
+	tb.Helper()
+	tr := tar.NewReader(r)
+	for {
+		h, err := tr.Next()
+		if err == io.EOF {
+			return
+		}
+		if err != nil {
+			tb.Fatal(err)
+		}
+		b, err := io.ReadAll(tr)
+		if err != nil {
+			tb.Fatal(err)
+		}
+		if edit != nil {
+			b = edit(b)
+		}
+		p := filepath.Join(dir, filepath.FromSlash(h.Name))
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			tb.Fatal(err)
+		}
+		if err := os.WriteFile(p, b, 0o644); err != nil {
+			tb.Fatal(err)
+		}
+	}
+}
+
+// TestVerifyRejectsTampering: the verifier does catch a wrong layer.
+func TestVerifyRejectsTampering(t *testing.T) {
+	dir := t.TempDir()
+	f := filepath.Join(dir, "f")
+	if err := os.WriteFile(f, []byte("x"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	var buf bytes.Buffer
+	if _, err := Build(&buf, "example.com/x:1", []string{f}); err != nil {
+		t.Fatal(err)
+	}
+	lay := t.TempDir()
+	tampered := false
+	untar(t, &buf, lay, func(b []byte) []byte {
+		if bytes.HasPrefix(b, []byte{0x1f, 0x8b}) { // the gzipped layer
+			b[len(b)-1] ^= 1
+			tampered = true
+		}
+		return b
+	})
+	if !tampered {
+		t.Fatal("no layer found to tamper with")
+	}
+	if out, err := ociverify(lay); err == nil {
+		t.Fatalf("a tampered layer passed: %s", out)
+	}
 }
 
 // checkLayout reads the archive as a runtime would: index.json names the
