@@ -18,6 +18,8 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+
+	"github.com/meshsplice/meshsplice/cni"
 )
 
 // PluginType is the plugin's "type" in a conflist, and its binary's name.
@@ -252,6 +254,23 @@ func plugins(b []byte) ([]field, int, []json.RawMessage, error) {
 	return fs, i, ps, nil
 }
 
+// checkVersion refuses a conflist whose cniVersion the plugin does not
+// speak: chained there, it would fail every pod's ADD.
+func checkVersion(fs []field) error {
+	i := slices.IndexFunc(fs, func(f field) bool { return f.key == "cniVersion" })
+	var v string
+	if i >= 0 {
+		if err := json.Unmarshal(fs[i].val, &v); err != nil {
+			return fmt.Errorf("cniVersion: %w", err)
+		}
+	}
+	if !slices.Contains(cni.SupportedVersions.SupportedVersions(), v) {
+		return fmt.Errorf("cniVersion %q: meshsplice-cni speaks %s", v,
+			strings.Join(cni.SupportedVersions.SupportedVersions(), ", "))
+	}
+	return nil
+}
+
 func isOurs(p json.RawMessage) bool {
 	var t struct{ Type string }
 	return json.Unmarshal(p, &t) == nil && t.Type == PluginType
@@ -264,6 +283,9 @@ func isOurs(p json.RawMessage) bool {
 func chain(b []byte, want json.RawMessage) ([]byte, bool, error) {
 	fs, i, ps, err := plugins(b)
 	if err != nil {
+		return nil, false, err
+	}
+	if err := checkVersion(fs); err != nil {
 		return nil, false, err
 	}
 	j := slices.IndexFunc(ps, isOurs)

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -264,5 +265,31 @@ func waitChained(tb testing.TB, path string) {
 			}
 		}
 		time.Sleep(10 * time.Millisecond) // a poll interval, not a deadline
+	}
+}
+
+// TestInstallRefuses: conflists the plugin cannot be chained into are left
+// untouched, with an error that says why.
+func TestInstallRefuses(t *testing.T) {
+	for _, tc := range []struct{ name, conf, want string }{
+		{"old cniVersion", `{"cniVersion":"0.2.0","name":"n","plugins":[{"type":"bridge"}]}`, `cniVersion "0.2.0"`},
+		{"no cniVersion", `{"name":"n","plugins":[{"type":"bridge"}]}`, `cniVersion ""`},
+		{"single plugin", `{"cniVersion":"1.0.0","name":"n","type":"bridge"}`, "single-plugin"},
+		{"no plugins", `{"cniVersion":"1.0.0","name":"n","plugins":[]}`, "nothing to chain after"},
+		{"not JSON", `cniVersion: 1.0.0`, "not a JSON object"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c, path, _ := node(t, "calico.conflist")
+			if err := os.WriteFile(path, []byte(tc.conf), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			_, err := Install(c)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("Install = %v, want an error with %q", err, tc.want)
+			}
+			if got := string(read(t, path)); got != tc.conf {
+				t.Errorf("Install changed the refused conflist to %s", got)
+			}
+		})
 	}
 }
