@@ -28,7 +28,7 @@ image:
 	CGO_ENABLED=0 $(GO) build -trimpath -buildvcs=false -ldflags='-s -w -buildid=' -o $(BIN)/image/ ./cmd/meshsplice ./cmd/meshsplice-cni
 	$(GO) run ./hack/image -o $(BIN)/meshsplice-image.tar -ref $(IMAGE) $(BIN)/image/meshsplice $(BIN)/image/meshsplice-cni
 
-.PHONY: all build demo-bins generate check-generated test unit lint demo bench bench-bins clean
+.PHONY: all build demo-bins generate check-generated test unit lint demo bench bench-bins kube-scale clean
 
 all: build
 
@@ -88,6 +88,12 @@ bench: bench-bins
 	@if [ "$$(id -u)" != 0 ]; then echo "make bench needs root (network namespaces, cgroups, BPF)"; exit 1; fi
 	@$(DEPS) bench
 	$(BIN)/meshsplice bench --bin-dir $(BIN) $(BENCH_FLAGS)
+
+# kube-scale measures the Kubernetes config source with 5,000 pod objects
+# against the tests' real API server (docs/kubernetes-scale.md; minutes).
+kube-scale:
+	@$(DEPS) test
+	$(GO) test -count=1 -run '^$$' -bench KubeSourceScale -benchtime 1x ./istio
 
 clean:
 	rm -rf $(BIN)

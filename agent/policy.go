@@ -18,9 +18,10 @@ import (
 )
 
 // The identity policy safety net, agent side: compile the Istio
-// AuthorizationPolicies for every known workload (the node's pods and the
-// WorkloadEntries of the config) and hand the result to the datapath, then
-// close live connections the change now forbids.
+// AuthorizationPolicies for every known workload (the node's pods, the
+// WorkloadEntries of the config and, on Kubernetes, the cluster's injected
+// pods) and hand the result to the datapath, then close live connections
+// the change now forbids.
 
 // spiffeID is a workload's identity.
 func spiffeID(trustDomain, namespace, serviceAccount string) string {
@@ -131,6 +132,12 @@ func (a *Agent) reconcilePolicy() error {
 			ServiceAccount: we.Spec.GetServiceAccount(), Labels: we.Spec.GetLabels(), IPs: []netip.Addr{addr}}
 		in.Workloads = append(in.Workloads, w)
 		ipWorkload[addr.Unmap()] = w.Key()
+	}
+	for _, w := range clusterWorkloads(a.istio, ipWorkload) { // Kubernetes: pods of other nodes
+		in.Workloads = append(in.Workloads, w)
+		for _, ip := range w.IPs {
+			ipWorkload[ip] = w.Key()
+		}
 	}
 	for _, s := range a.istio.Services {
 		in.Services = append(in.Services, policy.Service{Namespace: s.Namespace, Name: s.Name, Selector: s.Selector})

@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -147,20 +148,11 @@ func Run(ctx context.Context, opts Options) (_ *Report, err error) {
 	}
 	rep := &Report{Command: opts.Command, Started: time.Now().UTC().Truncate(time.Second), Machine: machine(), SlowerThanIptables: []string{}, Resources: []string{}, Hops: []Hop{}}
 	rep.Method = method(&opts)
-	if opts.Pin == PinOne && runtime.NumCPU() > 1 {
-		restore, err := pinSelf(1)
-		if err != nil {
-			return nil, err
-		}
-		defer restore()
+	restore, err := placeSelf(&opts)
+	if err != nil {
+		return nil, err
 	}
-	if *opts.Nice != 0 {
-		restore, err := niceSelf(*opts.Nice)
-		if err != nil {
-			return nil, err
-		}
-		defer restore()
-	}
+	defer restore()
 	p := &progress{w: opts.Progress, inPlace: opts.InPlace, total: len(opts.Cells) * opts.Reps * len(opts.Modes)}
 	for _, group := range byTopology(opts.Cells) {
 		rs, err := runTopology(ctx, &opts, group, p, &rep.Resources)
@@ -174,6 +166,33 @@ func Run(ctx context.Context, opts Options) (_ *Report, err error) {
 	rep.Seconds = time.Since(rep.Started).Round(time.Second).Seconds()
 	rep.Derive()
 	return rep, nil
+}
+
+// placeSelf pins the benchmark to CPU 1 (--pin one) and sets its nice
+// value; restore undoes both.
+func placeSelf(opts *Options) (restore func(), err error) {
+	var undo []func()
+	restore = func() {
+		for _, u := range slices.Backward(undo) {
+			u()
+		}
+	}
+	if opts.Pin == PinOne && runtime.NumCPU() > 1 {
+		r, err := pinSelf(1)
+		if err != nil {
+			return nil, err
+		}
+		undo = append(undo, r)
+	}
+	if *opts.Nice != 0 {
+		r, err := niceSelf(*opts.Nice)
+		if err != nil {
+			restore()
+			return nil, err
+		}
+		undo = append(undo, r)
+	}
+	return restore, nil
 }
 
 // Derive computes what the report derives from its rows: the targets, the

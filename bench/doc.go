@@ -41,6 +41,12 @@
 //	           routed veth), one datapath per node: only in-pod hops can be
 //	           spliced
 //
+// Limits (bench --limits) measures a new connection on the same-node path
+// with the topology's 2 pods and with 1000 registered, interleaved, and the
+// BPF maps' memory; Soak (bench --soak) runs new and long-lived connections
+// while pods and the kernel policy churn and checks that memory and map
+// entries come back. docs/limits.md has the method and the figures.
+//
 // Everything it creates is named msbench-<random>-... (namespaces, cgroups
 // under the cgroup v2 mount, pins under /sys/fs/bpf) and removed at the end
 // of each topology, also on error and Ctrl-C.

@@ -24,6 +24,11 @@ top=$(cd "$(dirname "$0")/.." && pwd)
 #   TARGETS  comma-separated make targets that need it
 #   KIND     apt: a Debian package
 #            go:  NAME=MODULE/PKG@VERSION, built with go install (no root)
+#            mod: NAME=DIR:PKG@VERSION, built with go build in DIR, a module
+#                 of this repository that pins PKG's dependencies (for
+#                 programs go install cannot build: replace directives);
+#                 DIR/ldflags, if present, holds the -ldflags; VERSION is
+#                 the cache key and must be the one DIR/go.mod pins
 # A new tool (helm, a kube-apiserver, ...) is one more line here.
 needs() {
 	cat <<'EOF'
@@ -35,6 +40,8 @@ test             apt git             the repository tests read git ls-files
 test             apt curl            the cni/README.md curl examples, run by cni/readme_test.go
 test             go  cnitool=github.com/containernetworking/cni/cnitool@v1.3.1  the cni/README.md cnitool example, run by cni/readme_test.go
 test             go  helm=helm.sh/helm/v3/cmd/helm@v3.22.0  make manifests, make test: helm lint/template of manifests/chart/meshsplice
+test             apt etcd-server     etcd: the store of the kube-apiserver the Kubernetes tests run (internal/kubetest)
+test             mod kube-apiserver=tools/kube-apiserver:k8s.io/kubernetes/cmd/kube-apiserver@v1.37.2  a real API server for the Kubernetes config source's tests (internal/kubetest; about 10 minutes of CPU to build, once)
 lint             apt clang-format-19 make lint checks the BPF C's format
 generate         apt clang-19        make generate, check-generated: compile the BPF C (bpf2go)
 generate         apt llvm-19         llvm-strip for bpf2go
@@ -57,9 +64,14 @@ go_path() {
 	printf '%s/%s-%s\n' "$cachebin" "$name" "$version"
 }
 
-# go_build NAME=MODULE/PKG@VERSION builds the tool into the cache.
+# go_build NAME=MODULE/PKG@VERSION (go) or NAME=DIR:PKG@VERSION (mod)
+# builds the tool into the cache.
 go_build() {
 	local spec=$1 name=${1%%=*} pkg=${1#*=} out tmp
+	case $pkg in
+	*:*) mod_build "$spec"
+		return ;;
+	esac
 	out=$(go_path "$spec")
 	command -v go >/dev/null || die "no go command: install Go (https://go.dev/dl) to build $name"
 	mkdir -p "$cachebin"
@@ -73,6 +85,24 @@ go_build() {
 	rm -rf "$tmp"
 }
 
+mod_build() {
+	local spec=$1 name=${1%%=*} rest=${1#*=} dir pkg out tmp ldflags=""
+	dir=$top/${rest%%:*} pkg=${rest#*:}
+	pkg=${pkg%@*}
+	out=$(go_path "$spec")
+	command -v go >/dev/null || die "no go command: install Go (https://go.dev/dl) to build $name"
+	[ -f "$dir/go.mod" ] || die "no module in $dir to build $name from"
+	[ -f "$dir/ldflags" ] && ldflags=$(grep -v '^#' "$dir/ldflags" | tr '\n' ' ')
+	mkdir -p "$cachebin"
+	tmp=$(mktemp -d "$cachebin/.build-XXXXXX")
+	if ! GOFLAGS=-buildvcs=false go build -C "$dir" -trimpath -ldflags "$ldflags" -o "$tmp/$name" "$pkg" >&2; then
+		rm -rf "$tmp"
+		die "go build $pkg in $dir failed (is the Go module proxy reachable? GOPROXY=$(go env GOPROXY))"
+	fi
+	mv "$tmp/$name" "$out"
+	rm -rf "$tmp"
+}
+
 dry=0
 targets=()
 while [ $# -gt 0 ]; do
@@ -80,7 +110,7 @@ while [ $# -gt 0 ]; do
 	--dry-run) dry=1 ;;
 	--path)
 		[ $# -ge 2 ] || die "--path needs a tool name"
-		spec=$(needs | awk -v n="$2" '$2 == "go" && index($3, n "=") == 1 { print $3 }')
+		spec=$(needs | awk -v n="$2" '($2 == "go" || $2 == "mod") && index($3, n "=") == 1 { print $3 }')
 		[ -n "$spec" ] || die "no go tool named $2 in hack/deps.sh"
 		[ -x "$(go_path "$spec")" ] || go_build "$spec"
 		go_path "$spec"
@@ -110,7 +140,7 @@ wanted=$(needs | awk -v want="$(
 	{ n = split($1, t, ","); for (i = 1; i <= n; i++) if (t[i] in ok) { print; next } }')
 
 apt_pkgs=$(awk '$2 == "apt" { print $3 }' <<<"$wanted")
-go_specs=$(awk '$2 == "go" { print $3 }' <<<"$wanted")
+go_specs=$(awk '$2 == "go" || $2 == "mod" { print $3 }' <<<"$wanted")
 
 # One dpkg-query for every package: "NAME STATUS" for those it knows.
 installed=""
@@ -135,12 +165,15 @@ while read -r _ kind name why; do
 		say "  $name (Debian package): $why" ;;
 	go) printf '%s\n' "${missing_go[@]}" | grep -qx -- "$name" || continue
 		say "  ${name%%=*} ${name##*@} (go install ${name#*=}, into .cache/bin): $why" ;;
+	mod) printf '%s\n' "${missing_go[@]}" | grep -qx -- "$name" || continue
+		n=${name#*=}
+		say "  ${name%%=*} ${name##*@} (go build ${n#*:} in ${n%%:*}, into .cache/bin): $why" ;;
 	esac
 done <<<"$wanted"
 
 if [ $dry = 1 ]; then
 	[ ${#missing_apt[@]} -eq 0 ] || say "would run: apt-get update && apt-get install -y --no-install-recommends ${missing_apt[*]}"
-	for s in "${missing_go[@]}"; do say "would run: go install ${s#*=} (into $(go_path "$s"))"; done
+	for s in "${missing_go[@]}"; do say "would run: go build/install ${s#*=} (into $(go_path "$s"))"; done
 	exit 0
 fi
 
@@ -160,7 +193,7 @@ if [ ${#missing_apt[@]} -gt 0 ]; then
 	fi
 fi
 for s in "${missing_go[@]}"; do
-	say "building ${s%%=*}: go install ${s#*=}"
+	say "building ${s%%=*}: ${s#*=}"
 	go_build "$s"
 done
 say "done"

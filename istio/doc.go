@@ -4,7 +4,10 @@
 // which connections that configuration captures ([Traffic.Decide]). The BPF
 // programs mirror it; tests compare the two.
 //
-// The package is pure: no I/O, standard library only.
+// Traffic parsing and the capture decisions are pure (no I/O). The
+// configuration Sources read the rest of Istio's configuration: [FileSource]
+// from a folder of YAML (standalone), [KubeSource] from the Kubernetes API
+// server (informers).
 //
 // # Which pods are captured
 //
@@ -20,6 +23,12 @@
 //     whatever Istio itself does (istio-init or istio-cni iptables); its
 //     sidecar is still there ([Traffic.Sidecar]), and so is its kernel
 //     policy.
+//
+// On Kubernetes, [ClassifyPod] asks more of a pod, as Istio would: the
+// istio-proxy sidecar is there (a container, or a native sidecar: an init
+// container with restartPolicy: Always), the injecting revision is the one
+// the agent follows, the interception mode is REDIRECT (TPROXY is left to
+// Istio), and no istio-init container means Istio's own iptables capture it.
 //
 // meshsplice.io/splice: "disabled" keeps capture but turns sockmap splicing
 // off. By default only sidecar <-> sidecar connections are spliced, and the

@@ -3,6 +3,7 @@ package istio
 import (
 	"context"
 	"fmt"
+	"net/netip"
 	"strconv"
 
 	meshv1alpha1 "istio.io/api/mesh/v1alpha1"
@@ -29,6 +30,16 @@ type Config struct {
 	Services []Service
 	// Sources names where each part came from, for status and logs.
 	Sources []string
+
+	// The Kubernetes source's only (KubeSource; empty from FileSource):
+	// Pods are this node's pods, each with Istio's answer (ClassifyPod);
+	// PodIPs maps the IP of every live pod of the cluster to its identity;
+	// Namespaces have their labels (istio-injection, istio.io/rev);
+	// PeerAuthentications are the security.istio.io/v1 ones.
+	Pods                []Pod
+	PodIPs              map[netip.Addr]PodIdentity
+	Namespaces          []Namespace
+	PeerAuthentications []*securityv1.PeerAuthentication
 }
 
 // Service is a Kubernetes Service as policy needs it.

@@ -31,6 +31,7 @@ func runAgent(ctx context.Context, args []string) error {
 	grace := fs.Duration("listener-grace", agent.DefaultListenerGrace, "warn when a captured pod's sidecar inbound listener is not in the kernel this long after registration")
 	pressure := fs.Duration("pressure-interval", agent.DefaultPressureInterval, "how often to look for kernel tables at their limit (logged once per interval, /readyz 503 meanwhile)")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
+	kube := addKubeFlags(fs)
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -39,11 +40,22 @@ func runAgent(ctx context.Context, args []string) error {
 		return fmt.Errorf("--log-level: %w", err)
 	}
 	log := slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
-	if !*standalone {
-		return errors.New("only --standalone is available in this version: the Kubernetes config source is not built yet")
-	}
-	if *configDir == "" {
+	var source istio.Source
+	switch {
+	case *standalone && *kube.on:
+		return errors.New("--standalone and --kubernetes exclude each other")
+	case *kube.on:
+		src, err := kube.source(log)
+		if err != nil {
+			return err
+		}
+		source = src
+	case !*standalone:
+		return errors.New("say where Istio's configuration comes from: --kubernetes or --standalone")
+	case *configDir == "":
 		return errors.New("--standalone needs --istio-config DIR")
+	default:
+		source = istio.NewFileSource(*configDir, log)
 	}
 	if *cgroup == "" {
 		root, err := cgroups.Mount()
@@ -57,7 +69,7 @@ func runAgent(ctx context.Context, args []string) error {
 	return agent.Run(ctx, agent.Config{
 		PinDir: *pinDir, CgroupPath: *cgroup, CNISocket: *socket, CNIUID: *cniUID, StateDir: *stateDir,
 		MetricsAddr: *metrics, NodeCapture: *capture, NodeSplice: *splice,
-		Source: istio.NewFileSource(*configDir, log), Log: log, ListenerGrace: *grace,
+		Source: source, Log: log, ListenerGrace: *grace,
 		PressureInterval: *pressure,
 	})
 }

@@ -40,6 +40,11 @@ func runBench(ctx context.Context, args []string) error {
 	fromJSON := fs.String("from-json", "", "measure nothing: render the report of an earlier --json run")
 	cleanup := fs.Bool("cleanup", false, "measure nothing: remove what killed benchmark runs left (msbench-* namespaces, cgroups, pins)")
 	verbose := fs.Bool("v", false, "log the datapath's work to stderr")
+	limits := fs.Bool("limits", false, "measure instead the cost of a new connection with the topology's 2 pods and with --limits-pods registered, interleaved, and the BPF map memory (docs/limits.md); uses --reps (default 5), --warmup, --throughput-window (default 1s), --json")
+	var soak soakFlag
+	fs.Var(&soak, "soak", "run instead the soak: --soak (30m) or --soak=DURATION; new and long-lived connections while pods and the policy churn; prints errors, memory and map entries over time; --svg charts them, --json (docs/limits.md)")
+	soakPods := fs.Int("soak-pods", 20, "meshed pods of --soak (2 carry the traffic, the others churn)")
+	limitsPods := fs.Int("limits-pods", 1000, "registered pods of --limits' large point")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -52,6 +57,26 @@ func runBench(ctx context.Context, args []string) error {
 		}
 		fmt.Fprintln(os.Stderr, "meshsplice bench: no msbench-* namespace, cgroup or pin left")
 		return nil
+	}
+	if *limits {
+		lo := bench.LimitsOptions{Pods: *limitsPods, Options: bench.Options{
+			BinDir: *binDir, Reps: *reps, Warmup: *warmup, ThroughputWindow: *tputWindow, Pin: bench.Pin(*pin), Nice: nice,
+			Retries: *retries, Progress: os.Stderr, InPlace: isTerminal(os.Stderr), Command: "meshsplice bench " + strings.Join(args, " "),
+		}}
+		if *verbose {
+			lo.Log = slog.New(slog.NewTextHandler(os.Stderr, nil))
+		}
+		return runLimits(ctx, lo, *asJSON)
+	}
+
+	if soak.d > 0 {
+		so := bench.SoakOptions{Duration: soak.d, Pods: *soakPods, Options: bench.Options{
+			BinDir: *binDir, Pin: bench.Pin(*pin), Nice: nice, Progress: os.Stderr, Command: "meshsplice bench " + strings.Join(args, " "),
+		}}
+		if *verbose {
+			so.Log = slog.New(slog.NewTextHandler(os.Stderr, nil))
+		}
+		return runSoak(ctx, so, *asJSON, *svg)
 	}
 
 	var rep *bench.Report
@@ -122,6 +147,79 @@ func runBench(ctx context.Context, args []string) error {
 		if err := writeFile(*md, rep.WriteMarkdown); err != nil {
 			return err
 		}
+	}
+	return nil
+}
+
+// runLimits runs bench --limits and prints its table, or its JSON on stdout
+// and the table on stderr.
+func runLimits(ctx context.Context, opts bench.LimitsOptions, asJSON bool) error {
+	rep, err := bench.Limits(ctx, opts)
+	if err != nil {
+		return err
+	}
+	table := io.Writer(os.Stdout)
+	if asJSON {
+		table = os.Stderr
+	}
+	if err := rep.WriteTable(table); err != nil || !asJSON {
+		return err
+	}
+	enc := json.NewEncoder(os.Stdout)
+	enc.SetIndent("", "  ")
+	return enc.Encode(rep)
+}
+
+// soakFlag is --soak: alone 30 minutes, or --soak=DURATION.
+type soakFlag struct{ d time.Duration }
+
+func (f *soakFlag) String() string   { return f.d.String() }
+func (f *soakFlag) IsBoolFlag() bool { return true }
+func (f *soakFlag) Set(v string) error {
+	switch v {
+	case "true":
+		f.d = 30 * time.Minute
+	case "false":
+		f.d = 0
+	default:
+		d, err := time.ParseDuration(v)
+		if err != nil || d <= 0 {
+			return fmt.Errorf("want a positive duration such as 30m, got %q", v)
+		}
+		f.d = d
+	}
+	return nil
+}
+
+// runSoak runs bench --soak and prints its summary, or its JSON on stdout
+// and the summary on stderr; svg, when set, receives the chart. A soak with
+// errors or maps not back to their baseline fails.
+func runSoak(ctx context.Context, opts bench.SoakOptions, asJSON bool, svg string) error {
+	rep, err := bench.Soak(ctx, opts)
+	if err != nil {
+		return err
+	}
+	table := io.Writer(os.Stdout)
+	if asJSON {
+		table = os.Stderr
+	}
+	if err := rep.WriteTable(table); err != nil {
+		return err
+	}
+	if asJSON {
+		enc := json.NewEncoder(os.Stdout)
+		enc.SetIndent("", "  ")
+		if err := enc.Encode(rep); err != nil {
+			return err
+		}
+	}
+	if svg != "" {
+		if err := writeFile(svg, rep.WriteSVG); err != nil {
+			return err
+		}
+	}
+	if len(rep.Errors) > 0 || len(rep.NotBack) > 0 {
+		return fmt.Errorf("soak: %d errors, %d maps not back to their baseline", len(rep.Errors), len(rep.NotBack))
 	}
 	return nil
 }

@@ -1,0 +1,151 @@
+package istio
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"strings"
+
+	corev1 "k8s.io/api/core/v1"
+)
+
+// Names Istio's injector gives what it adds to a pod.
+const (
+	// ProxyContainer is the sidecar: a container, or (native sidecar) an
+	// init container with restartPolicy: Always.
+	ProxyContainer = "istio-proxy"
+	// InitContainer is istio-init, which runs istio-iptables: Istio then
+	// captures the pod itself (no istio-cni, no meshsplice).
+	InitContainer = "istio-init"
+	// LabelRevision is the revision label of namespaces and pods.
+	LabelRevision = "istio.io/rev"
+	// LabelInjection is the namespace label istio-injection=enabled.
+	LabelInjection = "istio-injection"
+	// DefaultRevision names Istio's unnamed revision.
+	DefaultRevision = "default"
+)
+
+// Proxy kinds of PodMesh.Proxy.
+const (
+	ProxySidecar       = "sidecar"        // istio-proxy is a regular container
+	ProxyNativeSidecar = "native-sidecar" // istio-proxy is an init container with restartPolicy: Always
+)
+
+// Pod is a Kubernetes pod of this node as meshsplice needs it, with
+// Istio's answer to whether and how it is meshed.
+type Pod struct {
+	Namespace, Name, UID string
+	NodeName             string
+	ServiceAccount       string
+	Labels, Annotations  map[string]string
+	IPs                  []netip.Addr // status.podIPs; empty until the pod has its network
+	Mesh                 PodMesh
+}
+
+func (p Pod) String() string { return p.Namespace + "/" + p.Name }
+
+// PodMesh is whether meshsplice captures a pod, as Istio decides it: the
+// pod was injected (sidecar.istio.io/status) by the revision the agent
+// follows, runs the istio-proxy sidecar (regular or native), its
+// interception mode is REDIRECT, it is not captured by Istio's own
+// istio-init iptables, and its annotations (parsed by [ParseTraffic], as
+// Istio parses them) are valid and do not turn capture off.
+type PodMesh struct {
+	Meshed bool
+	// Reason says why not, when Meshed is false.
+	Reason           string
+	Injected         bool
+	Revision         string // the injecting revision ("default" for the unnamed one)
+	Proxy            string // ProxySidecar, ProxyNativeSidecar or "" (none)
+	IstioInit        bool   // an istio-init container: Istio's iptables capture the pod
+	InterceptionMode string // REDIRECT, TPROXY or NONE, annotation or mesh default
+	// Traffic is the pod's capture configuration (zero if the annotations
+	// are invalid); Warnings and Err are ParseTraffic's.
+	Traffic  Traffic
+	Warnings []string
+	Err      error
+}
+
+// ClassifyPod gives Istio's answer for pod: injected by the revision the
+// agent follows ("" is the default revision), with its traffic settings
+// resolved against d.
+func ClassifyPod(pod *corev1.Pod, revision string, d Defaults) PodMesh {
+	if revision == "" {
+		revision = DefaultRevision
+	}
+	var m PodMesh
+	status, injected := pod.Annotations[AnnotationStatus]
+	m.Injected = injected
+	m.Revision = podRevision(pod, status)
+	for _, c := range pod.Spec.Containers {
+		if c.Name == ProxyContainer {
+			m.Proxy = ProxySidecar
+		}
+	}
+	for _, c := range pod.Spec.InitContainers {
+		switch {
+		case c.Name == ProxyContainer && c.RestartPolicy != nil && *c.RestartPolicy == corev1.ContainerRestartPolicyAlways:
+			m.Proxy = ProxyNativeSidecar
+		case c.Name == InitContainer:
+			m.IstioInit = true
+		}
+	}
+	m.InterceptionMode = d.InterceptionMode
+	if v, ok := pod.Annotations[AnnotationInterceptionMode]; ok {
+		m.InterceptionMode = strings.TrimSpace(v)
+	}
+	m.Traffic, m.Warnings, m.Err = ParseTraffic(pod.Annotations, d)
+	switch {
+	case !injected:
+		m.Reason = "not injected by Istio (no " + AnnotationStatus + " annotation)"
+	case m.Proxy == "":
+		m.Reason = "no " + ProxyContainer + " sidecar (container, or init container with restartPolicy: Always)"
+	case m.Revision != revision:
+		m.Reason = fmt.Sprintf("injected by revision %q; this agent follows %q", m.Revision, revision)
+	case m.Err != nil:
+		m.Reason = "invalid annotations: " + m.Err.Error()
+	case m.InterceptionMode != "REDIRECT":
+		m.Reason = "interceptionMode " + m.InterceptionMode + " (meshsplice captures REDIRECT only)"
+	case m.IstioInit:
+		m.Reason = "captured by Istio's own iptables (" + InitContainer + " container)"
+	case !m.Traffic.Capture:
+		m.Reason = "capture turned off by annotation (" + AnnotationInject + " or " + AnnotationCapture + ")"
+	default:
+		m.Meshed = true
+	}
+	return m
+}
+
+// podRevision is the revision that injected the pod: the "revision" of
+// the sidecar.istio.io/status annotation, else the istio.io/rev label,
+// else the default revision.
+func podRevision(pod *corev1.Pod, status string) string {
+	var st struct {
+		Revision string `json:"revision"`
+	}
+	if status != "" && json.Unmarshal([]byte(status), &st) == nil && st.Revision != "" {
+		return st.Revision
+	}
+	if r := pod.Labels[LabelRevision]; r != "" {
+		return r
+	}
+	return DefaultRevision
+}
+
+// podIPs parses status.podIPs (status.podIP if the list is empty); bad
+// entries are skipped.
+func podIPs(pod *corev1.Pod) []netip.Addr {
+	var out []netip.Addr
+	add := func(s string) {
+		if a, err := netip.ParseAddr(s); err == nil {
+			out = append(out, a.Unmap())
+		}
+	}
+	for _, ip := range pod.Status.PodIPs {
+		add(ip.IP)
+	}
+	if len(out) == 0 && pod.Status.PodIP != "" {
+		add(pod.Status.PodIP)
+	}
+	return out
+}
