@@ -256,3 +256,24 @@ func TestDefaultImageIsMakeImage(t *testing.T) {
 		}
 	}
 }
+
+// TestAgentFlagsExist: every flag the chart passes is one `meshsplice
+// agent -h` and `meshsplice cni-install -h` list.
+func TestAgentFlagsExist(t *testing.T) {
+	bin := filepath.Join(t.TempDir(), "meshsplice")
+	run(t, "go", "build", "-o", bin, "../cmd/meshsplice")
+	o := parse(t, must(os.ReadFile("meshsplice.yaml")))
+	custom := parse(t, run(t, helm(t), "template", "ms", chart, "-n", "meshsplice", "--kube-version", "1.30.0", "-f", "testdata/values-custom.yaml"))
+	for _, ds := range []daemonSet{o.ds, custom.ds} {
+		for _, c := range ds.Spec.Template.Spec.Containers {
+			sub := c.Name // the container is named after its subcommand
+			out, _ := exec.Command(bin, sub, "-h").CombinedOutput()
+			for _, a := range c.Args {
+				name, _, _ := strings.Cut(strings.TrimPrefix(a, "--"), "=")
+				if !strings.Contains(string(out), "\n  -"+name+" ") && !strings.Contains(string(out), "\n  -"+name+"\n") {
+					t.Errorf("container %s: meshsplice %s has no flag --%s", c.Name, sub, name)
+				}
+			}
+		}
+	}
+}
