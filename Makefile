@@ -10,6 +10,24 @@ TEST_FLAGS ?= -count=1 -timeout 20m
 DEPS := ./hack/deps.sh
 
 
+
+.PHONY: manifests
+# manifests writes manifests/meshsplice.yaml from the Helm chart (a test
+# fails when the checked-in file differs).
+manifests:
+	./hack/render-manifests.sh > manifests/meshsplice.yaml.tmp && mv manifests/meshsplice.yaml.tmp manifests/meshsplice.yaml
+
+.PHONY: image
+# IMAGE is the image make image builds; the chart's default image
+# (manifests/chart/meshsplice/values.yaml) names the same (a test checks).
+IMAGE := ghcr.io/meshsplice/meshsplice:0.1.0
+# image writes $(BIN)/meshsplice-image.tar, an OCI archive FROM scratch with
+# /meshsplice and /meshsplice-cni (static, reproducible: same digest twice).
+# Import it on a node: ctr -n k8s.io images import $(BIN)/meshsplice-image.tar
+image:
+	CGO_ENABLED=0 $(GO) build -trimpath -buildvcs=false -ldflags='-s -w -buildid=' -o $(BIN)/image/ ./cmd/meshsplice ./cmd/meshsplice-cni
+	$(GO) run ./hack/image -o $(BIN)/meshsplice-image.tar -ref $(IMAGE) $(BIN)/image/meshsplice $(BIN)/image/meshsplice-cni
+
 .PHONY: all build demo-bins generate check-generated test unit lint demo bench bench-bins kube-scale clean
 
 all: build

@@ -39,6 +39,7 @@ test             apt nftables        nft: the baseline tests check that no nat h
 test             apt git             the repository tests read git ls-files
 test             apt curl            the cni/README.md curl examples, run by cni/readme_test.go
 test             go  cnitool=github.com/containernetworking/cni/cnitool@v1.3.1  the cni/README.md cnitool example, run by cni/readme_test.go
+test             go  helm=helm.sh/helm/v3/cmd/helm@v3.22.0  make manifests, make test: helm lint/template of manifests/chart/meshsplice
 test             apt etcd-server     etcd: the store of the kube-apiserver the Kubernetes tests run (internal/kubetest)
 test             mod kube-apiserver=tools/kube-apiserver:k8s.io/kubernetes/cmd/kube-apiserver@v1.37.2  a real API server for the Kubernetes config source's tests (internal/kubetest; about 10 minutes of CPU to build, once)
 lint             apt clang-format-19 make lint checks the BPF C's format

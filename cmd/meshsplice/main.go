@@ -23,6 +23,8 @@ var commands = []command{
 	{"status", "show the registered pods and the kernel counters", runStatus},
 	{"check", "tell whether this node can run meshsplice (the kernel's verdict on every program)", runCheck},
 	{"uninstall", "detach and unpin everything (works without the agent)", runUninstall},
+	{"cni-install", "copy meshsplice-cni to the node and chain it into its CNI conflist (--watch: keep it there)", runCNIInstall},
+	{"cni-uninstall", "take meshsplice-cni out of the node's CNI conflists and remove it", runCNIUninstall},
 	{"demo", "run the standalone demo: a local mesh of netns pods, captured and spliced", runDemo},
 	{"bench", "measure latency, req/s and CPU per request against Istio's iptables capture", runBench},
 }
@@ -30,7 +32,7 @@ var commands = []command{
 func usage() {
 	fmt.Fprintf(os.Stderr, "usage: meshsplice <command> [flags]\n\ncommands:\n")
 	for _, c := range commands {
-		fmt.Fprintf(os.Stderr, "  %-10s %s\n", c.name, c.summary)
+		fmt.Fprintf(os.Stderr, "  %-13s %s\n", c.name, c.summary)
 	}
 	fmt.Fprintf(os.Stderr, "\nrun 'meshsplice <command> -h' for a command's flags\n")
 }

@@ -80,7 +80,7 @@ func loadCLI(t *testing.T, root string) *cli {
 		t.Fatalf("build meshsplice: %v\n%s", err, out)
 	}
 	c := &cli{flags: map[string][]string{}}
-	for _, m := range regexp.MustCompile(`(?m)^  ([a-z]+) `).FindAllStringSubmatch(helpOf(t, bin, "-h"), -1) {
+	for _, m := range regexp.MustCompile(`(?m)^  ([a-z][a-z-]*) `).FindAllStringSubmatch(helpOf(t, bin, "-h"), -1) {
 		c.commands = append(c.commands, m[1])
 	}
 	if len(c.commands) == 0 {
