@@ -140,8 +140,16 @@ spec:
 // and the last good config stays; fixing it is delivered again.
 func TestFileSourceFollowsEdits(t *testing.T) {
 	dir := t.TempDir()
+	// Each edit replaces the file whole (as a ConfigMap volume or an
+	// editor's save does): with the test's 10 ms interval, a truncate
+	// followed by a write that a loaded machine delays would be a valid
+	// (empty) config of its own.
 	write := func(s string) {
-		if err := os.WriteFile(filepath.Join(dir, "mesh.yaml"), []byte(s), 0o644); err != nil {
+		tmp := filepath.Join(dir, ".mesh.yaml.tmp")
+		if err := os.WriteFile(tmp, []byte(s), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(tmp, filepath.Join(dir, "mesh.yaml")); err != nil {
 			t.Fatal(err)
 		}
 	}
