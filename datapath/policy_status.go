@@ -2,10 +2,8 @@ package datapath
 
 import (
 	"fmt"
-	"path/filepath"
 
 	"github.com/cilium/ebpf"
-	"github.com/hashicorp/go-multierror"
 
 	"github.com/meshsplice/meshsplice/redirect"
 )
@@ -43,21 +41,12 @@ func ReadPodPolicies(pinDir string) (map[uint64]PodPolicy, error) {
 	if pinDir == "" {
 		pinDir = DefaultPinDir
 	}
-	maps := map[string]*ebpf.Map{}
-	var result *multierror.Error
-	for _, name := range []string{redirect.CaptureMapMsPods, redirect.CaptureMapMsPodIps,
-		redirect.CaptureMapMsIpInfo, redirect.CaptureMapMsNodeSettings} {
-		m, err := ebpf.LoadPinnedMap(filepath.Join(mapDir(pinDir), name), &ebpf.LoadPinOptions{ReadOnly: true})
-		if err != nil {
-			result = multierror.Append(result, fmt.Errorf("map %s: %w", name, err))
-			continue
-		}
-		defer m.Close()
-		maps[name] = m
+	maps, err := openPinnedMaps(pinDir, redirect.CaptureMapMsPods, redirect.CaptureMapMsPodIps,
+		redirect.CaptureMapMsIpInfo, redirect.CaptureMapMsNodeSettings)
+	if err != nil {
+		return nil, err
 	}
-	if err := result.ErrorOrNil(); err != nil {
-		return nil, fmt.Errorf("%w: %w", ErrNotAttached, err)
-	}
+	defer closeMaps(maps)
 	return podPolicies(maps[redirect.CaptureMapMsPods], maps[redirect.CaptureMapMsPodIps],
 		maps[redirect.CaptureMapMsIpInfo], maps[redirect.CaptureMapMsNodeSettings])
 }

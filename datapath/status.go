@@ -82,25 +82,15 @@ func Inspect(pinDir string) (*Status, error) {
 	if _, err := os.Stat(mapDir(pinDir)); errors.Is(err, fs.ErrNotExist) {
 		return nil, fmt.Errorf("%w at %s", ErrNotAttached, pinDir)
 	}
-	maps := map[string]*ebpf.Map{}
-	var result *multierror.Error
-	for _, name := range []string{
+	maps, err := openPinnedMaps(pinDir,
 		redirect.CaptureMapMsPods, redirect.CaptureMapMsPodIps, redirect.CaptureMapMsPorts,
 		redirect.CaptureMapMsRanges, redirect.CaptureMapMsNodeSettings,
 		redirect.CaptureMapMsCounters, redirect.CaptureMapMsSocks,
-		redirect.CaptureMapMsDenialLog, redirect.CaptureMapMsDenialSeq, redirect.CaptureMapMsOrigDst,
-	} {
-		m, err := ebpf.LoadPinnedMap(filepath.Join(mapDir(pinDir), name), &ebpf.LoadPinOptions{ReadOnly: true})
-		if err != nil {
-			result = multierror.Append(result, fmt.Errorf("map %s: %w", name, err))
-			continue
-		}
-		defer m.Close()
-		maps[name] = m
+		redirect.CaptureMapMsDenialLog, redirect.CaptureMapMsDenialSeq, redirect.CaptureMapMsOrigDst)
+	if err != nil {
+		return nil, err
 	}
-	if err := result.ErrorOrNil(); err != nil {
-		return nil, fmt.Errorf("%w: %w", ErrNotAttached, err)
-	}
+	defer closeMaps(maps)
 	st := &Status{PinDir: pinDir}
 	var node redirect.CaptureMsNode
 	if err := maps[redirect.CaptureMapMsNodeSettings].Lookup(uint32(0), &node); err == nil {
@@ -109,7 +99,6 @@ func Inspect(pinDir string) (*Status, error) {
 			Splice:  node.Flags&redirect.CaptureMsNodeFlagMS_NODE_SPLICE != 0,
 		}
 	}
-	var err error
 	if st.Pods, err = readPods(maps[redirect.CaptureMapMsPods], maps[redirect.CaptureMapMsPodIps],
 		maps[redirect.CaptureMapMsPorts], maps[redirect.CaptureMapMsRanges]); err != nil {
 		return nil, err
@@ -133,7 +122,7 @@ func Inspect(pinDir string) (*Status, error) {
 	if st.RecentDenials, err = readDenialLog(maps[redirect.CaptureMapMsDenialLog], maps[redirect.CaptureMapMsDenialSeq]); err != nil {
 		return nil, err
 	}
-	st.PodKernel = inspectPodKernel(pinDir, maps[redirect.CaptureMapMsPods], st.Pods)
+	st.PodKernel = inspectPodKernel(pinDir, maps, st.Pods)
 	st.Links = inspectLinks(pinDir)
 	for _, l := range st.Links {
 		if l.Error != "" {
@@ -143,21 +132,24 @@ func Inspect(pinDir string) (*Status, error) {
 	return st, nil
 }
 
-// inspectPodKernel reads each pod's listener slots and policy sets.
-func inspectPodKernel(pinDir string, podsMap *ebpf.Map, pods []Pod) map[uint64]PodKernel {
+// inspectPodKernel reads each pod's listener slots and policy sets, with
+// the maps Inspect opened and the two it does not need itself.
+func inspectPodKernel(pinDir string, maps map[string]*ebpf.Map, pods []Pod) map[uint64]PodKernel {
 	out := map[uint64]PodKernel{}
-	open := func(name string) (*ebpf.Map, error) {
-		m, err := ebpf.LoadPinnedMap(filepath.Join(mapDir(pinDir), name), &ebpf.LoadPinOptions{ReadOnly: true})
-		if err != nil {
-			return nil, fmt.Errorf("map %s: %w", name, err)
-		}
-		return m, nil
-	}
-	listeners, lerr := open(redirect.CaptureMapMsListeners)
+	podsMap := maps[redirect.CaptureMapMsPods]
+	var listeners *ebpf.Map
+	extra, lerr := openPinnedMaps(pinDir, redirect.CaptureMapMsListeners)
 	if lerr == nil {
-		defer listeners.Close()
+		defer closeMaps(extra)
+		listeners = extra[redirect.CaptureMapMsListeners]
 	}
-	policies, perr := ReadPodPolicies(pinDir)
+	var policies map[uint64]PodPolicy
+	ipInfo, perr := openPinnedMaps(pinDir, redirect.CaptureMapMsIpInfo)
+	if perr == nil {
+		defer closeMaps(ipInfo)
+		policies, perr = podPolicies(podsMap, maps[redirect.CaptureMapMsPodIps],
+			ipInfo[redirect.CaptureMapMsIpInfo], maps[redirect.CaptureMapMsNodeSettings])
+	}
 	for _, p := range pods {
 		k := PodKernel{ListenerErr: lerr, PolicyErr: perr}
 		var v redirect.CaptureMsPod
@@ -299,4 +291,32 @@ func (st *Status) Cgroup() string {
 		}
 	}
 	return "(unknown: no readable cgroup link)"
+}
+
+// openPinnedMaps opens the named maps of the datapath pinned at pinDir,
+// read-only. It opens all or none: on error (wrapping ErrNotAttached,
+// naming every map it could not open) nothing stays open. Close the maps
+// with closeMaps.
+func openPinnedMaps(pinDir string, names ...string) (map[string]*ebpf.Map, error) {
+	maps := map[string]*ebpf.Map{}
+	var result *multierror.Error
+	for _, name := range names {
+		m, err := ebpf.LoadPinnedMap(filepath.Join(mapDir(pinDir), name), &ebpf.LoadPinOptions{ReadOnly: true})
+		if err != nil {
+			result = multierror.Append(result, fmt.Errorf("map %s: %w", name, err))
+			continue
+		}
+		maps[name] = m
+	}
+	if err := result.ErrorOrNil(); err != nil {
+		closeMaps(maps)
+		return nil, fmt.Errorf("%w: %w", ErrNotAttached, err)
+	}
+	return maps, nil
+}
+
+func closeMaps(maps map[string]*ebpf.Map) {
+	for _, m := range maps {
+		m.Close()
+	}
 }
