@@ -11,9 +11,15 @@
 // registrations.go). A corrupt state file is moved aside and the pods are
 // rebuilt from the kernel (statefile.go, recover.go).
 //
+// The agent is a controller: changes go through rate-limited work queues,
+// one pod at a time, and the policy is compiled once per batch outside the
+// agent's lock (controller.go). On Kubernetes the API server says what a
+// registered pod is, and registrations follow its pod objects
+// (kubepods.go).
+//
 // Every failure to apply something is logged, counted and passed to
 // Config.Events (failures.go), and applied again with back-off
-// (retry.go); kernel tables at their limit are watched in pressure.go.
+// (controller.go); kernel tables at their limit are watched in pressure.go.
 package agent
 
 import (
@@ -26,6 +32,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"reflect"
 	"sort"
 	"sync"
 	"time"
@@ -69,6 +76,17 @@ type Config struct {
 	ListenerGrace time.Duration
 	// CNIUID may use the CNI API besides root (0: root only).
 	CNIUID int
+	// PolicyWait bounds how long a CNI ADD waits for the policy batch
+	// that holds its pod (DefaultPolicyWait when zero; controller.go).
+	PolicyWait time.Duration
+	// PodGoneGrace: on Kubernetes, a registration whose pod object the
+	// API server does not have is removed once it is this old
+	// (DefaultPodGoneGrace when zero; kubepods.go).
+	PodGoneGrace time.Duration
+	// LookupTimeout bounds a CNI ADD's direct GET of its pod when the
+	// informer's cache has not seen it yet (DefaultLookupTimeout when
+	// zero).
+	LookupTimeout time.Duration
 }
 
 // Agent is a running node agent.
@@ -77,20 +95,32 @@ type Agent struct {
 	log *slog.Logger
 	dp  *datapath.Datapath
 
-	mu      sync.Mutex
-	pods    map[string]*pod // by container ID
-	istio   istio.Config
-	ids     *policy.Allocator // workload identities, stable across restarts
-	policy  policy.Result     // the last compiled policy
-	applied datapath.Policy   // the policy the kernel holds
-	ready   bool
-	loaded  chan struct{} // closed once the first Istio config arrived
+	// mu guards the agent's state; kernel work under it is one pod's at
+	// a time (controller.go).
+	mu     sync.Mutex
+	pods   map[string]*pod // by container ID
+	istio  istio.Config
+	ids    *policy.Allocator // workload identities, stable across restarts
+	policy policy.Result     // the last compiled policy
+	ready  bool
+	loaded chan struct{} // closed once the first Istio config arrived
+
+	ctl     *controller
+	applied datapath.Policy // the policy the kernel holds (policy worker only)
+	// polGen counts changes of the policy's inputs; polDone is the
+	// newest generation a finished policy run took; polNotify is closed
+	// (and replaced) at the end of every run.
+	polGen, polDone uint64
+	polNotify       chan struct{}
+	// unregistered are this node's meshed pods that have no
+	// registration (Kubernetes; kubepods.go).
+	unregistered      []UnregisteredPod
+	unregisteredSaved bool // unregistered.json holds a.unregistered
 	// identitiesLost: identities.json was corrupt; numbering restarts
 	// above the kernel's numbers (loadState).
 	identitiesLost bool
 	failures       failureCounts
 	pressure       pressureState
-	retry          chan struct{} // a failure to apply: reconcile again (retry.go)
 }
 
 // podReg is a pod's registration, as the CNI plugin sent it.
@@ -144,6 +174,15 @@ func New(cfg Config) (*Agent, error) {
 	if cfg.PressureInterval <= 0 {
 		cfg.PressureInterval = DefaultPressureInterval
 	}
+	if cfg.PolicyWait <= 0 {
+		cfg.PolicyWait = DefaultPolicyWait
+	}
+	if cfg.PodGoneGrace <= 0 {
+		cfg.PodGoneGrace = DefaultPodGoneGrace
+	}
+	if cfg.LookupTimeout <= 0 {
+		cfg.LookupTimeout = DefaultLookupTimeout
+	}
 	if cfg.Source == nil {
 		return nil, errors.New("agent: no Istio config source")
 	}
@@ -159,7 +198,7 @@ func New(cfg Config) (*Agent, error) {
 		return nil, err
 	}
 	a := &Agent{cfg: cfg, log: cfg.Log, dp: dp, pods: map[string]*pod{}, loaded: make(chan struct{}),
-		retry: make(chan struct{}, 1),
+		ctl: newController(nil), polNotify: make(chan struct{}),
 		istio: istio.Config{Mesh: istio.DefaultMeshConfig(), Node: istio.NodeSwitches{Capture: true, Splice: true}}}
 	if err := a.loadIdentities(); err != nil {
 		dp.Close()
@@ -179,17 +218,21 @@ func (a *Agent) Datapath() *datapath.Datapath { return a.dp }
 func (a *Agent) Close() error { return a.dp.Close() }
 
 // Serve runs the config source, the CNI API and the metrics server until ctx
-// ends.
+// ends. When it returns, nothing it started writes to the kernel any more.
 func (a *Agent) Serve(ctx context.Context) error {
 	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
+	var wg sync.WaitGroup
+	defer func() {
+		cancel()
+		wg.Wait()
+	}()
 	errc := make(chan error, 3)
 	updates := make(chan istio.Config)
 	go func() { errc <- a.cfg.Source.Run(ctx, updates) }()
-	go a.sweepLoop(ctx)
-	go a.pressureLoop(ctx, a.cfg.PressureInterval)
-	go a.retryLoop(ctx)
-	go func() {
+	wg.Go(func() { a.sweepLoop(ctx) })
+	wg.Go(func() { a.pressureLoop(ctx, a.cfg.PressureInterval) })
+	a.runWorkers(ctx, &wg)
+	wg.Go(func() {
 		for {
 			select {
 			case <-ctx.Done():
@@ -198,7 +241,7 @@ func (a *Agent) Serve(ctx context.Context) error {
 				a.applyConfig(c)
 			}
 		}
-	}()
+	})
 	// Register pods only once the configuration is known: the defaults
 	// (ports, interception mode) come from it.
 	select {
@@ -230,7 +273,7 @@ func (a *Agent) Serve(ctx context.Context) error {
 		msrv := &http.Server{Handler: a.metricsHandler(), ReadHeaderTimeout: 5 * time.Second}
 		go func() { errc <- serveUntil(ctx, msrv, mln) }()
 	}
-	go func() {
+	wg.Go(func() {
 		tick := time.NewTicker(max(a.cfg.ListenerGrace/4, 100*time.Millisecond))
 		defer tick.Stop()
 		for {
@@ -241,11 +284,12 @@ func (a *Agent) Serve(ctx context.Context) error {
 				a.checkListeners(now)
 			}
 		}
-	}()
+	})
 	a.mu.Lock()
 	a.ready = true
+	npods := len(a.pods)
 	a.mu.Unlock()
-	a.log.Info("agent ready", "cni_socket", a.cfg.CNISocket, "metrics", a.cfg.MetricsAddr, "pods", len(a.pods))
+	a.log.Info("agent ready", "cni_socket", a.cfg.CNISocket, "metrics", a.cfg.MetricsAddr, "pods", npods)
 	select {
 	case <-ctx.Done():
 		a.logStopping(ctx)
@@ -278,24 +322,38 @@ func serveUntil(ctx context.Context, srv *http.Server, ln net.Listener) error {
 	return nil
 }
 
-// applyConfig makes the kernel follow a new Istio configuration: node
-// switches, and every pod re-resolved against the new defaults.
+// applyConfig makes the kernel follow a new Istio configuration: it puts
+// on the work queue what the change touches (controller.go): the node
+// switches and every pod when the defaults pods are resolved against
+// changed, the pods whose Kubernetes object changed, and the policy.
 func (a *Agent) applyConfig(c istio.Config) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	old, first := a.istio, !a.isLoaded()
 	a.istio = c
 	// Never re-program a pod whose netns is gone: it may hold an address
 	// that belongs to a new pod now.
 	a.forgetGone()
-	if !a.reconcile() {
-		a.needRetry()
+	if first || !reflect.DeepEqual(old.Defaults(), c.Defaults()) || old.Node != c.Node || old.TrustDomain() != c.TrustDomain() {
+		a.enqueueAll()
 	}
+	a.syncKubePods(c)
+	a.policyChanged()
 	a.log.Info("istio config applied", "node", a.nodeSettings(), "pods", len(a.pods),
 		"authorization_policies", len(c.AuthorizationPolicies), "sources", c.Sources)
 	select {
 	case <-a.loaded:
 	default:
 		close(a.loaded)
+	}
+}
+
+func (a *Agent) isLoaded() bool {
+	select {
+	case <-a.loaded:
+		return true
+	default:
+		return false
 	}
 }
 
@@ -326,8 +384,11 @@ func (a *Agent) programPod(p *pod) error {
 		Identity: a.podIdentity(p)})
 }
 
-// AddPod implements api.Registry.
-func (a *Agent) AddPod(_ context.Context, req api.PodRegistration) (api.PodStatus, error) {
+// AddPod implements api.Registry. On Kubernetes the pod's annotations,
+// labels and service account come from the API server (kubepods.go). The
+// pod is programmed before AddPod returns; its policy batch is waited for
+// at most Config.PolicyWait (controller.go).
+func (a *Agent) AddPod(ctx context.Context, req api.PodRegistration) (api.PodStatus, error) {
 	cookie, err := datapath.NetnsCookie(req.Netns)
 	if err != nil {
 		return api.PodStatus{}, fmt.Errorf("%w: netns: %w", api.ErrInvalidRequest, err)
@@ -335,6 +396,25 @@ func (a *Agent) AddPod(_ context.Context, req api.PodRegistration) (api.PodStatu
 	if err := checkPodNetns(req, cookie); err != nil {
 		return api.PodStatus{}, err
 	}
+	if req, err = a.fromAPIServer(ctx, req); err != nil {
+		return api.PodStatus{}, err
+	}
+	p, gen, err := a.addPod(req, cookie)
+	if err != nil {
+		return api.PodStatus{}, err
+	}
+	if !a.waitPolicy(ctx, gen) {
+		a.log.Info("pod registered before its policy batch landed; its sidecar enforces meanwhile", "pod", req.String(),
+			"policy_wait", a.cfg.PolicyWait.String())
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.statusOf(p), nil
+}
+
+// addPod registers and programs a pod, and asks for its policy batch,
+// whose generation it returns.
+func (a *Agent) addPod(req api.PodRegistration, cookie uint64) (*pod, uint64, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	// A registration rebuilt from the kernel (recoverPods) gives way to
@@ -354,18 +434,18 @@ func (a *Agent) AddPod(_ context.Context, req api.PodRegistration) (api.PodStatu
 	for id, other := range a.pods {
 		if id != req.ContainerID && other.Cookie == cookie {
 			undo(a.pods[req.ContainerID])
-			return api.PodStatus{}, fmt.Errorf("%w: netns %s is registered already for %s", api.ErrConflict, req.Netns, other.Reg)
+			return nil, 0, fmt.Errorf("%w: netns %s is registered already for %s", api.ErrConflict, req.Netns, other.Reg)
 		}
 	}
 	p := &pod{Reg: req, Cookie: cookie, Registered: time.Now()}
 	if _, _, err := istio.ParseTraffic(req.Annotations, a.istio.Defaults()); err != nil {
 		undo(a.pods[req.ContainerID])
-		return api.PodStatus{}, fmt.Errorf("%w: pod %s: %w", api.ErrInvalidRequest, req, err)
+		return nil, 0, fmt.Errorf("%w: pod %s: %w", api.ErrInvalidRequest, req, err)
 	}
 	claimWarnings, err := a.settleIPClaims(req.ContainerID, p)
 	if err != nil {
 		undo(a.pods[req.ContainerID])
-		return api.PodStatus{}, err
+		return nil, 0, err
 	}
 	prev := a.pods[req.ContainerID]
 	if prev == nil {
@@ -378,7 +458,7 @@ func (a *Agent) AddPod(_ context.Context, req api.PodRegistration) (api.PodStatu
 	if err := a.saveState(); err != nil {
 		undo(prev)
 		a.failedOn("save_state", req.String(), err)
-		return api.PodStatus{}, err
+		return nil, 0, err
 	}
 	if err := a.replacePod(prev, p); err != nil {
 		undo(prev)
@@ -387,15 +467,15 @@ func (a *Agent) AddPod(_ context.Context, req api.PodRegistration) (api.PodStatu
 			a.log.Error("save registrations after a failed registration", "pod", req.String(), "error", serr)
 			a.failed("save_state", serr)
 		}
-		return api.PodStatus{}, err
+		return nil, 0, err
 	}
 	p.Warnings = append(p.Warnings, claimWarnings...)
 	for _, w := range p.Warnings {
 		a.log.Warn("pod settings", "pod", req.String(), "warning", w)
 	}
+	a.noteRegistered(req)
 	// The pod's own policy set and its identity as a source.
-	a.applyPolicy()
-	return a.statusOf(p), nil
+	return p, a.policyChanged(), nil
 }
 
 // replacePod programs p in place of the previous registration of its
@@ -416,7 +496,7 @@ func (a *Agent) replacePod(prev, p *pod) error {
 		if rerr := a.programPod(prev); rerr != nil {
 			a.log.Error("restore the previous registration", "pod", prev.Reg.String(), "error", rerr)
 			a.failedOn("program_pod", prev.Reg.String(), rerr)
-			a.needRetry()
+			a.ctl.work.AddRateLimited(podKey(prev.Reg.ContainerID))
 		}
 	}
 	return err
@@ -456,6 +536,11 @@ func (a *Agent) CheckPod(_ context.Context, containerID string) (api.PodStatus, 
 func (a *Agent) RemovePod(_ context.Context, containerID string) error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	return a.removePod(containerID)
+}
+
+// removePod unregisters a container. Called with a.mu held.
+func (a *Agent) removePod(containerID string) error {
 	p, ok := a.pods[containerID]
 	if !ok {
 		return nil
@@ -472,7 +557,7 @@ func (a *Agent) RemovePod(_ context.Context, containerID string) error {
 		}
 	}
 	a.log.Info("pod unregistered", "pod", p.Reg.String())
-	a.applyPolicy()
+	a.policyChanged()
 	return a.saveState()
 }
 

@@ -41,10 +41,9 @@ func TestFailuresAreCountedAndPassedOn(t *testing.T) {
 
 func TestBackoffDoublesToItsMaximum(t *testing.T) {
 	var got []time.Duration
-	d := time.Duration(0)
+	limiter := newController(nil).limiter
 	for range 9 {
-		d = nextBackoff(d)
-		got = append(got, d)
+		got = append(got, limiter.When("pod/x"))
 	}
 	want := []time.Duration{1, 2, 4, 8, 16, 32, 60, 60, 60}
 	for i := range want {

@@ -95,11 +95,14 @@ func bypassPorts() []uint16 {
 	return slices.Clone(istio.ProxyPorts)
 }
 
-// reconcilePolicy compiles and installs the policy, and when the kernel
-// policy changed (a policy edit, or a registration that changes which
-// identity an address has), closes the live connections it now forbids.
-// Called with a.mu held.
-func (a *Agent) reconcilePolicy() error {
+// policyInputs is what a compile needs, copied from the agent's state.
+type policyInputs struct {
+	in         policy.Input
+	ipWorkload map[netip.Addr]string // address -> workload key
+}
+
+// policyInputs takes the compile's inputs. Called with a.mu held.
+func (a *Agent) policyInputs() policyInputs {
 	in := policy.Input{
 		TrustDomain:   a.istio.TrustDomain(),
 		RootNamespace: a.istio.RootNamespace(),
@@ -142,6 +145,15 @@ func (a *Agent) reconcilePolicy() error {
 	for _, s := range a.istio.Services {
 		in.Services = append(in.Services, policy.Service{Namespace: s.Namespace, Name: s.Name, Selector: s.Selector})
 	}
+	return policyInputs{in: in, ipWorkload: ipWorkload}
+}
+
+// reconcilePolicy compiles and installs the policy, and when the kernel
+// policy changed (a policy edit, or a registration that changes which
+// identity an address has), closes the live connections it now forbids.
+// Called by the policy worker only, without a.mu: a.applied is its own.
+func (a *Agent) reconcilePolicy(pi policyInputs) error {
+	in, ipWorkload := pi.in, pi.ipWorkload
 	res, err := policy.Compile(in, a.ids)
 	if err != nil {
 		return fmt.Errorf("compile authorization policies: %w", err)
@@ -170,7 +182,9 @@ func (a *Agent) reconcilePolicy() error {
 		}
 		dp.IPs[ip] = datapath.IPPolicy{Identity: uint32(id), Set: set}
 	}
+	a.mu.Lock()
 	a.policy = res
+	a.mu.Unlock()
 	if reflect.DeepEqual(dp, a.applied) {
 		return a.saveIdentities()
 	}

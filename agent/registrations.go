@@ -75,7 +75,7 @@ func (a *Agent) forgetGone() {
 		a.log.Error("save registrations", "error", err)
 		a.failed("save_state", err)
 	}
-	a.applyPolicy()
+	a.policyChanged()
 }
 
 // settleIPClaims decides, for every address the new registration p (of

@@ -97,6 +97,9 @@ func ReportPods(st *datapath.Status, stateDir string) ([]PodReport, error) {
 		r.Captured, r.Spliced, r.InboundReady, r.PolicyEnforced = why, why, why, why
 		out = append(out, r)
 	}
+	un, unErr := unregisteredReports(stateDir)
+	out = append(out, un...)
+	stateErr = errors.Join(stateErr, unErr)
 	sort.Slice(out, func(i, j int) bool {
 		if a, b := out[i].String(), out[j].String(); a != b {
 			return a < b

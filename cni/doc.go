@@ -74,9 +74,16 @@
 //
 // A standalone caller passes the pod's labels, which AuthorizationPolicy
 // selectors match, the same way under "io.meshsplice.pod-labels"
-// ([PodLabelsCapability]; declare it in "capabilities" too). Kubernetes
-// runtimes do not pass labels: on Kubernetes the agent reads them from the
-// API server.
+// ([PodLabelsCapability]; declare it in "capabilities" too).
+//
+// On Kubernetes (`meshsplice agent --kubernetes`) the plugin needs nothing
+// but CNI_ARGS: the agent looks the pod up on the API server by
+// K8S_POD_NAMESPACE and K8S_POD_NAME (its informer's cache, else a GET
+// bounded by --pod-lookup-timeout) and registers it with the object's
+// annotations, labels, service account and UID, whatever the runtime
+// passed; a K8S_POD_UID that is not the object's is refused. An API server
+// out of reach fails ADD as "agent not ready", so agentUnreachable decides
+// as when the agent is down.
 //
 // The config's "annotations" are defaults under the pod's own, key by key.
 // JSON in the capability keeps annotation values intact (they may contain

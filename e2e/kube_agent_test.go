@@ -55,18 +55,21 @@ func TestAgentKubernetes(t *testing.T) {
 	intruder := m.addPod(nodeB, "intruder", nil) // injected, service account intruder
 	plain := m.addPod(nodeB, "plain", nil)       // no sidecar, service account backend
 
-	// The node-B pods as the API server knows them.
+	// The pods as the API server knows them: db on node A (the agent
+	// registers it with its object's labels and service account), the
+	// others on node B.
 	for _, p := range []struct {
 		pod      *meshPod
 		sa       string
 		injected bool
-	}{{backend, "backend", true}, {intruder, "intruder", true}, {plain, "backend", false}} {
+		node     string
+	}{{db, "db", true, "node-a"}, {backend, "backend", true, "node-b"}, {intruder, "intruder", true, "node-b"}, {plain, "backend", false, "node-b"}} {
 		if _, err := srv.Client.CoreV1().ServiceAccounts(ns).Create(ctx,
 			&corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: p.sa}}, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
 			t.Fatal(err)
 		}
-		obj := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: p.pod.Name, Namespace: ns},
-			Spec: corev1.PodSpec{NodeName: "node-b", ServiceAccountName: p.sa, Containers: []corev1.Container{{Name: "app", Image: "app"}}}}
+		obj := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: p.pod.Name, Namespace: ns, Labels: map[string]string{"app": p.pod.Name}},
+			Spec: corev1.PodSpec{NodeName: p.node, ServiceAccountName: p.sa, Containers: []corev1.Container{{Name: "app", Image: "app"}}}}
 		if p.injected {
 			obj.Annotations = injected()
 			obj.Spec.Containers = append(obj.Spec.Containers, corev1.Container{Name: istio.ProxyContainer, Image: "proxyv2"})

@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/protobuf/encoding/protojson"
@@ -69,6 +70,9 @@ type KubeSource struct {
 	lastMeshFrom string
 	lastSwitches *NodeSwitches
 	reported     map[string]string // what was logged as rejected, so it is logged once
+
+	lookup       atomic.Pointer[kubeLookup] // for LookupPod (kubelookup.go), set by Run
+	lastDefaults atomic.Pointer[Defaults]
 }
 
 // KubeRESTConfig is the API server's address and credentials: from the
@@ -177,6 +181,7 @@ func (s *KubeSource) Run(ctx context.Context, updates chan<- Config) error {
 		peerAuth:   istioF.Security().V1().PeerAuthentications().Informer(),
 		entries:    istioF.Networking().V1().WorkloadEntries().Informer(),
 	}
+	s.lookup.Store(&kubeLookup{client: kc, local: inf.localPods.GetStore(), revision: s.Revision, defaults: &s.lastDefaults})
 	if err := inf.allPods.SetTransform(trimPod); err != nil {
 		return fmt.Errorf("pod transform: %w", err)
 	}
@@ -296,6 +301,7 @@ func (s *KubeSource) build(inf *kubeInformers) Config {
 	s.buildMesh(&cfg, inf.istioCMs.GetStore())
 	s.buildSwitches(&cfg, inf.switchCMs.GetStore())
 	d := cfg.Defaults()
+	s.lastDefaults.Store(&d)
 
 	for _, o := range inf.policies.GetStore().List() {
 		if ap, ok := o.(*securityAP); ok {
@@ -340,11 +346,7 @@ func (s *KubeSource) build(inf *kubeInformers) Config {
 		if !ok || pod.Spec.NodeName != s.NodeName {
 			continue
 		}
-		cfg.Pods = append(cfg.Pods, Pod{
-			Namespace: pod.Namespace, Name: pod.Name, UID: string(pod.UID), NodeName: pod.Spec.NodeName,
-			ServiceAccount: serviceAccount(pod), Labels: pod.Labels, Annotations: pod.Annotations,
-			IPs: podIPs(pod), Mesh: ClassifyPod(pod, s.Revision, d),
-		})
+		cfg.Pods = append(cfg.Pods, kubePod(pod, s.Revision, d))
 	}
 	sortBy(cfg.Pods, Pod.String)
 

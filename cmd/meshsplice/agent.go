@@ -71,5 +71,6 @@ func runAgent(ctx context.Context, args []string) error {
 		MetricsAddr: *metrics, NodeCapture: *capture, NodeSplice: *splice,
 		Source: source, Log: log, ListenerGrace: *grace,
 		PressureInterval: *pressure,
+		PodGoneGrace:     *kube.goneGrace, LookupTimeout: *kube.lookupTimeout,
 	})
 }

@@ -5,6 +5,9 @@ import (
 	"flag"
 	"log/slog"
 	"os"
+	"time"
+
+	"github.com/meshsplice/meshsplice/agent"
 
 	"github.com/meshsplice/meshsplice/istio"
 )
@@ -14,6 +17,7 @@ type kubeFlags struct {
 	on                          *bool
 	kubeconfig, node, namespace *string
 	revision, switchesNamespace *string
+	goneGrace, lookupTimeout    *time.Duration
 }
 
 func addKubeFlags(fs *flag.FlagSet) *kubeFlags {
@@ -24,6 +28,8 @@ func addKubeFlags(fs *flag.FlagSet) *kubeFlags {
 		namespace:         fs.String("istio-namespace", "istio-system", "istiod's namespace: the istio (istio-REV) ConfigMap with the mesh config"),
 		revision:          fs.String("revision", "", "the Istio revision this node follows (default: the default revision)"),
 		switchesNamespace: fs.String("switches-namespace", "", "namespace of the meshsplice ConfigMap, the node switches (default: --istio-namespace)"),
+		goneGrace:         fs.Duration("pod-gone-grace", agent.DefaultPodGoneGrace, "remove a registration whose pod object is gone from the API server once it is this old"),
+		lookupTimeout:     fs.Duration("pod-lookup-timeout", agent.DefaultLookupTimeout, "bound of a CNI ADD's GET of its pod when the informer has not seen it yet"),
 	}
 }
 
