@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"k8s.io/client-go/util/workqueue"
 
 	"github.com/meshsplice/meshsplice/agent/api"
@@ -158,8 +159,8 @@ func TestCNIAddNeverWaitsForABlockedCompile(t *testing.T) {
 	close(release)
 	released = true
 	waitFor(t, "the policy settled", func() bool { return settled(a) })
-	if n := a.ctl.compiles.Load() - before; n != 2 {
-		t.Errorf("%d compiles for the blocked one and a burst of %d ADDs, want 2 (the burst compiled once)", n, len(pods)-1)
+	if n := metricValue(t, a, "meshsplice_policy_compiles_total", "") - float64(before); n != 2 {
+		t.Errorf("%v compiles for the blocked one and a burst of %d ADDs, want 2 (the burst compiled once)", n, len(pods)-1)
 	}
 	for _, p := range pods {
 		for _, ip := range []netip.Addr{p.IPv4, p.IPv6} {
@@ -168,6 +169,30 @@ func TestCNIAddNeverWaitsForABlockedCompile(t *testing.T) {
 			}
 		}
 	}
+}
+
+// metricValue reads a metric of the controller as /metrics serves it
+// (label: the value of its one label, "" for none).
+func metricValue(tb testing.TB, a *Agent, name, label string) float64 {
+	tb.Helper()
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(controllerCollector{a: a})
+	mfs, err := reg.Gather()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			if label == "" || (len(m.GetLabel()) == 1 && m.GetLabel()[0].GetValue() == label) {
+				return m.GetCounter().GetValue()
+			}
+		}
+	}
+	tb.Fatalf("no metric %s{%s}", name, label)
+	return 0
 }
 
 // recordingLimiter is a rate limiter that notes each back-off it gives.
@@ -211,8 +236,8 @@ func TestFailedPodReconcileRetriedWithBackoff(t *testing.T) {
 	if n := attempts.Load(); n != 4 {
 		t.Errorf("%d attempts, want 4 (3 failures, then a success)", n)
 	}
-	if n := a.ctl.retries.pod.Load(); n != 3 {
-		t.Errorf("meshsplice_reconcile_retries_total{what=pod} = %d, want 3", n)
+	if n := metricValue(t, a, "meshsplice_reconcile_retries_total", "pod"); n != 3 {
+		t.Errorf("meshsplice_reconcile_retries_total{what=pod} = %v, want 3", n)
 	}
 	if n := a.Failures()["program_pod"] - failuresBefore; n != 3 {
 		t.Errorf("program_pod failures counted %d, want 3", n)
