@@ -234,11 +234,13 @@ static __always_inline int roles(struct bpf_sock_ops *skops,
 }
 
 /* spliceable says whether a socket of this role in this pod may join the
- * splice map: sidecar sockets always, app sockets only with app-splice. */
+ * splice map: sidecar sockets always, app sockets only with app-splice and
+ * unless the node switch turned it off. */
 static __always_inline int spliceable(__u32 role, const struct ms_pod *pod)
 {
 	return role == MS_ROLE_PROXY ||
-	       (role == MS_ROLE_APP && (pod->flags & MS_POD_APP_SPLICE));
+	       (role == MS_ROLE_APP && (pod->flags & MS_POD_APP_SPLICE) &&
+		!(node_flags() & MS_NODE_NO_APP_SPLICE));
 }
 
 static __always_inline void established(struct bpf_sock_ops *skops)

@@ -39,7 +39,7 @@ const (
 const (
 	AnnotationCapture   = "meshsplice.io/capture"    // "enabled" (default) | "disabled"
 	AnnotationSplice    = "meshsplice.io/splice"     // "enabled" (default) | "disabled"
-	AnnotationAppSplice = "meshsplice.io/app-splice" // "false" (default) | "true"
+	AnnotationAppSplice = "meshsplice.io/app-splice" // "false" (default; Defaults.AppSplice) | "true"
 	AnnotationProxyUID  = "meshsplice.io/proxy-uid"  // decimal uid, default Defaults.ProxyUID
 	AnnotationProxyGID  = "meshsplice.io/proxy-gid"  // decimal gid, default the uid if overridden, else Defaults.ProxyGID
 )
@@ -97,6 +97,13 @@ type Defaults struct {
 	ExcludeOutboundPorts    string // "", values.global.proxy.excludeOutboundPorts
 	IncludeInboundPorts     string // "*", values.global.proxy.includeInboundPorts
 	ExcludeInboundPorts     string // "", values.global.proxy.excludeInboundPorts
+
+	// AppSplice is meshsplice.io/app-splice for a pod that does not set
+	// it: false (Istio's defaults know nothing of it), true where the agent
+	// found that the node refuses splice(2) reads of spliced sockets
+	// (datapath.ReadersGuarded), the one trap an app socket's reader could
+	// fall into that meshsplice cannot otherwise keep from hanging.
+	AppSplice bool
 }
 
 // DefaultDefaults returns Istio's out-of-the-box defaults.
@@ -197,13 +204,13 @@ func ParseTraffic(annotations map[string]string, d Defaults) (Traffic, []string,
 	}
 	capture := p.enum(AnnotationCapture, "enabled", "disabled", true)
 	splice := p.enum(AnnotationSplice, "enabled", "disabled", true)
-	appIngress := p.enum(AnnotationAppSplice, "true", "false", false)
+	appIngress := p.enum(AnnotationAppSplice, "true", "false", d.AppSplice)
 
 	t.Sidecar = injected && !injectOff && !interceptNone
 	t.Capture = t.Sidecar && capture
 	t.Splice = t.Capture && splice
 	t.AppSplice = t.Splice && appIngress
-	if appIngress && !splice {
+	if _, set := annotations[AnnotationAppSplice]; set && appIngress && !splice {
 		p.warnf("%s: \"true\" has no effect with %s: \"disabled\"", AnnotationAppSplice, AnnotationSplice)
 	}
 
