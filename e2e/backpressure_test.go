@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"fmt"
 	"os"
+	"os/exec"
 	"strings"
 	"sync"
 	"testing"
@@ -39,6 +40,34 @@ func tcpMemBytes(tb testing.TB) int64 {
 	return 0
 }
 
+// podSocketMem is what the TCP sockets of the network namespace at netns
+// hold in their receive and send queues (ss -m: skmem r, the receive
+// queue, and w, the send queue, in bytes of kernel memory). A psock's BPF
+// queue is not in either: the reader reports it (FIONREAD).
+func podSocketMem(tb testing.TB, netns string) int64 {
+	out, err := exec.Command("nsenter", "--net="+netns, "ss", "-tmnH").Output()
+	if err != nil {
+		tb.Errorf("ss in %s: %v", netns, err)
+		return 0
+	}
+	var sum int64
+	for _, f := range strings.Fields(string(out)) {
+		if !strings.HasPrefix(f, "skmem:(") {
+			continue
+		}
+		for _, kv := range strings.Split(strings.Trim(strings.TrimPrefix(f, "skmem:"), "()"), ",") {
+			var n int64
+			if v, ok := strings.CutPrefix(kv, "r"); ok && !strings.HasPrefix(v, "b") {
+				fmt.Sscan(v, &n)
+			} else if v, ok := strings.CutPrefix(kv, "w"); ok {
+				fmt.Sscan(v, &n)
+			}
+			sum += n
+		}
+	}
+	return sum
+}
+
 // TestNonReadingReceiverIsBounded: a writer pushes 128 MiB to a reader that
 // does not read for three seconds, then reads. Over TCP the reader's window
 // stops the writer after a few MB. Redirected data is charged to protocol
@@ -46,8 +75,9 @@ func tcpMemBytes(tb testing.TB) int64 {
 // whole stream would pile up in the kernel. meshsplice bounds what a
 // spliced receiver holds unread: past it the sender goes on over TCP for
 // the rest of the connection (after the redirected bytes, so in order).
-// The peak node TCP memory is reported for TCP and for each splice mode,
-// side by side, and the reader must get every byte in order.
+// The peak node TCP memory, the server pod's socket queues and the paused
+// reader's BPF queue are reported for TCP and for each splice mode, side
+// by side, and the reader must get every byte in order.
 //
 // Before the bound, the spliced modes held the whole push (a 64 MiB push:
 // +63 and +69 MiB of node TCP memory). Each spliced hop may now hold 2 MiB
@@ -98,7 +128,7 @@ func TestNonReadingReceiverIsBounded(t *testing.T) {
 				t.Fatal(err)
 			}
 			base := tcpMemBytes(t)
-			var peak int64
+			var peak, podPeak int64
 			stop := make(chan struct{})
 			var wg sync.WaitGroup
 			wg.Go(func() {
@@ -108,6 +138,7 @@ func TestNonReadingReceiverIsBounded(t *testing.T) {
 						return
 					case <-time.After(20 * time.Millisecond):
 						peak = max(peak, tcpMemBytes(t)-base)
+						podPeak = max(podPeak, podSocketMem(t, server.NS.Path()))
 					}
 				}
 			})
@@ -127,8 +158,8 @@ func TestNonReadingReceiverIsBounded(t *testing.T) {
 			if err != nil || !res.Bool("ok") {
 				t.Fatalf("stream not delivered intact: %v %v\n%s", err, res, strings.Join(c.Lines(), "\n"))
 			}
-			report[mc.name] = fmt.Sprintf("peak node TCP memory +%.1f MiB, reader's FIONREAD peak %.1f MiB, redirected during the pause %.1f MiB; in all: redirected %.1f MiB, TCP after a fallback %.1f MiB, backpressure fallbacks %d, resumed %d",
-				float64(peak)/(1<<20), float64(paused.Int("peak_unread"))/(1<<20), float64(atPause["sk_msg.bytes_redirected"])/(1<<20),
+			report[mc.name] = fmt.Sprintf("peak node TCP memory +%.1f MiB, server pod's socket queues peak %.1f MiB, reader's FIONREAD (BPF queue) peak %.1f MiB, redirected during the pause %.1f MiB; in all: redirected %.1f MiB, TCP after a fallback %.1f MiB, backpressure fallbacks %d, resumed %d",
+				float64(peak)/(1<<20), float64(podPeak)/(1<<20), float64(paused.Int("peak_unread"))/(1<<20), float64(atPause["sk_msg.bytes_redirected"])/(1<<20),
 				float64(d["sk_msg.bytes_redirected"])/(1<<20), float64(d["sk_msg.bytes_tcp_after_fallback"])/(1<<20),
 				d["sk_msg.backpressure_fallbacks"], d["sk_msg.backpressure_resumed"])
 			t.Log(report[mc.name])
