@@ -102,6 +102,10 @@ func TestIstioOverlay(t *testing.T) {
 			if m.InterceptionMode != "REDIRECT" {
 				t.Errorf("interception mode %q, want REDIRECT (Envoy's capture listeners on)", m.InterceptionMode)
 			}
+			// What Envoy's pilot-agent is told.
+			if got := proxyEnv(pod, "ISTIO_META_INTERCEPTION_MODE"); got != "REDIRECT" {
+				t.Errorf("istio-proxy's ISTIO_META_INTERCEPTION_MODE = %q, want REDIRECT", got)
+			}
 			if !tc.wantMeshsplice {
 				if !m.IstioInit || m.Meshed {
 					t.Errorf("want Istio's own istio-init capture, got %+v", m)
@@ -122,6 +126,21 @@ func TestIstioOverlay(t *testing.T) {
 			}
 		})
 	}
+}
+
+// proxyEnv is the value of istio-proxy's environment variable name.
+func proxyEnv(pod *corev1.Pod, name string) string {
+	for _, c := range append(pod.Spec.InitContainers, pod.Spec.Containers...) {
+		if c.Name != istio.ProxyContainer {
+			continue
+		}
+		for _, e := range c.Env {
+			if e.Name == name {
+				return e.Value
+			}
+		}
+	}
+	return ""
 }
 
 // TestIstioOverlayAllPods: with istio-overlay-all-pods.yaml the injector's
