@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -104,8 +105,21 @@ func TestAgentKubernetesIstioctlPod(t *testing.T) {
 	ag := startKubeAgent(t, srv, m, istioNS)
 	defer ag.stop()
 
-	// The runtime's CNI ADD, then the pod's containers start.
+	// The runtime's CNI ADD, then the pod's init containers, first of
+	// all Istio's istio-validation: it passes only when the pod is
+	// captured. Then the istio-proxy sidecar.
+	if first := pod.Spec.InitContainers[0]; first.Name != "istio-validation" {
+		t.Fatalf("the first init container is %s, want istio-validation", first.Name)
+	}
 	cniAdd(t, ag.sock, app, ns, "sample", got)
+	if err := runIstioValidation(t, m, app, pod); err != nil {
+		t.Fatalf("istio-validation in the captured pod: %v", err)
+	}
+	// The same pod on a node where meshsplice did not capture it.
+	uncaptured := m.addPod(nodeA, "uncaptured", nil)
+	if err := runIstioValidation(t, m, uncaptured, pod); err == nil {
+		t.Fatal("istio-validation passed in a pod nobody captures")
+	}
 	app.Sidecar = m.start(app, "sample-sidecar", 1337, "sidecar")
 	if _, err := app.Sidecar.WaitEvent(waitFor, "ready"); err != nil {
 		t.Fatal(err)
@@ -142,6 +156,30 @@ func startKubeAgent(t *testing.T, srv *kubetest.Server, m *mesh, istioNS string)
 	t.Cleanup(ag.client.Close)
 	ag.start()
 	return kubeAgent{agentProc: ag, sock: sock}
+}
+
+// runIstioValidation runs pod's istio-validation init container in p, as
+// its uid, with Istio's istio-iptables (hack/deps.sh builds it); it
+// returns the container's failure.
+func runIstioValidation(t *testing.T, m *mesh, p *meshPod, pod *corev1.Pod) error {
+	t.Helper()
+	var c *corev1.Container
+	for i := range pod.Spec.InitContainers {
+		if pod.Spec.InitContainers[i].Name == "istio-validation" {
+			c = &pod.Spec.InitContainers[i]
+		}
+	}
+	if c == nil || len(c.Args) == 0 || c.Args[0] != "istio-iptables" || c.SecurityContext == nil || c.SecurityContext.RunAsUser == nil {
+		t.Fatalf("no istio-validation running istio-iptables as a uid: %+v", c)
+	}
+	out, err := exec.Command("../hack/deps.sh", "--path", "istio-iptables").Output()
+	if err != nil {
+		t.Fatalf("hack/deps.sh --path istio-iptables: %v", err)
+	}
+	uid := int(*c.SecurityContext.RunAsUser)
+	v := testnet.Start(t, testnet.StartOpts{NetNS: p.NS, Cgroup: m.cg, UID: uid, GID: uid, Name: p.Name + "-istio-validation",
+		Args: append([]string{strings.TrimSpace(string(out))}, c.Args[1:]...)})
+	return v.WaitTimeout(60 * time.Second)
 }
 
 // classified runs the agent's Kubernetes config source until it has the

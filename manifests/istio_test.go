@@ -76,20 +76,22 @@ func initContainers(pod *corev1.Pod) []string {
 func TestIstioOverlay(t *testing.T) {
 	s := kubetest.Shared(t)
 	sample := must(os.ReadFile("testdata/sample-deployment.yaml"))
-	manifest := istioctl.Generate(t, overlayOptIn...)
+	optIn := istioctl.Generate(t, overlayOptIn...)
 	for _, tc := range []struct {
 		name           string
+		manifest       []byte
 		deployment     []byte
 		native         bool
 		wantMeshsplice bool
+		wantInit       string // the init container in place of istio-init, if any
 	}{
-		{"pod chose meshsplice", sample, false, true},
-		{"pod chose meshsplice, native sidecar", sample, true, true},
-		{"pod did not choose", withoutTemplateChoice(t, sample), false, false},
-		{"pod did not choose, native sidecar", withoutTemplateChoice(t, sample), true, false},
+		{"pod chose meshsplice", optIn, sample, false, true, "istio-validation"},
+		{"pod chose meshsplice, native sidecar", optIn, sample, true, true, "istio-validation"},
+		{"pod did not choose", optIn, withoutTemplateChoice(t, sample), false, false, istio.InitContainer},
+		{"pod did not choose, native sidecar", optIn, withoutTemplateChoice(t, sample), true, false, istio.InitContainer},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			pod := injectedPod(t, s, manifest, tc.deployment, tc.native)
+			pod := injectedPod(t, s, tc.manifest, tc.deployment, tc.native)
 			m := istio.ClassifyPod(pod, "", istio.DefaultDefaults())
 			t.Logf("init containers %v, proxy %q, meshsplice: %v (%s)", initContainers(pod), m.Proxy, m.Meshed, m.Reason)
 			wantProxy := istio.ProxySidecar
@@ -114,6 +116,9 @@ func TestIstioOverlay(t *testing.T) {
 			}
 			if m.IstioInit {
 				t.Errorf("istio-init is there: %v", initContainers(pod))
+			}
+			if tc.wantInit != "" && !slices.Contains(initContainers(pod), tc.wantInit) {
+				t.Errorf("no %s: %v", tc.wantInit, initContainers(pod))
 			}
 			if got := pod.Annotations[istio.AnnotationInterceptionMode]; got != "REDIRECT" {
 				t.Errorf("annotation %s = %q, want REDIRECT", istio.AnnotationInterceptionMode, got)
@@ -214,21 +219,22 @@ func TestIstioOverlayCapturesAsIstioInit(t *testing.T) {
 			"        traffic.sidecar.istio.io/excludeOutboundPorts: \"3306\"\n"+
 			"        traffic.sidecar.istio.io/excludeOutboundIPRanges: \"169.254.169.254/32\"\n"+
 			"        status.sidecar.istio.io/port: \"15029\"\n", 1)
+	const custom = "testdata/istio-values-custom.yaml"
 	for _, tc := range []struct {
 		name       string
-		overlays   []string
+		overlays   []string // the install meshsplice captures in
+		values     []string // the same values without meshsplice's overlay: istio-init's install
 		deployment []byte
 	}{
-		{"Istio's values", overlayOptIn, sample},
-		{"non-default values", append(overlayOptIn[:1:1], "testdata/istio-values-custom.yaml"), sample},
-		{"non-default values and pod annotations", append(overlayOptIn[:1:1], "testdata/istio-values-custom.yaml"), []byte(podAnnotated)},
+		{"Istio's values", overlayOptIn, nil, sample},
+		{"non-default values", append(overlayOptIn[:1:1], custom), []string{custom}, sample},
+		{"non-default values and pod annotations", append(overlayOptIn[:1:1], custom), []string{custom}, []byte(podAnnotated)},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			manifest := istioctl.Generate(t, tc.overlays...)
-			ours := injectedPod(t, s, manifest, tc.deployment, false)
-			// The same pod with Istio's own template ("sidecar" alone).
-			theirs := injectedPod(t, s, manifest, []byte(strings.Replace(string(tc.deployment),
-				"inject.istio.io/templates: sidecar,meshsplice", "inject.istio.io/templates: sidecar", 1)), false)
+			ours := injectedPod(t, s, istioctl.Generate(t, tc.overlays...), tc.deployment, false)
+			// The same pod in the same install without meshsplice.
+			theirs := injectedPod(t, s, istioctl.Generate(t, tc.values...), []byte(strings.Replace(string(tc.deployment),
+				"        inject.istio.io/templates: sidecar,meshsplice\n", "", 1)), false)
 			want := istioInitTraffic(t, theirs)
 			got, warnings, err := istio.ParseTraffic(ours.Annotations, istio.DefaultDefaults())
 			if err != nil {
