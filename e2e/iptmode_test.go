@@ -124,8 +124,13 @@ func TestIptablesModeSidecarToSidecar(t *testing.T) {
 			name                   string
 			clientIPT, serverIPT   bool
 			wantCaptured, wantSkLk uint64
+			iptAnn                 map[string]string // default iptablesMode()
 		}{
 			{name: "iptables-to-iptables", clientIPT: true, serverIPT: true},
+			// Injected with istio-init: the status annotation says so,
+			// nothing else does.
+			{name: "istio-init-to-istio-init", clientIPT: true, serverIPT: true, iptAnn: map[string]string{
+				istio.AnnotationStatus: `{"initContainers":["istio-init"],"containers":["istio-proxy"]}`}},
 			{name: "meshsplice-to-iptables", serverIPT: true, wantCaptured: 1},
 			{name: "iptables-to-meshsplice", clientIPT: true, wantSkLk: 1},
 		} {
@@ -133,6 +138,9 @@ func TestIptablesModeSidecarToSidecar(t *testing.T) {
 				m := newMesh(t)
 				node := testnet.NewBridgeNet(t, testnet.BridgeNetOpts{})
 				pod := func(name string, ipt bool) *meshPod {
+					if ipt && tc.iptAnn != nil {
+						return m.iptablesPod(node, name, tc.iptAnn)
+					}
 					if ipt {
 						return m.iptablesPod(node, name, iptablesMode())
 					}

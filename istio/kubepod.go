@@ -106,16 +106,15 @@ func ClassifyPod(pod *corev1.Pod, revision string, d Defaults) PodMesh {
 	if v, ok := pod.Annotations[AnnotationInterceptionMode]; ok {
 		m.InterceptionMode = strings.TrimSpace(v)
 	}
-	if istioInitListed(status) {
-		m.IstioInit = true
-	}
+	listed := istioInitListed(status)
 	ann := pod.Annotations
-	if m.IstioInit && strings.TrimSpace(ann[AnnotationCapture]) != "disabled" {
+	if m.IstioInit && !listed && strings.TrimSpace(ann[AnnotationCapture]) != "disabled" {
 		// istio-init in the spec but not in the status list: the pod
 		// is under Istio's iptables all the same.
 		ann = maps.Clone(ann)
 		ann[AnnotationCapture] = "iptables"
 	}
+	m.IstioInit = m.IstioInit || listed
 	m.Traffic, m.Warnings, m.Err = ParseTraffic(ann, d)
 	m.Mode = ModeOff
 	switch {
@@ -134,6 +133,9 @@ func ClassifyPod(pod *corev1.Pod, revision string, d Defaults) PodMesh {
 		if m.Traffic.IPTables {
 			m.Mode = ModeIPTables
 		}
+	case m.Traffic.IPTables:
+		m.Reason = "left on Istio's own iptables (pod annotation " + AnnotationCapture + ": iptables)"
+		m.Mode = ModeIPTables
 	case !m.Traffic.Capture:
 		m.Reason = "capture turned off by annotation (" + AnnotationInject + " or " + AnnotationCapture + ")"
 	default:
