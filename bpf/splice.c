@@ -38,6 +38,10 @@
  * (MS_POD_APP_SPLICE) when its app is known to do neither: then app <->
  * sidecar is spliced both ways too.
  *
+ * Pods under Istio's own iptables (MS_POD_IPTABLES): their sidecars are
+ * paired through the server's REDIRECT, which sockops does not see
+ * (iptmode.h).
+ *
  * Both ends must agree. A socket joins only if its own end and its peer's
  * end may be spliced, under a key carrying its own role; a sender looks its
  * peer up under the role it computed for it. Where the two ends would judge

@@ -4,11 +4,14 @@ import (
 	"fmt"
 	"net/netip"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/cilium/ebpf"
 
+	"github.com/meshsplice/meshsplice/agent"
+	"github.com/meshsplice/meshsplice/agent/api"
 	"github.com/meshsplice/meshsplice/baseline"
 	"github.com/meshsplice/meshsplice/datapath"
 	"github.com/meshsplice/meshsplice/internal/testnet"
@@ -156,6 +159,7 @@ func TestIptablesModeSidecarToSidecar(t *testing.T) {
 				t.Logf("counters: %v", nonZero(d))
 
 				oneSidecarHop(t, client, server, target, v6)
+				m.checkModes(t, map[*meshPod]bool{client: tc.clientIPT, server: tc.serverIPT})
 				sidecarErrors(t, client, server)
 				nat := uint64(0)
 				if tc.serverIPT {
@@ -276,4 +280,85 @@ func TestIptablesPodRemovedMidStream(t *testing.T) {
 		st, err := datapath.Inspect(m.pin)
 		return err == nil && st.SplicedSockets == 0 && m.natPeers() == 0
 	})
+}
+
+// checkModes asserts what `meshsplice status` says of each pod's mode,
+// read back from the kernel: iptables or meshsplice.
+func (m *mesh) checkModes(t *testing.T, ipt map[*meshPod]bool) {
+	t.Helper()
+	st, err := datapath.Inspect(m.pin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	reports, err := agent.ReportPods(st, t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	mode := map[uint64]string{}
+	for _, r := range reports {
+		mode[r.Cookie] = r.Mode
+	}
+	for p, isIPT := range ipt {
+		want := istio.ModeMeshsplice
+		if isIPT {
+			want = istio.ModeIPTables
+		}
+		if mode[p.Cookie] != want {
+			t.Errorf("status says pod %s is in mode %q, want %q", p.Name, mode[p.Cookie], want)
+		}
+	}
+}
+
+// TestIptablesModeThroughAgent: the agent registers pods in iptables mode
+// from their annotations (here the injector's status listing istio-init,
+// as the CNI passes it), captures none of them, says so in /pods, and
+// keeps their kernel policy: egress is judged at connect, before Istio's
+// NAT; ingress arrives REDIRECTed to the sidecar's port, where the kernel
+// cannot see the destination port and leaves it to the sidecar.
+func TestIptablesModeThroughAgent(t *testing.T) {
+	w := newPolicyWorld(t)
+	db := w.pod(w.nodeA, "db")
+	frontend := w.pod(w.nodeA, "frontend")
+	backend := w.pod(w.nodeA, "backend")
+	remote := w.pod(w.nodeB, "remote-frontend")
+	w.start(map[string]string{"policies.yaml": allowFromPrincipal("db", "db", "backend"),
+		"remote.yaml": fmt.Sprintf(`apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: vm-frontend, namespace: shop}
+spec: {address: %s, serviceAccount: frontend}
+`, remote.IPv4)})
+	istioInit := map[string]string{istio.AnnotationStatus: `{"initContainers":["istio-init"],"containers":["istio-proxy"]}`}
+	for _, p := range []struct {
+		pod *meshPod
+		sa  string
+	}{{db, "db"}, {frontend, "frontend"}, {backend, "backend"}} {
+		st := w.register(p.pod, api.PodRegistration{ServiceAccount: p.sa, Labels: map[string]string{"app": p.sa}, Annotations: istioInit})
+		if st.Capture || st.Mode != istio.ModeIPTables || !st.Splice {
+			t.Fatalf("%s registered as capture %v, mode %q, splice %v; want iptables mode, spliced", p.sa, st.Capture, st.Mode, st.Splice)
+		}
+		w.m.applyIstioRules(p.pod)
+		p.pod.Sidecar = w.m.start(p.pod, p.sa+"-sidecar", 1337, "sidecar")
+		if _, err := p.pod.Sidecar.WaitEvent(waitFor, "ready"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	before, _ := datapath.ReadPinnedCounters(w.m.pin)
+	w.expect("backend -> db", backend, to(db), "")
+	w.expect("frontend -> db (egress)", frontend, to(db), "operation not permitted")
+	w.expect("remote frontend -> db (ingress, left to the sidecar)", remote, to(db), "")
+	after, _ := datapath.ReadPinnedCounters(w.m.pin)
+	d := after.Sub(before)
+	t.Logf("counters: %v", nonZero(d))
+	if d["connect.captured"] != 0 || d["sk_lookup.captured"] != 0 {
+		t.Errorf("meshsplice captured pods under Istio's iptables: %v", nonZero(d))
+	}
+	if d["sockops.nat_matched"] != 1 || d["sk_msg.redirected"] == 0 {
+		t.Errorf("backend -> db sidecar hop not spliced: %v", nonZero(d))
+	}
+	if st := w.podPolicy("db"); !st.Enforced || !strings.Contains(st.Reason, "only the sidecar judges") {
+		t.Errorf("db's policy status %+v, want enforced with inbound left to the sidecar", st)
+	}
+	if n := len(acceptEvents(db.Sidecar, "inbound")); n != 2 {
+		t.Errorf("db's sidecar got %d connections, want 2 (backend's, the remote's)", n)
+	}
 }
