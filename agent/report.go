@@ -178,10 +178,8 @@ func reportPod(st *datapath.Status, kp datapath.Pod, reg *pod, stateErr error, c
 		r.Spliced = no("the kernel's entry for the pod has splice off")
 	case t.IPTables:
 		r.Spliced = yes("sidecar <-> sidecar with pods on this node, through Istio's REDIRECT; app <-> sidecar stays TCP (iptables NAT)")
-	case t.AppSplice:
-		r.Spliced = yes("sidecar <-> sidecar with pods on this node, and app <-> sidecar (%s: true)", istio.AnnotationAppSplice)
 	default:
-		r.Spliced = yes("sidecar <-> sidecar with pods on this node; app <-> sidecar stays TCP (%s is not true)", istio.AnnotationAppSplice)
+		r.Spliced = yes("sidecar <-> sidecar with pods on this node%s", appSpliceReason(t, ann, st))
 	}
 
 	switch {
@@ -253,4 +251,25 @@ func PolicyEnforced(k datapath.PodKernel) Verdict {
 		return yes("policy set %d: %s", k.Policy.PolicySet, k.Policy.Reason)
 	}
 	return yes("policy set %d: the kernel judges connections to the pod (RST) and peers' connects to it (EPERM)", k.Policy.PolicySet)
+}
+
+// appSpliceReason says whether and why the pod's app <-> sidecar hops are
+// spliced: its annotation, the node's default (docs/readers.md) or the
+// node switch.
+func appSpliceReason(t istio.Traffic, ann map[string]string, st *datapath.Status) string {
+	v, set := ann[istio.AnnotationAppSplice]
+	why := "the node's default: splice(2) reads of spliced sockets are refused here, so app sockets are safe to splice"
+	if set {
+		why = fmt.Sprintf("pod annotation %s: %s", istio.AnnotationAppSplice, strings.TrimSpace(v))
+	}
+	switch {
+	case t.AppSplice && st.Node.AppSpliceOff:
+		return "; app <-> sidecar stays TCP: node switch app-splice is off (agent --app-splice=false or the meshsplice ConfigMap), over " + why
+	case t.AppSplice:
+		return ", and app <-> sidecar (" + why + ")"
+	case set || ann == nil:
+		return "; app <-> sidecar stays TCP (" + why + ")"
+	default:
+		return fmt.Sprintf("; app <-> sidecar stays TCP: not the default on this node (splice(2) readers of spliced sockets: %s; `meshsplice check` says why); a pod opts in with %s: true", st.Readers(), istio.AnnotationAppSplice)
+	}
 }

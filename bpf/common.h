@@ -73,6 +73,10 @@ enum ms_node_flag {
 	MS_NODE_CAPTURE = 1 << 0,
 	MS_NODE_SPLICE = 1 << 1,
 	MS_NODE_DRAIN = 1 << 2, /* detaching: every send goes over TCP */
+	/* Node switch app-splice: disabled. New app sockets are not spliced,
+	 * whatever their pod says (the zero value allows it, so settings
+	 * written by an agent that predates the switch keep their meaning). */
+	MS_NODE_NO_APP_SPLICE = 1 << 3,
 };
 
 /* Kinds of per-pod port rules (ms_port_key.kind). */

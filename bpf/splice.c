@@ -59,22 +59,31 @@
  * let its peer queue without limit (measured: a 64 MiB push all sat in the
  * kernel), where TCP stops a writer at the receiver's window. So a sender
  * looks at what its peer holds unread (psock->msg_tot_len) and, when this
- * send would take it past the peer's receive buffer (at least
- * MS_MIN_UNREAD), goes on over TCP (MS_SK_TX_BACKOFF): TCP's window then
- * holds the writer back, and the bytes stay in order (see Ordering). It
- * goes back to redirecting only when the TCP bytes are all gone: every one
- * it sent acknowledged (snd_una == write_seq, checked under its own lock,
- * so none is in flight) and read by the receiving application (copied_seq
- * == rcv_nxt). Nothing can then overtake them. Kernel structs are read
- * through minimal CO-RE views (see teardown.c for why not vmlinux.h's).
+ * send would take it past MS_MAX_UNREAD, goes on over TCP
+ * (MS_SK_TX_BACKOFF): TCP's window then holds the writer back, and the
+ * bytes stay in order (see Ordering). An empty queue takes one message
+ * whatever its size (the sender's buffer bounds it), so a big write is
+ * never pushed to TCP for its size alone. The bound is fixed, not the
+ * receiver's sk_rcvbuf: the psock queue is not charged to sk_rcvbuf, so
+ * after a fallback the receiver's TCP window opens in full beside it, and
+ * autotuning grows sk_rcvbuf up to tcp_rmem's maximum (32 MiB here) as soon
+ * as TCP bytes flow and are read: a bound that followed it held 8 MiB in a
+ * paused reader with SO_RCVBUF 4 MiB and, intermittently, 34 MiB in a
+ * relaying sidecar (e2e TestNonReadingReceiverIsBounded). A spliced hop
+ * thus holds at most what TCP would, plus MS_MAX_UNREAD and a message.
+ * It goes back to redirecting only when the TCP bytes are all gone: every
+ * one it sent acknowledged (snd_una == write_seq, checked under its own
+ * lock, so none is in flight) and read by the receiving application
+ * (copied_seq == rcv_nxt). Nothing can then overtake them. Kernel structs
+ * are read through minimal CO-RE views (see teardown.c for why not
+ * vmlinux.h's).
  */
-#define MS_MIN_UNREAD (2 << 20)
+#define MS_MAX_UNREAD (2 << 20)
 /* include/net/sock.h SK_USER_DATA_PTRMASK: sk_user_data's low bits are
  * flags. */
 #define MS_SK_USER_DATA_PTRMASK (~7UL)
 
 struct sock___bp {
-	int sk_rcvbuf;
 	void *sk_user_data;
 } __attribute__((preserve_access_index));
 
@@ -230,11 +239,13 @@ static __always_inline int roles(struct bpf_sock_ops *skops,
 }
 
 /* spliceable says whether a socket of this role in this pod may join the
- * splice map: sidecar sockets always, app sockets only with app-splice. */
+ * splice map: sidecar sockets always, app sockets only with app-splice and
+ * unless the node switch turned it off. */
 static __always_inline int spliceable(__u32 role, const struct ms_pod *pod)
 {
 	return role == MS_ROLE_PROXY ||
-	       (role == MS_ROLE_APP && (pod->flags & MS_POD_APP_SPLICE));
+	       (role == MS_ROLE_APP && (pod->flags & MS_POD_APP_SPLICE) &&
+		!(node_flags() & MS_NODE_NO_APP_SPLICE));
 }
 
 static __always_inline void established(struct bpf_sock_ops *skops)
@@ -447,8 +458,7 @@ static __always_inline int peer_full(struct ms_sk *st, __u32 size)
 {
 	__u64 *addr = bpf_map_lookup_elem(&ms_sk_addrs, &st->peer);
 	struct sock___bp *sk;
-	__u32 unread = 0;
-	__s64 limit;
+	__u32 unread;
 	__u64 ud;
 
 	if (!addr)
@@ -457,11 +467,8 @@ static __always_inline int peer_full(struct ms_sk *st, __u32 size)
 	ud = (__u64)BPF_CORE_READ(sk, sk_user_data) & MS_SK_USER_DATA_PTRMASK;
 	if (!ud)
 		return 0;
-	limit = BPF_CORE_READ(sk, sk_rcvbuf);
-	if (limit < MS_MIN_UNREAD)
-		limit = MS_MIN_UNREAD;
 	unread = BPF_CORE_READ((struct sk_psock___bp *)ud, msg_tot_len);
-	return (__s64)unread + size > limit;
+	return unread && (__u64)unread + size > MS_MAX_UNREAD;
 }
 
 /* tcp_drained says whether every byte this socket sent over TCP has been

@@ -39,7 +39,7 @@ const (
 const (
 	AnnotationCapture   = "meshsplice.io/capture"    // "enabled" (default) | "disabled" | "iptables" (see [Traffic.IPTables])
 	AnnotationSplice    = "meshsplice.io/splice"     // "enabled" (default) | "disabled"
-	AnnotationAppSplice = "meshsplice.io/app-splice" // "false" (default) | "true"
+	AnnotationAppSplice = "meshsplice.io/app-splice" // "false" (default; Defaults.AppSplice) | "true"
 	AnnotationProxyUID  = "meshsplice.io/proxy-uid"  // decimal uid, default Defaults.ProxyUID
 	AnnotationProxyGID  = "meshsplice.io/proxy-gid"  // decimal gid, default the uid if overridden, else Defaults.ProxyGID
 )
@@ -97,6 +97,13 @@ type Defaults struct {
 	ExcludeOutboundPorts    string // "", values.global.proxy.excludeOutboundPorts
 	IncludeInboundPorts     string // "*", values.global.proxy.includeInboundPorts
 	ExcludeInboundPorts     string // "", values.global.proxy.excludeInboundPorts
+
+	// AppSplice is meshsplice.io/app-splice for a pod that does not set
+	// it: false (Istio's defaults know nothing of it), true where the agent
+	// found that the node refuses splice(2) reads of spliced sockets
+	// (datapath.ReadersGuarded), the one trap an app socket's reader could
+	// fall into that meshsplice cannot otherwise keep from hanging.
+	AppSplice bool
 }
 
 // DefaultDefaults returns Istio's out-of-the-box defaults.
@@ -209,7 +216,7 @@ func ParseTraffic(annotations map[string]string, d Defaults) (Traffic, []string,
 		capture = p.enum(AnnotationCapture, "enabled", "disabled", true)
 	}
 	splice := p.enum(AnnotationSplice, "enabled", "disabled", true)
-	appIngress := p.enum(AnnotationAppSplice, "true", "false", false)
+	appIngress := p.enum(AnnotationAppSplice, "true", "false", d.AppSplice)
 
 	t.Sidecar = injected && !injectOff && !interceptNone
 	// istio-init ran istio-iptables in the pod: capturing it too would
@@ -223,9 +230,10 @@ func ParseTraffic(annotations map[string]string, d Defaults) (Traffic, []string,
 	t.Capture = t.Sidecar && capture && !iptables && !istioInit
 	t.Splice = (t.Capture || t.IPTables) && splice
 	t.AppSplice = t.Capture && t.Splice && appIngress
-	if appIngress && !splice {
+	_, appSet := annotations[AnnotationAppSplice]
+	if appSet && appIngress && !splice {
 		p.warnf("%s: \"true\" has no effect with %s: \"disabled\"", AnnotationAppSplice, AnnotationSplice)
-	} else if appIngress && t.IPTables {
+	} else if appSet && appIngress && t.IPTables {
 		p.warnf("%s: \"true\" has no effect on a pod under Istio's iptables: its app reaches the sidecar through NAT", AnnotationAppSplice)
 	}
 

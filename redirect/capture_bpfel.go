@@ -135,9 +135,10 @@ type CaptureMsNode struct {
 type CaptureMsNodeFlag uint32
 
 const (
-	CaptureMsNodeFlagMS_NODE_CAPTURE CaptureMsNodeFlag = 1
-	CaptureMsNodeFlagMS_NODE_SPLICE  CaptureMsNodeFlag = 2
-	CaptureMsNodeFlagMS_NODE_DRAIN   CaptureMsNodeFlag = 4
+	CaptureMsNodeFlagMS_NODE_CAPTURE       CaptureMsNodeFlag = 1
+	CaptureMsNodeFlagMS_NODE_SPLICE        CaptureMsNodeFlag = 2
+	CaptureMsNodeFlagMS_NODE_DRAIN         CaptureMsNodeFlag = 4
+	CaptureMsNodeFlagMS_NODE_NO_APP_SPLICE CaptureMsNodeFlag = 8
 )
 
 type CaptureMsOrig struct {

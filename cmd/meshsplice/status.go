@@ -78,7 +78,7 @@ func printStatus(wr io.Writer, out *statusOutput) error {
 	fmt.Fprintf(w, "datapath\t%s\n", st.PinDir)
 	fmt.Fprintf(w, "attached to cgroup\t%s\n", st.Cgroup())
 	fmt.Fprintf(w, "agent state\t%s\n", out.StateDir)
-	fmt.Fprintf(w, "node capture\t%s\nnode splice\t%s\n", onOff(st.Node.Capture), onOff(st.Node.Splice))
+	fmt.Fprintf(w, "node capture\t%s\nnode splice\t%s\nnode app-splice\t%s\n", onOff(st.Node.Capture), onOff(st.Node.Splice), onOff(!st.Node.AppSpliceOff))
 	fmt.Fprintf(w, "splice(2) readers\t%s (docs/readers.md)\n", st.Readers())
 	fmt.Fprintf(w, "spliced sockets now\t%d\ncaptured connections now\t%d\n", st.SplicedSockets, st.OrigDstEntries)
 	for _, p := range st.Pressure {
