@@ -510,7 +510,7 @@ func (a *Agent) statusOf(p *pod) api.PodStatus {
 
 // statusWith is statusOf with the kernel's policy tables read already.
 func (a *Agent) statusWith(p *pod, kernel map[uint64]datapath.PodPolicy, err error) api.PodStatus {
-	st := api.PodStatus{Pod: p.Reg, Capture: p.Traffic.Capture, Splice: p.Traffic.Splice, Warnings: p.Warnings}
+	st := api.PodStatus{Pod: p.Reg, Capture: p.Traffic.Capture, Splice: p.Traffic.Splice, Mode: PodMode(p.Traffic), Warnings: p.Warnings}
 	if p.inbound.known {
 		ready := p.inbound.ready
 		st.InboundReady, st.InboundReason = &ready, p.inbound.reason

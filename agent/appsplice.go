@@ -11,4 +11,3 @@ func (a *Agent) podDefaults() istio.Defaults {
 	d.AppSplice, _ = a.dp.AppSpliceDefault()
 	return d
 }
-

@@ -38,6 +38,10 @@
  * (MS_POD_APP_SPLICE) when its app is known to do neither: then app <->
  * sidecar is spliced both ways too.
  *
+ * Pods under Istio's own iptables (MS_POD_IPTABLES): their sidecars are
+ * paired through the server's REDIRECT, which sockops does not see
+ * (iptmode.h).
+ *
  * Both ends must agree. A socket joins only if its own end and its peer's
  * end may be spliced, under a key carrying its own role; a sender looks its
  * peer up under the role it computed for it. Where the two ends would judge
@@ -46,6 +50,7 @@
  * that did not agree.
  */
 #include "common.h"
+#include "iptmode.h"
 #include <bpf/bpf_core_read.h>
 
 /*
@@ -247,11 +252,11 @@ static __always_inline void established(struct bpf_sock_ops *skops)
 {
 	__u64 netns = bpf_get_netns_cookie(skops);
 	struct ms_pod *pod, *peer_pod;
-	struct ms_sock_key k = {};
+	struct ms_sock_key k = {}, peer;
 	__u32 self_role, peer_role;
 	__u64 peer_netns, *pn, skaddr;
 	struct ms_sk *st;
-	int loopback;
+	int loopback, nat;
 
 	struct bpf_sock *sk = skops->sk;
 
@@ -326,10 +331,20 @@ static __always_inline void established(struct bpf_sock_ops *skops)
 		return;
 	}
 
-	if (!roles(skops, &k, netns, pod, peer_netns, peer_pod, loopback,
-		   &self_role, &peer_role)) {
-		count(MS_C_SOCK_SKIP_ROLE_UNKNOWN, 1);
+	/* A pod under Istio's iptables at either end (iptmode.h). */
+	reverse_key(&peer, &k, peer_netns);
+	nat = loopback ? MS_NAT_NONE
+		       : iptables_pair(skops, &k, netns, pod, peer_netns,
+				       peer_pod, &peer, &self_role);
+	if (nat == MS_NAT_SKIP)
 		return;
+	if (nat == MS_NAT_NONE) {
+		if (!roles(skops, &k, netns, pod, peer_netns, peer_pod,
+			   loopback, &self_role, &peer_role)) {
+			count(MS_C_SOCK_SKIP_ROLE_UNKNOWN, 1);
+			return;
+		}
+		peer.role = peer_role;
 	}
 	/* TCP Fast Open moves data before establish; that data sits in the
 	 * TCP queue and later redirected data would overtake it. */
@@ -338,7 +353,7 @@ static __always_inline void established(struct bpf_sock_ops *skops)
 		return;
 	}
 
-	if (!spliceable(self_role, pod) || !spliceable(peer_role, peer_pod)) {
+	if (!spliceable(self_role, pod) || !spliceable(peer.role, peer_pod)) {
 		count(MS_C_SOCK_SKIP_APP, 1);
 		return;
 	}
@@ -349,8 +364,7 @@ static __always_inline void established(struct bpf_sock_ops *skops)
 		count(MS_C_SOCK_INSERT_FAILED, 1);
 		return;
 	}
-	reverse_key(&st->peer, &k, peer_netns);
-	st->peer.role = peer_role;
+	st->peer = peer;
 	st->flags |= MS_SK_TX_SPLICE;
 
 	k.role = self_role;
@@ -360,6 +374,7 @@ static __always_inline void established(struct bpf_sock_ops *skops)
 		return;
 	}
 	count(MS_C_SOCK_INSERTED, 1);
+	iptables_keyed(skops, st, &k, peer_pod);
 	skaddr = (__u64)sk;
 	if (bpf_map_update_elem(&ms_sk_addrs, &k, &skaddr, BPF_ANY) == 0) {
 		st->flags |= MS_SK_ADDR_KEYED;
@@ -380,8 +395,10 @@ static __always_inline void closed(struct bpf_sock_ops *skops)
 	if (!sk)
 		return;
 	st = bpf_sk_storage_get(&ms_sk_state, sk, 0, 0);
-	if (!st || !(st->flags & (MS_SK_ORIG_KEYED | MS_SK_ADDR_KEYED)))
+	if (!st || !(st->flags &
+		     (MS_SK_ORIG_KEYED | MS_SK_ADDR_KEYED | MS_SK_NAT_KEYED)))
 		return;
+	iptables_closed(st);
 	key_from_skops(&k, skops, netns);
 	if (st->flags & MS_SK_ADDR_KEYED) {
 		/* Its role is not kept: no other live socket has this key

@@ -585,6 +585,7 @@ func podValue(t istio.Traffic) redirect.CaptureMsPod {
 	set(t.IncludeOutboundLoopback, redirect.CaptureMsPodFlagMS_POD_INCLUDE_LOOPBACK)
 	set(t.Sidecar || t.Capture, redirect.CaptureMsPodFlagMS_POD_SIDECAR)
 	set(t.CaptureIPv6(), redirect.CaptureMsPodFlagMS_POD_CAPTURE_IPV6)
+	set(t.IPTables, redirect.CaptureMsPodFlagMS_POD_IPTABLES)
 	return v
 }
 
@@ -598,6 +599,7 @@ func trafficFromValue(v redirect.CaptureMsPod) istio.Traffic {
 		IncludeAllInbound:       has(redirect.CaptureMsPodFlagMS_POD_INCLUDE_ALL_IN),
 		IncludeOutboundLoopback: has(redirect.CaptureMsPodFlagMS_POD_INCLUDE_LOOPBACK),
 		Sidecar:                 has(redirect.CaptureMsPodFlagMS_POD_SIDECAR),
+		IPTables:                has(redirect.CaptureMsPodFlagMS_POD_IPTABLES),
 		// Read back with the pod's IPs, this gives the kernel's answer
 		// for CaptureIPv6 (an IPv6-only pod's is true either way).
 		DualStack:    has(redirect.CaptureMsPodFlagMS_POD_CAPTURE_IPV6),

@@ -85,7 +85,10 @@ const (
 	CaptureMsCounterMS_C_SOCK_SKIP_SPLICE_READER    CaptureMsCounter = 61
 	CaptureMsCounterMS_C_MSG_BACKPRESSURE           CaptureMsCounter = 62
 	CaptureMsCounterMS_C_MSG_RESUMED                CaptureMsCounter = 63
-	CaptureMsCounterMS_C_MAX                        CaptureMsCounter = 64
+	CaptureMsCounterMS_C_SOCK_NAT_PAIRED            CaptureMsCounter = 64
+	CaptureMsCounterMS_C_SOCK_NAT_MATCHED           CaptureMsCounter = 65
+	CaptureMsCounterMS_C_SOCK_NAT_MISS              CaptureMsCounter = 66
+	CaptureMsCounterMS_C_MAX                        CaptureMsCounter = 67
 )
 
 type CaptureMsDenial struct {
@@ -169,6 +172,7 @@ const (
 	CaptureMsPodFlagMS_POD_INCLUDE_LOOPBACK CaptureMsPodFlag = 32
 	CaptureMsPodFlagMS_POD_CAPTURE_IPV6     CaptureMsPodFlag = 64
 	CaptureMsPodFlagMS_POD_SIDECAR          CaptureMsPodFlag = 128
+	CaptureMsPodFlagMS_POD_IPTABLES         CaptureMsPodFlag = 256
 )
 
 type CaptureMsPolIdKey struct {
@@ -266,6 +270,7 @@ const (
 	CaptureMsSkFlagMS_SK_ACTIVE     CaptureMsSkFlag = 128
 	CaptureMsSkFlagMS_SK_ADDR_KEYED CaptureMsSkFlag = 256
 	CaptureMsSkFlagMS_SK_TX_BACKOFF CaptureMsSkFlag = 512
+	CaptureMsSkFlagMS_SK_NAT_KEYED  CaptureMsSkFlag = 1024
 )
 
 type CaptureMsSockKey struct {

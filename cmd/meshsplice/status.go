@@ -85,7 +85,7 @@ func printStatus(wr io.Writer, out *statusOutput) error {
 		fmt.Fprintf(w, "kernel table pressure\t%s\n", p)
 	}
 
-	fmt.Fprintf(w, "\nPOD\tNETNS\tIPS\tCAPTURED\tSPLICED\tINBOUND READY\tPOLICY\n")
+	fmt.Fprintf(w, "\nPOD\tNETNS\tIPS\tMODE\tCAPTURED\tSPLICED\tINBOUND READY\tPOLICY\n")
 	for _, p := range out.Pods {
 		ips := make([]string, len(p.IPs))
 		for i, ip := range p.IPs {
@@ -95,8 +95,12 @@ func printStatus(wr io.Writer, out *statusOutput) error {
 		if netns == "" {
 			netns = "?"
 		}
-		fmt.Fprintf(w, "%s\t%s (cookie %d)\t%s\t%s\t%s\t%s\t%s\n", p, netns, p.Cookie, strings.Join(ips, ","),
-			p.Captured.State, p.Spliced.State, p.InboundReady.State, p.PolicyEnforced.State)
+		mode := p.Mode
+		if mode == "" {
+			mode = "?"
+		}
+		fmt.Fprintf(w, "%s\t%s (cookie %d)\t%s\t%s\t%s\t%s\t%s\t%s\n", p, netns, p.Cookie, strings.Join(ips, ","),
+			mode, p.Captured.State, p.Spliced.State, p.InboundReady.State, p.PolicyEnforced.State)
 	}
 	if err := w.Flush(); err != nil {
 		return err
