@@ -89,8 +89,19 @@ type (
 		Metadata struct{ Name string }
 		Data     map[string]string
 	}
+	job struct {
+		Spec struct {
+			Template struct {
+				Spec struct {
+					HostNetwork                bool
+					InitContainers, Containers []container
+				}
+			}
+		}
+	}
 	objects struct {
 		ds       daemonSet
+		jobs     []job
 		cm       configMap
 		roles    [][]rule
 		cluster  []rule
@@ -112,6 +123,10 @@ func parse(tb testing.TB, b []byte) objects {
 			err = yaml.Unmarshal([]byte(doc), &o.ds)
 		case "ConfigMap":
 			err = yaml.Unmarshal([]byte(doc), &o.cm)
+		case "Job":
+			var j job
+			err = yaml.Unmarshal([]byte(doc), &j)
+			o.jobs = append(o.jobs, j)
 		case "Role":
 			var r struct{ Rules []rule }
 			err = yaml.Unmarshal([]byte(doc), &r)
@@ -264,8 +279,18 @@ func TestAgentFlagsExist(t *testing.T) {
 	run(t, "go", "build", "-o", bin, "../cmd/meshsplice")
 	o := parse(t, must(os.ReadFile("meshsplice.yaml")))
 	custom := parse(t, run(t, helm(t), "template", "ms", chart, "-n", "meshsplice", "--kube-version", "1.30.0", "-f", "testdata/values-custom.yaml"))
+	if len(o.jobs) != 0 || len(custom.jobs) != 1 {
+		t.Errorf("%d Jobs in the plain YAML, %d in helm template: want none (kubectl has no hooks) and the uninstall hook", len(o.jobs), len(custom.jobs))
+	}
+	var all [][]container
 	for _, ds := range []daemonSet{o.ds, custom.ds} {
-		for _, c := range ds.Spec.Template.Spec.Containers {
+		all = append(all, ds.Spec.Template.Spec.Containers)
+	}
+	for _, j := range custom.jobs {
+		all = append(all, j.Spec.Template.Spec.InitContainers, j.Spec.Template.Spec.Containers)
+	}
+	for _, cs := range all {
+		for _, c := range cs {
 			sub := c.Name // the container is named after its subcommand
 			out, _ := exec.Command(bin, sub, "-h").CombinedOutput()
 			for _, a := range c.Args {
