@@ -69,6 +69,7 @@ type (
 		}
 		ReadinessProbe *struct{ HTTPGet *struct{ Path string } }
 		VolumeMounts   []struct{ MountPath string }
+		Ports          []struct{ ContainerPort int }
 	}
 	daemonSet struct {
 		Spec struct {
@@ -281,6 +282,17 @@ func TestAgentFlagsExist(t *testing.T) {
 	custom := parse(t, run(t, helm(t), "template", "ms", chart, "-n", "meshsplice", "--kube-version", "1.30.0", "-f", "testdata/values-custom.yaml"))
 	if len(o.jobs) != 0 || len(custom.jobs) != 1 {
 		t.Errorf("%d Jobs in the plain YAML, %d in helm template: want none (kubectl has no hooks) and the uninstall hook", len(o.jobs), len(custom.jobs))
+	}
+	// The hook's pod declares the agent's port (hostNetwork: a host port),
+	// so it runs only once the agent's pod is gone and its cni-install
+	// cannot chain the plugin again after cni-uninstall.
+	for _, j := range custom.jobs {
+		agent := containerOf(t, custom.ds, "agent")
+		for _, c := range j.Spec.Template.Spec.Containers {
+			if !j.Spec.Template.Spec.HostNetwork || len(c.Ports) != 1 || len(agent.Ports) != 1 || c.Ports[0].ContainerPort != agent.Ports[0].ContainerPort {
+				t.Errorf("uninstall hook %s: hostNetwork %v ports %v, want the agent's %v", c.Name, j.Spec.Template.Spec.HostNetwork, c.Ports, agent.Ports)
+			}
+		}
 	}
 	var all [][]container
 	for _, ds := range []daemonSet{o.ds, custom.ds} {
