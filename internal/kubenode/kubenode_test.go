@@ -93,3 +93,43 @@ func TestLifecycle(t *testing.T) {
 	}
 	c.Close()
 }
+
+// TestStartFailureCleansUp: a start that fails half-way (kubelet exits at
+// once) stops what it started and leaves the host as it was. Before, the
+// deferred stop ran on the nil *Node that the failing return had set, and
+// panicked with everything still running.
+func TestStartFailureCleansUp(t *testing.T) {
+	root, err := RepoRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var bins Binaries
+	if bins.APIServer, err = Tool(root, "kube-apiserver"); err != nil {
+		t.Fatal(err)
+	}
+	bins.Kubelet = "/bin/false"
+	before, err := TakeSnapshot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	n, err := Start(ctx, bins, nil, t.Logf)
+	if err == nil {
+		n.Stop()
+		t.Fatal("Start with a kubelet that exits succeeded")
+	}
+	t.Logf("Start: %v", err)
+	after, err := TakeSnapshot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range before.Diff(after) {
+		t.Errorf("host not as before: %s", d)
+	}
+	l, err := net.Listen("unix", LockName)
+	if err != nil {
+		t.Fatalf("the node lock is still held: %v", err)
+	}
+	l.Close()
+}
