@@ -35,7 +35,8 @@ image:
 # installed with the Helm chart from make image's archive, two meshed pods
 # captured, spliced and policed with no iptables rule, helm uninstall
 # leaving the node as it was, and the node torn down leaving the host as it
-# was (also on failure). About 1 minute once the programs are cached; the
+# was (also on failure); also a node whose CNI is a single-plugin .conf.
+# About 75 s once the programs are cached; the
 # first run builds kubelet, the scheduler and the controller-manager.
 e2e-node: image
 	@if [ "$$(id -u)" != 0 ]; then echo "make e2e-node needs root (a kubelet, containerd, BPF)"; exit 1; fi

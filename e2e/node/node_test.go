@@ -8,7 +8,6 @@
 package node
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -27,7 +26,6 @@ import (
 
 	"github.com/meshsplice/meshsplice/datapath"
 	"github.com/meshsplice/meshsplice/internal/kubenode"
-	"github.com/meshsplice/meshsplice/internal/kubetest"
 	"github.com/meshsplice/meshsplice/istio"
 )
 
@@ -46,139 +44,11 @@ const (
 // iptables rule in them, policy enforced, helm uninstall leaving the node
 // as it found it, and the node torn down leaving the host as it was.
 func TestNode(t *testing.T) {
-	if os.Getuid() != 0 {
-		t.Fatal("make e2e-node needs root")
-	}
-	root, err := kubenode.RepoRoot()
-	if err != nil {
-		t.Fatal(err)
-	}
-	image := os.Getenv("MESHSPLICE_IMAGE")
-	if image == "" {
-		image = filepath.Join(root, "bin", "meshsplice-image.tar")
-	}
-	if _, err := os.Stat(image); err != nil {
-		t.Fatalf("the meshsplice image (make image): %v", err)
-	}
-	testImage, err := kubenode.BuildTestImage(root, t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	bins, err := kubenode.NodeBinaries(root)
-	if err != nil {
-		t.Fatal(err)
-	}
-	helm, err := kubenode.Tool(root, "helm")
-	if err != nil {
-		t.Fatal(err)
-	}
-
-	host, err := kubenode.TakeSnapshot()
-	if err != nil {
-		t.Fatal(err)
-	}
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
 	defer cancel()
-	t0 := time.Now()
-	n, err := kubenode.Start(ctx, bins, []string{image, testImage}, t.Logf)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("node up in %v", time.Since(t0).Round(time.Millisecond))
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("pods:\n%s", podsReport(n))
-			for _, c := range []string{"kubelet", "containerd"} {
-				t.Logf("%s log:\n%s", c, n.Log(c))
-			}
-		}
-		t1 := time.Now()
-		if err := n.Stop(); err != nil {
-			t.Errorf("node stop: %v", err)
-		}
-		t.Logf("node down in %v", time.Since(t1).Round(time.Millisecond))
-		after, err := kubenode.TakeSnapshot()
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, d := range host.Diff(after) {
-			t.Errorf("host not as before the node: %s", d)
-		}
-	})
-	if err := kubetest.ApplyIstioCRDs(n.Config); err != nil {
-		t.Fatal(err)
-	}
-
-	// The node's state meshsplice must leave as it found it.
-	conflist, err := os.ReadFile(n.Conflist)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cgroup := podCgroupRoot(t)
-	attachedBefore := cgroupPrograms(t, cgroup)
-	bpffs := filepath.Join(n.Dir, "bpffs")
-	if err := os.MkdirAll(bpffs, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	// The chart's bpffs: a bpffs of its own (unmounted with the node), so
-	// "no pins left" is about meshsplice's alone.
-	// Shared, as systemd mounts /sys/fs/bpf: the chart mounts it with
-	// HostToContainer propagation, which the runtime refuses on a private
-	// mount.
-	for _, args := range [][]string{{"-t", "bpf", "bpf", bpffs}, {"--make-shared", bpffs}} {
-		if out, err := exec.Command("mount", args...).CombinedOutput(); err != nil {
-			t.Fatalf("mount %v: %v: %s", args, err, out)
-		}
-	}
-	// A fresh bpffs holds the kernel's own maps.debug and progs.debug.
-	bpffsBefore := dirNames(t, bpffs)
-	runDir := filepath.Join(n.Dir, "run-meshsplice")
-	pins := filepath.Join(bpffs, "meshsplice")
-	t.Cleanup(func() { // before the node's Stop (Cleanup runs last first)
-		if t.Failed() {
-			c, err := datapath.ReadPinnedCounters(pins)
-			t.Logf("counters: %v %v", c, err)
-			out, _ := exec.Command("curl", "-s", "-m", "2", "http://127.0.0.1:15299/pods").CombinedOutput()
-			t.Logf("agent /pods: %s", out)
-		}
-	})
-
-	t1 := time.Now()
-	out, err := helmRun(helm, n, "install", "meshsplice", filepath.Join(root, "manifests", "chart", "meshsplice"),
-		"--namespace", "istio-system", "--create-namespace", "--wait", "--timeout", "3m",
-		"--set", "image.pullPolicy=Never",
-		// This VM's root lacks CAP_SYS_RESOURCE (runc: "unable to apply
-		// caps"); the kernel (>= 5.11) does not need it for BPF maps.
-		"--set", "securityContext.capabilities.add={BPF,PERFMON,NET_ADMIN,SYS_ADMIN}",
-		"--set", "cgroupRoot="+cgroup,
-		"--set", "bpffs="+bpffs,
-		"--set", "runDir="+runDir,
-		"--set", "cni.confDir="+n.ConfDir,
-		"--set", "cni.binDir="+n.BinDir,
-		"--set", "kubernetes.serviceHost=127.0.0.1",
-		"--set-string", fmt.Sprintf("kubernetes.servicePort=%d", n.APIPort))
-	if err != nil {
-		t.Fatalf("helm install: %v\n%s\nagent pods:\n%s", err, out, podsReport(n))
-	}
-	// helm --wait can return before the DaemonSet controller made the pod.
-	eventually(t, 2*time.Minute, "the agent ready on the node", func() error {
-		ds, err := n.Client.AppsV1().DaemonSets("istio-system").Get(ctx, "meshsplice", metav1.GetOptions{})
-		if err != nil {
-			return err
-		}
-		if ds.Status.DesiredNumberScheduled != 1 || ds.Status.NumberReady != 1 {
-			return fmt.Errorf("DaemonSet status %+v\n%s", ds.Status, podsReport(n))
-		}
-		return nil
-	})
-	t.Logf("helm install, agent ready: %v", time.Since(t1).Round(time.Millisecond))
-	eventually(t, 2*time.Minute, "meshsplice-cni chained into the node's conflist", func() error {
-		b, err := os.ReadFile(n.Conflist)
-		if err != nil || !bytes.Contains(b, []byte(`"meshsplice-cni"`)) {
-			return fmt.Errorf("conflist: %s %v", b, err)
-		}
-		return nil
-	})
+	s := newSetup(t, ctx)
+	n, pins := s.n, s.pins
+	s.install(t, ctx)
 
 	// The mesh: db serves allowedPort and deniedPort; web's clients call
 	// both; an AuthorizationPolicy denies web -> db:deniedPort.
@@ -292,24 +162,7 @@ func TestNode(t *testing.T) {
 		}
 	}
 
-	// helm uninstall: the hook takes the plugin out and the datapath off.
-	t2 := time.Now()
-	if out, err := helmRun(helm, n, "uninstall", "meshsplice", "--namespace", "istio-system", "--wait", "--timeout", "3m"); err != nil {
-		t.Fatalf("helm uninstall: %v\n%s\npods:\n%s", err, out, podsReport(n))
-	}
-	t.Logf("helm uninstall --wait: %v", time.Since(t2).Round(time.Millisecond))
-	if got, _ := os.ReadFile(n.Conflist); !bytes.Equal(got, conflist) {
-		t.Errorf("conflist after helm uninstall:\n%s\nwant, byte for byte:\n%s", got, conflist)
-	}
-	if _, err := os.Stat(filepath.Join(n.BinDir, "meshsplice-cni")); !os.IsNotExist(err) {
-		t.Errorf("meshsplice-cni still in the node's CNI bin dir (%v)", err)
-	}
-	if got := dirNames(t, bpffs); got != bpffsBefore {
-		t.Errorf("pins left in the chart's bpffs: %s, before the install: %s", got, bpffsBefore)
-	}
-	if got := cgroupPrograms(t, cgroup); got != attachedBefore {
-		t.Errorf("programs attached to %s after helm uninstall:\n%s\nbefore the install:\n%s", cgroup, got, attachedBefore)
-	}
+	s.uninstall(t)
 }
 
 func meshedPod(name string, apps []corev1.Container) *corev1.Pod {
@@ -514,4 +367,38 @@ func podCgroupRoot(t *testing.T) string {
 	}
 	t.Fatal("no kubepods cgroup in the cgroup v2 hierarchy")
 	return ""
+}
+
+// TestNodeSingleConf: a node whose CNI is a single-plugin .conf. The
+// chart's cni-install makes it NAME.conflist with meshsplice-cni chained
+// (and removes the .conf), containerd takes the list: a meshed pod started
+// then is registered with the agent and its inbound is captured; helm
+// uninstall puts the .conf back byte for byte and removes the list.
+func TestNodeSingleConf(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	s := newSetup(t, ctx, kubenode.SingleConf)
+	n := s.n
+	s.install(t, ctx)
+	if _, err := os.Stat(n.Conflist); !os.IsNotExist(err) {
+		t.Errorf("the node's .conf is still there (%v): containerd would take it, unchained", err)
+	}
+	mustCreate(t, ctx, n, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: meshNS}})
+	mustCreate(t, ctx, n, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: "db", Namespace: meshNS}})
+	mustCreate(t, ctx, n, meshedPod("db", []corev1.Container{app("echo-8080", "echo", "--port", fmt.Sprint(allowedPort))}))
+	dbIP := waitRunning(t, ctx, n, "db")
+	// The host is no meshed pod: its connection to db is captured inbound
+	// by db's kernel (sk_lookup) to db's sidecar, as istio-iptables'
+	// PREROUTING rules would.
+	eventually(t, time.Minute, "host -> db:8080 captured to db's sidecar", func() error {
+		// Connect and hang up after 1 s (curl's telnet: the echo server
+		// sends nothing first); the outcome is the sidecar's log.
+		exec.Command("curl", "-s", "-m", "1", "-o", "/dev/null", fmt.Sprintf("telnet://%s:%d", dbIP, allowedPort)).Run()
+		logs := podLogs(t, n, "db", istio.ProxyContainer)
+		if !strings.Contains(logs, `"listener":"inbound"`) {
+			return fmt.Errorf("db's sidecar accepted nothing inbound:\n%s", logs)
+		}
+		return nil
+	})
+	s.uninstall(t)
 }

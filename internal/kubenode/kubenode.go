@@ -84,11 +84,12 @@ type Node struct {
 	// Socket is containerd's socket.
 	Socket string
 
-	before *Snapshot
-	lock   net.Listener
-	procs  []*proc
-	addrLo bool
-	logf   func(string, ...any)
+	before     *Snapshot
+	lock       net.Listener
+	singleConf bool
+	procs      []*proc
+	addrLo     bool
+	logf       func(string, ...any)
 }
 
 type proc struct {
@@ -117,7 +118,7 @@ var cgroupNames = []string{"kubepods", "k8s.io"}
 // Start brings the node up, with the images (OCI archives) imported into
 // containerd, and returns when the node is Ready and the default
 // ServiceAccount exists. On error everything is undone.
-func Start(ctx context.Context, bins Binaries, images []string, logf func(string, ...any)) (n *Node, err error) {
+func Start(ctx context.Context, bins Binaries, images []string, logf func(string, ...any), opts ...Option) (n *Node, err error) {
 	// One node per machine: the node IP, the bridge, kubelet's port and
 	// fixed paths are the machine's. The lock is an abstract unix socket:
 	// it goes with the process and leaves no file.
@@ -138,6 +139,9 @@ func Start(ctx context.Context, bins Binaries, images []string, logf func(string
 		return nil, err
 	}
 	node := &Node{Dir: dir, logf: logf, lock: lock}
+	for _, o := range opts {
+		o(node)
+	}
 	n = node
 	defer func() {
 		if err != nil { // n is nil here: the node is node
@@ -278,6 +282,13 @@ func Start(ctx context.Context, bins Binaries, images []string, logf func(string
 // LockName is the abstract unix socket that serializes nodes on the
 // machine.
 const LockName = "@mstest-node.lock"
+
+// Option changes how Start sets a node up.
+type Option func(*Node)
+
+// SingleConf gives the node a single-plugin bridge .conf instead of a
+// conflist (Conflist is then that .conf), as some node CNIs write.
+func SingleConf(n *Node) { n.singleConf = true }
 
 // StartTimeout bounds each wait of Start.
 var StartTimeout = 90 * time.Second
@@ -756,7 +767,8 @@ current-context: mstest-node
 
 // writeCNI writes the node's own CNI: the bridge, host-local and loopback
 // plugins of Debian's containernetworking-plugins copied into BinDir, and
-// a bridge conflist in ConfDir (what meshsplice-cni chains into).
+// a bridge conflist in ConfDir (what meshsplice-cni chains into); with
+// SingleConf a single-plugin .conf instead.
 func (n *Node) writeCNI() error {
 	n.ConfDir = filepath.Join(n.Dir, "cni", "net.d")
 	n.BinDir = filepath.Join(n.Dir, "cni", "bin")
@@ -768,6 +780,23 @@ func (n *Node) writeCNI() error {
 		if err := os.WriteFile(filepath.Join(n.BinDir, p), b, 0o755); err != nil {
 			return err
 		}
+	}
+	bridge := fmt.Sprintf(`{
+  "type": "bridge",
+  "bridge": %q,
+  "isGateway": true,
+  "ipMasq": false,
+  "hairpinMode": true,
+  "ipam": {
+    "type": "host-local",
+    "dataDir": %q,
+    "ranges": [[{"subnet": %q}]],
+    "routes": [{"dst": "0.0.0.0/0"}]
+  }
+}`, Bridge, filepath.Join(n.Dir, "cni", "ipam"), PodCIDR)
+	if n.singleConf {
+		n.Conflist = filepath.Join(n.ConfDir, "10-mstest-node.conf")
+		return os.WriteFile(n.Conflist, []byte(fmt.Sprintf("{\n  \"cniVersion\": \"1.0.0\",\n  \"name\": %q,\n%s\n", NetworkName, bridge[2:])), 0o644)
 	}
 	n.Conflist = filepath.Join(n.ConfDir, "10-mstest-node.conflist")
 	return os.WriteFile(n.Conflist, []byte(fmt.Sprintf(`{
