@@ -1,10 +1,5 @@
 //go:build e2enode
 
-// Package node is make e2e-node: meshsplice installed by its Helm chart on
-// a real single-node Kubernetes (internal/kubenode), two meshed pods in
-// the form Istio's injector gives them (an istio-proxy container, the
-// sidecar.istio.io/status annotation, no istio-init), and helm uninstall
-// leaving the node as it found it. docs/e2e-node.md.
 package node
 
 import (
