@@ -42,6 +42,8 @@ test             go  cnitool=github.com/containernetworking/cni/cnitool@v1.3.1  
 test,e2e-node    go  helm=helm.sh/helm/v3/cmd/helm@v3.22.0  make manifests, make test: helm lint/template of manifests/chart/meshsplice; make e2e-node: helm install/uninstall
 test,e2e-node    apt etcd-server     etcd: the store of the kube-apiserver the Kubernetes tests run (internal/kubetest) and of make e2e-node's node
 test,e2e-node    mod kube-apiserver=tools/kube-apiserver:k8s.io/kubernetes/cmd/kube-apiserver@v1.37.2  a real API server for the Kubernetes config source's tests (internal/kubetest; about 10 minutes of CPU to build, once)
+test             mod istioctl=tools/istio:istio.io/istio/istioctl/cmd/istioctl@v0.0.0-20260827124520-eed52ebb66ad  the tests of manifests/istio-overlay.yaml: istioctl manifest generate and kube-inject (about 7 minutes of CPU to build, once; 28 minutes on a busy 2-core machine)
+test             mod istio-iptables=tools/istio:./istio-iptables@v0.0.0-20260827124520-eed52ebb66ad  Istio's istio-iptables: e2e runs the istio-validation check of an injected pod with it (hack/istio-iptables-golden.sh caches the same file)
 e2e-node         mod kubelet=tools/kube-apiserver:k8s.io/kubernetes/cmd/kubelet@v1.37.2  the node agent of make e2e-node's single-node cluster (same module as kube-apiserver: shares its build cache)
 e2e-node         mod kube-scheduler=tools/kube-apiserver:k8s.io/kubernetes/cmd/kube-scheduler@v1.37.2  make e2e-node: places the chart's DaemonSet pod on the node
 e2e-node         mod kube-controller-manager=tools/kube-apiserver:k8s.io/kubernetes/cmd/kube-controller-manager@v1.37.2  make e2e-node: the DaemonSet controller and the default ServiceAccounts
