@@ -22,9 +22,9 @@ type KernelState struct {
 	// SpliceAvailable: the splice program is attached (a kernel without
 	// sk_msg keeps the node's splice switch off, whatever the config says).
 	SpliceAvailable bool
-	Pods []Pod
-	IPs  map[netip.Addr]KernelIP
-	Sets map[uint32]PolicySet // by kernel set ID; Atoms are not in the kernel
+	Pods            []Pod
+	IPs             map[netip.Addr]KernelIP
+	Sets            map[uint32]PolicySet // by kernel set ID; Atoms are not in the kernel
 }
 
 // KernelIP is an address's entry in the kernel's policy tables.
