@@ -119,6 +119,11 @@ func (a *Agent) CheckDrift() (DriftReport, error) {
 
 // checkDrift is the periodic check: it records, reports and mends.
 func (a *Agent) checkDrift() {
+	select {
+	case <-a.loaded:
+	default:
+		return // nothing to compare with yet
+	}
 	rep, err := a.CheckDrift()
 	s := &a.drift
 	s.mu.Lock()

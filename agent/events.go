@@ -86,14 +86,18 @@ func (k *KubeEvents) Failure(what, object string, err error) {
 	if len(msg) > 1000 {
 		msg = msg[:1000] + "..."
 	}
+	r := reason(what, err)
+	if r == ReasonMapFull {
+		msg = "a kernel table is full (node limits: see the README); the last good state stays in force: " + msg
+	}
 	select {
-	case k.queue <- failureEvent{what: reason(what, err), object: object, message: msg}:
+	case k.queue <- failureEvent{what: r, object: object, message: msg}:
 	default:
 		k.mu.Lock()
 		k.dropped++
 		n := k.dropped
 		k.mu.Unlock()
-		k.log.Warn("kubernetes event dropped: too many waiting", "reason", reason(what, err), "object", object, "dropped", n)
+		k.log.Warn("kubernetes event dropped: too many waiting", "reason", r, "object", object, "dropped", n)
 	}
 }
 
