@@ -41,6 +41,7 @@ type KubeEvents struct {
 	done        chan struct{}
 
 	mu      sync.Mutex
+	stopped bool
 	uids    map[string]cachedUID
 	dropped int
 }
@@ -90,20 +91,30 @@ func (k *KubeEvents) Failure(what, object string, err error) {
 	if r == ReasonMapFull {
 		msg = "a kernel table is full (node limits: see the README); the last good state stays in force: " + msg
 	}
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.stopped {
+		return // the agent is stopping: its last failures go to the log only
+	}
 	select {
 	case k.queue <- failureEvent{what: r, object: object, message: msg}:
 	default:
-		k.mu.Lock()
 		k.dropped++
-		n := k.dropped
-		k.mu.Unlock()
-		k.log.Warn("kubernetes event dropped: too many waiting", "reason", r, "object", object, "dropped", n)
+		k.log.Warn("kubernetes event dropped: too many waiting", "reason", r, "object", object, "dropped", k.dropped)
 	}
 }
 
-// Shutdown writes the queued Events and stops.
+// Shutdown writes the queued Events and stops; later failures are not
+// sent.
 func (k *KubeEvents) Shutdown() {
+	k.mu.Lock()
+	if k.stopped {
+		k.mu.Unlock()
+		return
+	}
+	k.stopped = true
 	close(k.queue)
+	k.mu.Unlock()
 	<-k.done
 	k.broadcaster.Shutdown()
 }

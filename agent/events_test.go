@@ -1,11 +1,16 @@
 package agent
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes/fake"
 
 	"github.com/meshsplice/meshsplice/datapath"
 )
@@ -45,5 +50,33 @@ func TestEventObject(t *testing.T) {
 		if ref.Kind != c.kind || ref.Namespace != c.ns || ref.Name != c.name {
 			t.Errorf("%q: %s %s/%s, want %s %s/%s", c.object, ref.Kind, ref.Namespace, ref.Name, c.kind, c.ns, c.name)
 		}
+	}
+}
+
+// TestKubeEventsOnThePod: a pod's failure becomes a Warning Event on the
+// pod, with its UID; a failure after Shutdown is dropped, not a panic.
+func TestKubeEventsOnThePod(t *testing.T) {
+	c := fake.NewClientset(&corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "web", Namespace: "shop", UID: "uid-web"}})
+	k := NewKubeEvents(c, "node-a", nil)
+	k.Failure("program_pod", "shop/web", fmt.Errorf("add pod 7: %w", unix.E2BIG))
+	deadline := time.Now().Add(10 * time.Second)
+	var got []corev1.Event
+	for len(got) == 0 && time.Now().Before(deadline) {
+		list, err := c.CoreV1().Events("shop").List(context.Background(), metav1.ListOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		got = list.Items
+		time.Sleep(20 * time.Millisecond)
+	}
+	k.Shutdown()
+	k.Failure("program_pod", "shop/web", errors.New("after shutdown"))
+	if len(got) != 1 {
+		t.Fatalf("events %+v, want one", got)
+	}
+	e := got[0]
+	if e.Reason != ReasonMapFull || e.Type != corev1.EventTypeWarning || e.InvolvedObject.Kind != "Pod" ||
+		e.InvolvedObject.Name != "web" || e.InvolvedObject.UID != "uid-web" || e.Source.Host != "node-a" {
+		t.Errorf("event %+v", e)
 	}
 }
