@@ -15,6 +15,13 @@ import (
 // the config when nothing was applied in between.
 const DefaultDriftInterval = 30 * time.Second
 
+// After an apply the check waits driftSettle, and at least driftMinGap
+// after the previous check.
+const (
+	driftSettle = 200 * time.Millisecond
+	driftMinGap = time.Second
+)
+
 // The agent's drift check (drift.go) runs every DriftInterval and soon
 // after each apply. A pod found drifting is logged, counted in the gauge
 // meshsplice_drift_pods and reported as an Event (reason KernelDrift);
@@ -61,20 +68,24 @@ func (a *Agent) driftLoop(ctx context.Context) {
 	}
 	tick := time.NewTicker(interval)
 	defer tick.Stop()
+	var last time.Time
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-tick.C:
 		case <-a.drift.pokes():
-			// Let a burst of applies settle first.
+			// Let a burst of applies settle first, and compile the policy
+			// for a check at most once a second under churn.
+			wait := max(driftSettle, time.Until(last.Add(driftMinGap)))
 			select {
 			case <-ctx.Done():
 				return
-			case <-time.After(200 * time.Millisecond):
+			case <-time.After(wait):
 			}
 		}
 		a.checkDrift()
+		last = time.Now()
 	}
 }
 

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"fmt"
 	"net/netip"
 	"slices"
 	"strings"
@@ -236,5 +237,38 @@ func TestDriftFromConfig(t *testing.T) {
 				t.Fatalf("%s: %+v, want %s with config %q", c.pod, rep.Pods[0].Items, c.field, c.config)
 			}
 		})
+	}
+}
+
+// BenchmarkComputeDrift: a drift check of 500 pods of 50 apps, each app
+// under its own ALLOW policy (the expected state is compiled afresh, as
+// the agent's check does).
+func BenchmarkComputeDrift(b *testing.B) {
+	in := driftWorld(b)
+	in.pods = map[string]*pod{}
+	in.cfg.AuthorizationPolicies = nil
+	for app := range 50 {
+		ap := &securityv1.AuthorizationPolicy{}
+		ap.Namespace, ap.Name = "shop", fmt.Sprintf("app%d", app)
+		ap.Spec.Selector = &typev1beta1.WorkloadSelector{MatchLabels: map[string]string{"app": ap.Name}}
+		ap.Spec.Rules = []*securityv1beta1.Rule{{From: []*securityv1beta1.Rule_From{{Source: &securityv1beta1.Source{
+			Principals: []string{fmt.Sprintf("cluster.local/ns/shop/sa/app%d", (app+1)%50)}}}}}}
+		in.cfg.AuthorizationPolicies = append(in.cfg.AuthorizationPolicies, ap)
+	}
+	for i := range 500 {
+		app := fmt.Sprintf("app%d", i%50)
+		in.pods[fmt.Sprintf("c-%d", i)] = &pod{Cookie: uint64(i + 1), Reg: api.PodRegistration{ContainerID: fmt.Sprintf("c-%d", i),
+			IPs:     []netip.Addr{netip.AddrFrom4([4]byte{10, 1, byte(i / 256), byte(i % 256)})},
+			PodName: fmt.Sprintf("p%d", i), PodNamespace: "shop", ServiceAccount: app, Labels: map[string]string{"app": app},
+			Annotations: map[string]string{istio.AnnotationStatus: "{}"}}}
+	}
+	k := kernelFor(b, in)
+	b.ResetTimer()
+	for b.Loop() {
+		in.pods = clonePods(in.pods)
+		rep, err := computeDrift(in, k)
+		if err != nil || rep.Drifted() {
+			b.Fatalf("%v %+v", err, rep.Pods)
+		}
 	}
 }
