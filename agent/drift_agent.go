@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"errors"
+	"strings"
 	"sync"
 	"time"
 
@@ -152,9 +153,14 @@ func (a *Agent) checkDrift() {
 	}
 	now := map[string]string{}
 	var fresh []PodDrift
-	repair := false
+	repair, repairPolicy := false, false
 	for _, d := range rep.Pods {
 		sum := d.Summary()
+		for _, it := range d.Items {
+			if strings.HasPrefix(it.Field, "policy of ") {
+				repairPolicy = true
+			}
+		}
 		now[d.Pod] = sum
 		if s.reported[d.Pod] != sum {
 			fresh = append(fresh, d)
@@ -200,9 +206,12 @@ func (a *Agent) checkDrift() {
 	}
 	a.log.Info("applying everything again to mend kernel drift", "pods", len(rep.Pods), "node", len(rep.Node))
 	a.mu.Lock()
-	// The policy too: the agent skips a policy equal to the one it
-	// applied last, which is what the kernel no longer holds.
-	a.applied = datapath.Policy{}
+	if repairPolicy {
+		// The agent skips a policy equal to the one it applied last,
+		// which is what the kernel no longer holds. Only then: a forced
+		// swap needs room for two copies of the policy.
+		a.applied = datapath.Policy{}
+	}
 	ok := a.reconcile()
 	a.mu.Unlock()
 	if !ok {

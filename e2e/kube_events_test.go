@@ -10,6 +10,10 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	apisecurity "istio.io/api/security/v1beta1"
+	typev1beta1 "istio.io/api/type/v1beta1"
+	securityv1 "istio.io/client-go/pkg/apis/security/v1"
+	istioclient "istio.io/client-go/pkg/clientset/versioned"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
@@ -31,7 +35,11 @@ import (
 // pod` shows it. `check --drift --kubernetes` then names web (Istio meshes
 // it, the kernel does not know it) and nothing else. A change to db's
 // kernel entry behind the agent's back becomes a KernelDrift Event on db,
-// and the agent mends it.
+// and the agent mends it. Last, the kernel's policy set table holds one
+// set: db's AuthorizationPolicy fits, but an edit of it does not (a swap
+// holds the old set and the new one): the policy is rolled back, a
+// PolicyNotApplied Event goes on the node, and db, whose kernel keeps the
+// previous policy, gets a KernelDrift Event naming its policy.
 func TestAgentKubernetesEvents(t *testing.T) {
 	testnet.RequireRoot(t)
 	srv := kubetest.Shared(t)
@@ -43,7 +51,7 @@ func TestAgentKubernetesEvents(t *testing.T) {
 	m.cg = testnet.NewCgroup(t)
 	m.pin = testnet.PinDir(t, func(dir string) error { return datapath.Detach(dir, time.Second) })
 	dp, err := datapath.Open(datapath.Options{PinDir: m.pin, CgroupPath: m.cg.Path,
-		MaxEntries: map[string]uint32{redirect.CaptureMapMsPods: 1}})
+		MaxEntries: map[string]uint32{redirect.CaptureMapMsPods: 1, redirect.CaptureMapMsPolSets: 1}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -154,5 +162,61 @@ func TestAgentKubernetesEvents(t *testing.T) {
 	eventually(t, "db mended by the agent", func() bool {
 		rep, _ := checkDrift(t, bin, args...)
 		return len(rep.Pods) == 1 && rep.Pods[0].Pod == ns+"/web"
+	})
+
+	// A policy that does not fit: rolled back, on the node and on db.
+	ic, err := istioclient.NewForConfig(srv.Config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ap := &securityv1.AuthorizationPolicy{ObjectMeta: metav1.ObjectMeta{Name: "db", Namespace: ns},
+		Spec: apisecurity.AuthorizationPolicy{Action: apisecurity.AuthorizationPolicy_ALLOW,
+			Selector: &typev1beta1.WorkloadSelector{MatchLabels: map[string]string{"app": "db"}},
+			Rules: []*apisecurity.Rule{{From: []*apisecurity.Rule_From{{Source: &apisecurity.Source{
+				Principals: []string{"cluster.local/ns/" + ns + "/sa/web"}}}}}}}}
+	if ap, err = ic.SecurityV1().AuthorizationPolicies(ns).Create(ctx, ap, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "db's policy applied, no drift on db", func() bool {
+		st, err := datapath.ReadPodPolicies(m.pin)
+		if err != nil || !st[db.Cookie].Enforced {
+			return false
+		}
+		rep, _ := checkDrift(t, bin, args...)
+		return len(rep.Pods) == 1 && rep.Pods[0].Pod == ns+"/web"
+	})
+	ap.Spec.Rules[0].From[0].Source.Principals = []string{"cluster.local/ns/" + ns + "/sa/other"}
+	if _, err := ic.SecurityV1().AuthorizationPolicies(ns).Update(ctx, ap, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	var nodeEvent corev1.Event
+	waitUntil(t, "PolicyNotApplied Event on the node", 30*time.Second, func() bool {
+		list, err := srv.Client.CoreV1().Events(metav1.NamespaceDefault).List(ctx, metav1.ListOptions{
+			FieldSelector: "involvedObject.kind=Node,involvedObject.name=node-a,reason=" + agent.ReasonPolicyNotApplied})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(list.Items) > 0 {
+			nodeEvent = list.Items[0]
+		}
+		return len(list.Items) > 0
+	})
+	t.Logf("Event on node-a: %s: %s", nodeEvent.Reason, nodeEvent.Message)
+	if !strings.Contains(nodeEvent.Message, "policy map full") {
+		t.Errorf("PolicyNotApplied Event message %q does not say the set table is full", nodeEvent.Message)
+	}
+	waitUntil(t, "KernelDrift Event on db naming its policy", 30*time.Second, func() bool {
+		list, err := srv.Client.CoreV1().Events(ns).List(ctx, metav1.ListOptions{
+			FieldSelector: "involvedObject.name=db,reason=" + agent.ReasonKernelDrift})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, e := range list.Items {
+			if strings.Contains(e.Message, "policy of "+db.IPv4.String()+" (set): config identity") ||
+				strings.Contains(e.Message, "policy of "+db.IPv4.String()+" (set): config a policy set") {
+				return true
+			}
+		}
+		return false
 	})
 }
