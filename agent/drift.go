@@ -86,6 +86,9 @@ type driftInput struct {
 	// hostIDs maps the proxy's ids through the pod's user namespace
 	// (datapath.HostProxyIDs; tests replace it).
 	hostIDs func(netns string, uid, gid uint32) (uint32, uint32, error)
+	// gone tells whether a pod's network namespace is gone
+	// (datapath.NetnsGone; nil: never).
+	gone func(cookie uint64, netns string) (bool, error)
 }
 
 // podExpect is what the kernel should hold for one pod.
@@ -95,7 +98,9 @@ type podExpect struct {
 	// unregistered: Istio meshes the pod (Kubernetes) but the agent has no
 	// registration for it, so the kernel knows nothing of it.
 	unregistered bool
-	ips          []netip.Addr
+	// gone: the pod's network namespace is gone; the agent forgets it.
+	gone bool
+	ips  []netip.Addr
 	// traffic holds the settings as AddPod writes them (proxy ids on the
 	// host); invalid says why there are none.
 	traffic  istio.Traffic
@@ -157,6 +162,13 @@ func expect(in driftInput) ([]podExpect, []string, error) {
 		}
 		e := podExpect{name: p.Reg.String(), containerID: p.Reg.ContainerID, netns: p.Reg.Netns, cookie: p.Cookie,
 			policy: map[netip.Addr]ipExpect{}}
+		if in.gone != nil {
+			if gone, err := in.gone(p.Cookie, p.Reg.Netns); err == nil && gone {
+				e.gone = true
+				out = append(out, e)
+				continue
+			}
+		}
 		for _, ip := range p.Reg.IPs {
 			ip = ip.Unmap()
 			e.ips = append(e.ips, ip)
@@ -231,6 +243,11 @@ func diffPods(want []podExpect, k *datapath.KernelState) DriftReport {
 		d := PodDrift{Pod: w.name, ContainerID: w.containerID, Netns: w.netns, Cookie: w.cookie}
 		got, ok := kernel[w.cookie]
 		switch {
+		case w.gone && !ok:
+			rep.PodsChecked-- // gone from everywhere: nothing to compare
+		case w.gone:
+			seen[w.cookie] = true
+			d.Items = []DriftItem{{"pod", "gone (its network namespace is gone: the agent forgets it)", "still in the kernel tables (" + addrs(got.IPs) + ")"}}
 		case w.unregistered:
 			d.Items = []DriftItem{{"pod", "meshed by Istio (" + addrs(w.ips) + ")", "no registration and nothing in the kernel tables: the pod is not captured"}}
 		case !ok:
@@ -486,5 +503,6 @@ func CheckDrift(cfg istio.Config, node datapath.NodeSettings, stateDir string, k
 			return DriftReport{}, fmt.Errorf("agent state: identities: %w", err)
 		}
 	}
-	return computeDrift(driftInput{cfg: cfg, node: node, pods: pods, ids: ids, hostIDs: datapath.HostProxyIDs}, k)
+	return computeDrift(driftInput{cfg: cfg, node: node, pods: pods, ids: ids, hostIDs: datapath.HostProxyIDs,
+		gone: datapath.NetnsGone}, k)
 }

@@ -103,7 +103,8 @@ func (a *Agent) driftInput() (driftInput, error) {
 		pods[id] = &cp
 	}
 	node := a.nodeSettings()
-	return driftInput{cfg: a.istio, node: node, pods: pods, ids: ids, hostIDs: datapath.HostProxyIDs}, nil
+	return driftInput{cfg: a.istio, node: node, pods: pods, ids: ids, hostIDs: datapath.HostProxyIDs,
+		gone: datapath.NetnsGone}, nil
 }
 
 // CheckDrift runs a drift check now and returns its report (tests, and

@@ -104,10 +104,12 @@ func podOf(k *datapath.KernelState, cookie uint64) *datapath.Pod {
 func TestDriftDiff(t *testing.T) {
 	db4 := netip.MustParseAddr("10.0.0.2")
 	for _, c := range []struct {
-		name   string
-		change func(k *datapath.KernelState)
-		want   map[string][]string // pod -> fields that differ
-		node   []string
+		name    string
+		change  func(k *datapath.KernelState)
+		want    map[string][]string // pod -> fields that differ
+		node    []string
+		gone    string // the registration whose netns is gone
+		checked int    // pods checked, if not 2
 	}{
 		{name: "in step", change: func(*datapath.KernelState) {}},
 		{name: "pod missing in the kernel", change: func(k *datapath.KernelState) {
@@ -144,11 +146,19 @@ func TestDriftDiff(t *testing.T) {
 		}, want: map[string][]string{"netns cookie 99": {"pod"}}},
 		{name: "node switch", change: func(k *datapath.KernelState) { k.Node.Capture = false },
 			node: []string{"node capture"}},
+		{name: "gone pod still in the kernel", gone: "c-web", change: func(*datapath.KernelState) {},
+			want: map[string][]string{"shop/web": {"pod"}}},
+		{name: "gone pod gone from the kernel too", gone: "c-web", change: func(k *datapath.KernelState) {
+			k.Pods = slices.DeleteFunc(k.Pods, func(p datapath.Pod) bool { return p.Cookie == 3 })
+		}, checked: 1},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			in := driftWorld(t)
 			k := kernelFor(t, in)
 			c.change(k)
+			in.gone = func(cookie uint64, _ string) (bool, error) {
+				return c.gone != "" && in.pods[c.gone].Cookie == cookie, nil
+			}
 			rep, err := computeDrift(in, k)
 			if err != nil {
 				t.Fatal(err)
@@ -179,8 +189,15 @@ func TestDriftDiff(t *testing.T) {
 			if rep.Drifted() != (len(c.want)+len(c.node) > 0) {
 				t.Errorf("Drifted() = %v", rep.Drifted())
 			}
-			if rep.PodsChecked < 2 {
-				t.Errorf("pods checked %d", rep.PodsChecked)
+			checked := 2 // db and web
+			if _, extra := c.want["netns cookie 99"]; extra {
+				checked = 3
+			}
+			if c.checked != 0 {
+				checked = c.checked
+			}
+			if rep.PodsChecked != checked {
+				t.Errorf("pods checked %d, want %d", rep.PodsChecked, checked)
 			}
 		})
 	}
