@@ -86,6 +86,9 @@ type driftInput struct {
 	// hostIDs maps the proxy's ids through the pod's user namespace
 	// (datapath.HostProxyIDs; tests replace it).
 	hostIDs func(netns string, uid, gid uint32) (uint32, uint32, error)
+	// appSpliceDefault is the node's app-splice default for pods that do
+	// not say (datapath.AppSpliceDefault: measured on the kernel).
+	appSpliceDefault bool
 	// gone tells whether a pod's network namespace is gone
 	// (datapath.NetnsGone; nil: never).
 	gone func(cookie uint64, netns string) (bool, error)
@@ -154,6 +157,7 @@ func expect(in driftInput) ([]podExpect, []string, error) {
 		ipPolicy[ip.Unmap()] = e
 	}
 	defaults := in.cfg.Defaults()
+	defaults.AppSplice = in.appSpliceDefault
 	var out []podExpect
 	for _, p := range in.pods {
 		if p.Recovered {
@@ -225,6 +229,9 @@ func diffNode(want datapath.NodeSettings, k *datapath.KernelState) []DriftItem {
 	}
 	if s := want.Splice && k.SpliceAvailable; s != k.Node.Splice {
 		out = append(out, DriftItem{"node splice", onOff(s), onOff(k.Node.Splice)})
+	}
+	if want.AppSpliceOff != k.Node.AppSpliceOff {
+		out = append(out, DriftItem{"node app-splice", onOff(!want.AppSpliceOff), onOff(!k.Node.AppSpliceOff)})
 	}
 	return out
 }
@@ -333,6 +340,7 @@ func trafficItems(want, got istio.Traffic) []DriftItem {
 		}
 	}
 	add("capture", onOff(want.Capture), onOff(got.Capture))
+	add("iptables mode (Istio's own iptables capture)", onOff(want.IPTables), onOff(got.IPTables))
 	add("splice", onOff(want.Splice), onOff(got.Splice))
 	add("app splice", onOff(want.AppSplice), onOff(got.AppSplice))
 	add("sidecar (policy without capture)", onOff(want.Sidecar || want.Capture), onOff(got.Sidecar))
@@ -479,8 +487,9 @@ func cloneAllocator(ids *policy.Allocator) (*policy.Allocator, error) {
 
 // CheckDrift compares, without the agent, the kernel state k with cfg and
 // the registrations and identities in the agent's state directory. node
-// is what the node switches should be.
-func CheckDrift(cfg istio.Config, node datapath.NodeSettings, stateDir string, k *datapath.KernelState) (DriftReport, error) {
+// is what the node switches should be, appSplice the node's app-splice
+// default (datapath.ProbeAppSpliceDefault).
+func CheckDrift(cfg istio.Config, node datapath.NodeSettings, appSplice bool, stateDir string, k *datapath.KernelState) (DriftReport, error) {
 	if stateDir == "" {
 		stateDir = DefaultStateDir
 	}
@@ -504,5 +513,5 @@ func CheckDrift(cfg istio.Config, node datapath.NodeSettings, stateDir string, k
 		}
 	}
 	return computeDrift(driftInput{cfg: cfg, node: node, pods: pods, ids: ids, hostIDs: datapath.HostProxyIDs,
-		gone: datapath.NetnsGone}, k)
+		gone: datapath.NetnsGone, appSpliceDefault: appSplice}, k)
 }

@@ -103,8 +103,9 @@ func (a *Agent) driftInput() (driftInput, error) {
 		pods[id] = &cp
 	}
 	node := a.nodeSettings()
+	appSplice, _ := a.dp.AppSpliceDefault()
 	return driftInput{cfg: a.istio, node: node, pods: pods, ids: ids, hostIDs: datapath.HostProxyIDs,
-		gone: datapath.NetnsGone}, nil
+		gone: datapath.NetnsGone, appSpliceDefault: appSplice}, nil
 }
 
 // CheckDrift runs a drift check now and returns its report (tests, and

@@ -146,6 +146,11 @@ func TestDriftDiff(t *testing.T) {
 		}, want: map[string][]string{"netns cookie 99": {"pod"}}},
 		{name: "node switch", change: func(k *datapath.KernelState) { k.Node.Capture = false },
 			node: []string{"node capture"}},
+		{name: "node app-splice switch", change: func(k *datapath.KernelState) { k.Node.AppSpliceOff = true },
+			node: []string{"node app-splice"}},
+		{name: "iptables mode in the kernel", change: func(k *datapath.KernelState) {
+			podOf(k, 2).Traffic.IPTables = true
+		}, want: map[string][]string{"shop/db": {"iptables mode (Istio's own iptables capture)"}}},
 		{name: "gone pod still in the kernel", gone: "c-web", change: func(*datapath.KernelState) {},
 			want: map[string][]string{"shop/web": {"pod"}}},
 		{name: "gone pod gone from the kernel too", gone: "c-web", change: func(k *datapath.KernelState) {

@@ -85,8 +85,9 @@ func readKernelState(maps map[string]*ebpf.Map) (*KernelState, error) {
 	var node redirect.CaptureMsNode
 	if err := maps[redirect.CaptureMapMsNodeSettings].Lookup(uint32(0), &node); err == nil {
 		st.Node = NodeSettings{
-			Capture: node.Flags&redirect.CaptureMsNodeFlagMS_NODE_CAPTURE != 0,
-			Splice:  node.Flags&redirect.CaptureMsNodeFlagMS_NODE_SPLICE != 0,
+			Capture:      node.Flags&redirect.CaptureMsNodeFlagMS_NODE_CAPTURE != 0,
+			Splice:       node.Flags&redirect.CaptureMsNodeFlagMS_NODE_SPLICE != 0,
+			AppSpliceOff: node.Flags&redirect.CaptureMsNodeFlagMS_NODE_NO_APP_SPLICE != 0,
 		}
 	}
 	var err error

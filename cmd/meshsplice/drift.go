@@ -24,6 +24,7 @@ type driftFlags struct {
 	pinDir, stateDir  *string
 	configDir         *string
 	capture, splice   *bool
+	appSplice         *bool
 	timeout           *time.Duration
 	kube              *kubeFlags
 	sourceDescription string
@@ -37,6 +38,7 @@ func addDriftFlags(fs *flag.FlagSet) *driftFlags {
 		configDir: fs.String("istio-config", "", "--drift: the standalone agent's folder of Istio YAML"),
 		capture:   fs.Bool("capture", true, "--drift: the agent's --capture node switch"),
 		splice:    fs.Bool("splice", true, "--drift: the agent's --splice node switch"),
+		appSplice: fs.Bool("app-splice", true, "--drift: the agent's --app-splice node switch"),
 		timeout:   fs.Duration("timeout", time.Minute, "--drift: how long to wait for the config (the API server's caches)"),
 		kube:      addKubeFlags(fs),
 	}
@@ -74,8 +76,12 @@ func runDrift(ctx context.Context, f *driftFlags, asJSON bool) error {
 	if err != nil {
 		return err
 	}
-	node := datapath.NodeSettings{Capture: *f.capture && cfg.Node.Capture, Splice: *f.splice && cfg.Node.Splice}
-	rep, err := agent.CheckDrift(cfg, node, *f.stateDir, k)
+	node := datapath.NodeSettings{Capture: *f.capture && cfg.Node.Capture, Splice: *f.splice && cfg.Node.Splice,
+		AppSpliceOff: !*f.appSplice || cfg.Node.AppSpliceOff}
+	// The app-splice default of pods that do not say is measured on the
+	// kernel, as the agent measures it at start.
+	appSplice := datapath.ProbeAppSpliceDefault(datapath.ProbeReaders(), datapath.ProbeFionread()).OK
+	rep, err := agent.CheckDrift(cfg, node, appSplice, *f.stateDir, k)
 	if err != nil {
 		return err
 	}
