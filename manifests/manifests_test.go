@@ -219,15 +219,24 @@ func TestRender(t *testing.T) {
 			if o.cm.Metadata.Name != "meshsplice" || o.cm.Data["capture"] != "enabled" || o.cm.Data["splice"] != "enabled" {
 				t.Errorf("switches ConfigMap %s %v", o.cm.Metadata.Name, o.cm.Data)
 			}
-			// RBAC: the informers only list and watch; nothing writes.
+			// RBAC: the informers only list and watch; the agent writes
+			// nothing but Events, and reads the pod of an Event by name.
 			rules := o.cluster
 			for _, r := range o.roles {
 				rules = append(rules, r...)
 			}
+			events := false
 			for _, r := range rules {
-				if !slices.Equal(r.Verbs, []string{"list", "watch"}) {
+				switch {
+				case slices.Equal(r.Resources, []string{"events"}) && slices.Equal(r.Verbs, []string{"create", "patch"}):
+					events = true
+				case slices.Equal(r.Resources, []string{"pods"}) && slices.Equal(r.Verbs, []string{"get"}):
+				case !slices.Equal(r.Verbs, []string{"list", "watch"}):
 					t.Errorf("rule %v grants %v, want only list, watch", r.Resources, r.Verbs)
 				}
+			}
+			if !events {
+				t.Error("no rule lets the agent create and patch Events")
 			}
 			if len(o.roles) != tc.roles || o.bindings != tc.roles+1 {
 				t.Errorf("%d Roles and %d bindings, want %d and %d", len(o.roles), o.bindings, tc.roles, tc.roles+1)
