@@ -90,6 +90,9 @@ type Config struct {
 	// informer's cache has not seen it yet (DefaultLookupTimeout when
 	// zero).
 	LookupTimeout time.Duration
+	// DriftInterval is how often the kernel is compared with the config
+	// besides after each apply (DefaultDriftInterval when zero).
+	DriftInterval time.Duration
 }
 
 // Agent is a running node agent.
@@ -108,8 +111,11 @@ type Agent struct {
 	ready  bool
 	loaded chan struct{} // closed once the first Istio config arrived
 
-	ctl     *controller
-	applied datapath.Policy // the policy the kernel holds (policy worker only)
+	ctl *controller
+	// polMu is held by the policy worker for a whole compile and install
+	// (and by a drift check); a.applied is the policy the kernel holds.
+	polMu   sync.Mutex
+	applied datapath.Policy
 	// polGen counts changes of the policy's inputs; polDone is the
 	// newest generation a finished policy run took; polNotify is closed
 	// (and replaced) at the end of every run.
@@ -124,6 +130,7 @@ type Agent struct {
 	identitiesLost bool
 	failures       failureCounts
 	pressure       pressureState
+	drift          driftState // drift checks (drift_agent.go)
 }
 
 // podReg is a pod's registration, as the CNI plugin sent it.
@@ -235,6 +242,7 @@ func (a *Agent) Serve(ctx context.Context) error {
 	wg.Go(func() { a.sweepLoop(ctx) })
 	wg.Go(func() { a.pressureLoop(ctx, a.cfg.PressureInterval) })
 	a.runWorkers(ctx, &wg)
+	wg.Go(func() { a.driftLoop(ctx) })
 	wg.Go(func() {
 		for {
 			select {

@@ -205,8 +205,13 @@ func (a *Agent) reconcilePod(id string) error {
 }
 
 // syncPolicy compiles and installs the policy for the inputs of the
-// moment, and tells the CNI ADDs waiting for it.
+// moment, and tells the CNI ADDs waiting for it. It holds a.polMu
+// throughout (a drift check never sees half of it), a.mu only to copy the
+// inputs and to publish the result.
 func (a *Agent) syncPolicy() error {
+	a.polMu.Lock()
+	defer a.polMu.Unlock()
+	defer a.drift.soon() // check the kernel after every apply
 	a.mu.Lock()
 	in := a.policyInputs()
 	gen := a.polGen
@@ -228,6 +233,15 @@ func (a *Agent) syncPolicy() error {
 	a.polNotify = make(chan struct{})
 	a.mu.Unlock()
 	return err
+}
+
+// settledWork reports whether no pod work waits and the last policy
+// change is in the kernel: only then may the kernel be compared with the
+// config (a drift check).
+func (a *Agent) settledWork() bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.polDone >= a.polGen && a.ctl.work.Len() == 0 && a.ctl.policy.Len() == 0
 }
 
 // waitPolicy waits until a policy run that took inputs of generation gen

@@ -24,7 +24,9 @@ import (
 //	          meshsplice_apply_failures_total{what} (failures.go),
 //	          meshsplice_policy_compiles_total,
 //	          meshsplice_reconcile_retries_total{what},
-//	          meshsplice_reconcile_queue_depth{queue} (controller.go)
+//	          meshsplice_reconcile_queue_depth{queue} (controller.go),
+//	          meshsplice_drift_pods, meshsplice_drift_node_switches,
+//	          meshsplice_drift_checks_total{outcome} (drift_agent.go)
 //	/pods     the registered pods as JSON, with policy.enforced and
 //	          policy.reason per pod
 //	/denials  the most recent connections policy denied, with the policies
@@ -34,6 +36,7 @@ func (a *Agent) metricsHandler() http.Handler {
 	reg.MustRegister(&collector{a: a})
 	reg.MustRegister(&inboundCollector{a: a})
 	reg.MustRegister(controllerCollector{a: a})
+	reg.MustRegister(&driftCollector{a: a})
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) { w.Write([]byte("ok\n")) })

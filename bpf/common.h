@@ -372,9 +372,16 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ms_node_settings SEC(".maps");
 
+/* ms_counters has room for counters that later versions add: its size is
+ * part of the pinned layout, and an agent whose map differs from the pinned
+ * one refuses to upgrade in place (datapath.ErrIncompatiblePins). */
+#define MS_COUNTER_SLOTS 256
+_Static_assert(MS_C_MAX <= MS_COUNTER_SLOTS,
+	       "ms_counters: raise MS_COUNTER_SLOTS");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, MS_C_MAX);
+	__uint(max_entries, MS_COUNTER_SLOTS);
 	__type(key, __u32);
 	__type(value, __u64);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
