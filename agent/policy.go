@@ -18,7 +18,7 @@ import (
 )
 
 // The identity policy safety net, agent side: compile the Istio
-// AuthorizationPolicies for every known workload (the node's pods, the
+// AuthorizationPolicies and PeerAuthentications for every known workload (the node's pods, the
 // WorkloadEntries of the config and, on Kubernetes, the cluster's injected
 // pods) and hand the result to the datapath, then close live connections
 // the change now forbids.
@@ -104,6 +104,9 @@ func (a *Agent) reconcilePolicy() error {
 		TrustDomain:   a.istio.TrustDomain(),
 		RootNamespace: a.istio.RootNamespace(),
 		Policies:      a.istio.AuthorizationPolicies,
+		// PeerAuthentication STRICT: sources known to have no sidecar
+		// (plaintextIPs) are refused on STRICT ports.
+		PeerAuthentications: a.istio.PeerAuthentications,
 	}
 	if m := a.istio.Mesh; m != nil {
 		in.TrustDomainAliases = m.GetTrustDomainAliases()
@@ -170,6 +173,7 @@ func (a *Agent) reconcilePolicy() error {
 		}
 		dp.IPs[ip] = datapath.IPPolicy{Identity: uint32(id), Set: set}
 	}
+	markPlaintext(&dp, res, plaintextIPs(a.istio, a.pods))
 	a.policy = res
 	if reflect.DeepEqual(dp, a.applied) {
 		return a.saveIdentities()
@@ -198,7 +202,7 @@ func (a *Agent) reconcilePolicy() error {
 // kernelSet converts a compiled set to the datapath's form.
 func kernelSet(s policy.PolicySet) datapath.PolicySet {
 	k := datapath.PolicySet{
-		HasAllow: s.HasAllow, AllowMask: s.AllowMask, DenyMask: s.DenyMask,
+		HasAllow: s.HasAllow, AllowMask: s.AllowMask, DenyMask: s.DenyMask, PlaintextMask: s.PlaintextMask,
 		DefaultIdentityMask: s.DefaultIdentityMask, DefaultPortMask: s.DefaultPortMask,
 		IdentityMasks: make(map[uint32]uint64, len(s.IdentityMasks)),
 		PrefixMasks:   s.PrefixMasks,

@@ -107,6 +107,7 @@ type ReadersMsIpInfo struct {
 	_         structs.HostLayout
 	Identity  uint32
 	PolicySet uint32
+	Flags     uint32
 }
 
 type ReadersMsNode struct {
@@ -163,6 +164,7 @@ type ReadersMsPolSet struct {
 	DefaultPortMask uint64
 	HasAllow        uint32
 	Pad             uint32
+	PlaintextMask   uint64
 }
 
 type ReadersMsPortKey struct {

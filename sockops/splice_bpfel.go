@@ -107,6 +107,7 @@ type SpliceMsIpInfo struct {
 	_         structs.HostLayout
 	Identity  uint32
 	PolicySet uint32
+	Flags     uint32
 }
 
 type SpliceMsNode struct {
@@ -163,6 +164,7 @@ type SpliceMsPolSet struct {
 	DefaultPortMask uint64
 	HasAllow        uint32
 	Pad             uint32
+	PlaintextMask   uint64
 }
 
 type SpliceMsPortKey struct {
