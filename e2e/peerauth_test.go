@@ -5,12 +5,14 @@ import (
 	"net/netip"
 	"strings"
 	"testing"
+	"time"
 
 	securityv1beta1 "istio.io/api/security/v1beta1"
 	typev1beta1 "istio.io/api/type/v1beta1"
 	securityv1 "istio.io/client-go/pkg/apis/security/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	"github.com/meshsplice/meshsplice/agent/api"
 	"github.com/meshsplice/meshsplice/datapath"
 	"github.com/meshsplice/meshsplice/internal/testnet"
 	"github.com/meshsplice/meshsplice/istio"
@@ -182,4 +184,57 @@ func TestKernelPeerAuthStrict(t *testing.T) {
 		{"PERMISSIVE: plaintext pod of another node -> web", plainRemote, to(web, appPort), ""},
 		{"PERMISSIVE: plaintext pod of this node -> web", plainLocal, to(web, appPort), ""},
 	})
+}
+
+func peerAuthYAML(mode string) string {
+	return fmt.Sprintf(`apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: web, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  mtls: {mode: %s}
+`, mode)
+}
+
+// TestAgentPeerAuthStrict is the STRICT scenario through the agent process
+// in standalone mode: a PeerAuthentication in the config folder, a pod
+// registered with annotations that show no sidecar (known plaintext), a
+// meshed pod and a pod the agent does not know. The plaintext pod is
+// refused on web's captured port and let through on its excluded one; an
+// edit of the folder to PERMISSIVE lets it through everywhere.
+func TestAgentPeerAuthStrict(t *testing.T) {
+	w := newPolicyWorld(t)
+	web := w.pod(w.nodeA, "web")
+	extra := w.m.start(web, "web-app2", appUID, "echo", "--port", "9090")
+	if _, err := extra.WaitEvent(waitFor, "ready"); err != nil {
+		t.Fatal(err)
+	}
+	frontend := w.pod(w.nodeA, "frontend")
+	plain := w.pod(w.nodeA, "plain")
+	outsider := w.pod(w.nodeB, "outsider")
+	w.start(map[string]string{"peerauth.yaml": peerAuthYAML("STRICT")})
+	w.register(web, api.PodRegistration{ServiceAccount: "web", Labels: map[string]string{"app": "web"},
+		Annotations: injected(istio.AnnotationExcludeInboundPorts, "9090")})
+	w.register(frontend, api.PodRegistration{ServiceAccount: "frontend", Labels: map[string]string{"app": "frontend"}, Annotations: injected()})
+	w.register(plain, api.PodRegistration{ServiceAccount: "plain", Labels: map[string]string{"app": "plain"},
+		Annotations: map[string]string{"kubernetes.io/config.source": "api"}})
+	if st := w.podPolicy("web"); !st.Enforced {
+		t.Fatalf("web's policy: %+v, want enforced", st)
+	}
+	w.expect("plaintext pod -> web, captured port", plain, to(web), "operation not permitted")
+	w.expect("plaintext pod -> web, excluded port", plain, netip.AddrPortFrom(web.IPv4, 9090), "")
+	w.expect("unknown source -> web", outsider, to(web), "")
+	w.expect("meshed frontend -> web", frontend, to(web), "")
+	if d := w.ag.get("/denials"); !strings.Contains(d, "PeerAuthentication shop/web") {
+		t.Errorf("/denials does not name the PeerAuthentication: %s", d)
+	}
+
+	w.write("peerauth.yaml", peerAuthYAML("PERMISSIVE"))
+	eventually(t, "the PERMISSIVE edit applied", func() bool {
+		c := w.m.start(plain, "plain-poll", appUID, "client", "--target", to(web).String(), "--messages", "1", "--timeout", "3s")
+		c.WaitTimeout(10 * time.Second)
+		res, err := c.WaitEvent(time.Second, "result")
+		return err == nil && res.Bool("ok")
+	})
+	w.expect("PERMISSIVE: plaintext pod -> web", plain, to(web), "")
 }
