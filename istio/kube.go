@@ -32,9 +32,11 @@ import (
 //   - this node's pods (field selector spec.nodeName), whole, classified
 //     by [ClassifyPod] into Config.Pods;
 //   - every pod of the cluster, trimmed on arrival to its name, service
-//     account, node and IPs (a transform: the cache holds no labels,
-//     annotations or containers), into Config.PodIPs, so that a source on
-//     another node has its real identity;
+//     account, node, IPs and whether it has Istio's sidecar or an
+//     istio-proxy container (a transform: the cache holds no labels, other
+//     annotations or other containers), into Config.PodIPs, so that a
+//     source on another node has its real identity, and a pod without a
+//     sidecar is known as such (PeerAuthentication STRICT);
 //   - namespaces, Services, WorkloadEntries, AuthorizationPolicies and
 //     PeerAuthentications, cluster wide;
 //   - the mesh config: data.mesh of the ConfigMap "istio" ("istio-REV" for

@@ -228,6 +228,12 @@
 // TestKernelDenyImpliesSidecarDenyPeerAuth holds this to a model of the
 // sidecar written from istiod's code.
 //
+// Pods of Istio's ambient mode are not injected, but ztunnel speaks mTLS
+// only as HBONE, to port 15008, which is never judged; anything else it
+// sends a sidecar is plaintext, which a STRICT port refuses anyway.
+// Gateways and waypoints run an istio-proxy container and are never
+// flagged.
+//
 // The enforcement layer applies the atom only where it knows the sidecar
 // sees the connection: inbound to a pod of this node on a port its sidecar
 // captures, or a connection from a pod of this node to such a pod. Traffic
