@@ -55,8 +55,11 @@ type Config struct {
 	// Node overrides: a node switch is on only if the agent's flag AND the
 	// mesh-wide meshsplice ConfigMap say so.
 	NodeCapture, NodeSplice bool
-	Source                  istio.Source
-	Log                     *slog.Logger
+	// NodeAppSpliceOff keeps app sockets out of splicing on this node
+	// (agent --app-splice=false), whatever the pods and the ConfigMap say.
+	NodeAppSpliceOff bool
+	Source           istio.Source
+	Log              *slog.Logger
 	// PressureInterval is how often full kernel tables are looked for
 	// (DefaultPressureInterval when zero).
 	PressureInterval time.Duration
@@ -153,7 +156,7 @@ func New(cfg Config) (*Agent, error) {
 	}
 	dp, err := datapath.Open(datapath.Options{
 		PinDir: cfg.PinDir, CgroupPath: cfg.CgroupPath, Logger: cfg.Log,
-		Node: datapath.NodeSettings{Capture: cfg.NodeCapture, Splice: cfg.NodeSplice},
+		Node: datapath.NodeSettings{Capture: cfg.NodeCapture, Splice: cfg.NodeSplice, AppSpliceOff: cfg.NodeAppSpliceOff},
 	})
 	if err != nil {
 		return nil, err
@@ -305,7 +308,7 @@ func (a *Agent) programPod(p *pod) error {
 	if p.Recovered {
 		return nil // its annotations are unknown: the kernel keeps its settings
 	}
-	tr, warnings, err := istio.ParseTraffic(p.Reg.Annotations, a.istio.Defaults())
+	tr, warnings, err := istio.ParseTraffic(p.Reg.Annotations, a.podDefaults())
 	if err != nil {
 		return fmt.Errorf("%w: pod %s: %w", api.ErrInvalidRequest, p.Reg, err)
 	}
@@ -358,7 +361,7 @@ func (a *Agent) AddPod(_ context.Context, req api.PodRegistration) (api.PodStatu
 		}
 	}
 	p := &pod{Reg: req, Cookie: cookie, Registered: time.Now()}
-	if _, _, err := istio.ParseTraffic(req.Annotations, a.istio.Defaults()); err != nil {
+	if _, _, err := istio.ParseTraffic(req.Annotations, a.podDefaults()); err != nil {
 		undo(a.pods[req.ContainerID])
 		return api.PodStatus{}, fmt.Errorf("%w: pod %s: %w", api.ErrInvalidRequest, req, err)
 	}
@@ -507,7 +510,7 @@ func (a *Agent) statusOf(p *pod) api.PodStatus {
 
 // statusWith is statusOf with the kernel's policy tables read already.
 func (a *Agent) statusWith(p *pod, kernel map[uint64]datapath.PodPolicy, err error) api.PodStatus {
-	st := api.PodStatus{Pod: p.Reg, Capture: p.Traffic.Capture, Splice: p.Traffic.Splice, Warnings: p.Warnings}
+	st := api.PodStatus{Pod: p.Reg, Capture: p.Traffic.Capture, Splice: p.Traffic.Splice, Mode: PodMode(p.Traffic), Warnings: p.Warnings}
 	if p.inbound.known {
 		ready := p.inbound.ready
 		st.InboundReady, st.InboundReason = &ready, p.inbound.reason

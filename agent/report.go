@@ -47,7 +47,11 @@ type PodReport struct {
 	Registered  *time.Time   `json:"registered,omitempty"`
 	// InKernel is false for a pod the agent registered that the kernel
 	// tables lack.
-	InKernel       bool          `json:"in_kernel"`
+	InKernel bool `json:"in_kernel"`
+	// Mode is who captures the pod, from the kernel's entry:
+	// istio.ModeMeshsplice, istio.ModeIPTables (Istio's own iptables;
+	// meshsplice splices its sidecar only) or istio.ModeOff.
+	Mode           string        `json:"mode,omitempty"`
 	Captured       Verdict       `json:"captured"`
 	Spliced        Verdict       `json:"spliced"`
 	InboundReady   Verdict       `json:"inbound_ready"`
@@ -148,8 +152,11 @@ func reportPod(st *datapath.Status, kp datapath.Pod, reg *pod, stateErr error, c
 	}
 	t := kp.Traffic
 	k := st.PodKernel[kp.Cookie]
+	r.Mode = PodMode(t)
 
 	switch {
+	case t.IPTables:
+		r.Captured = no("Istio's own iptables capture the pod (%s, or pod annotation %s: iptables): meshsplice never captures it twice", istio.InitContainer, istio.AnnotationCapture)
 	case t.Capture && st.Node.Capture:
 		r.Captured = yes("connections from the pod go to its sidecar (%d) and connections to it to its inbound listener (%d)", t.OutboundPort, t.InboundPort)
 	case t.Capture:
@@ -161,7 +168,7 @@ func reportPod(st *datapath.Status, kp datapath.Pod, reg *pod, stateErr error, c
 	}
 
 	switch {
-	case r.Captured.State != "yes":
+	case r.Captured.State != "yes" && !t.IPTables:
 		r.Spliced = no("not captured")
 	case !st.Node.Splice:
 		r.Spliced = no("node switch: splice is off (agent --splice=false or the meshsplice ConfigMap)")
@@ -169,13 +176,15 @@ func reportPod(st *datapath.Status, kp datapath.Pod, reg *pod, stateErr error, c
 		r.Spliced = no("pod annotation %s: disabled", istio.AnnotationSplice)
 	case !t.Splice:
 		r.Spliced = no("the kernel's entry for the pod has splice off")
-	case t.AppSplice:
-		r.Spliced = yes("sidecar <-> sidecar with pods on this node, and app <-> sidecar (%s: true)", istio.AnnotationAppSplice)
+	case t.IPTables:
+		r.Spliced = yes("sidecar <-> sidecar with pods on this node, through Istio's REDIRECT; app <-> sidecar stays TCP (iptables NAT)")
 	default:
-		r.Spliced = yes("sidecar <-> sidecar with pods on this node; app <-> sidecar stays TCP (%s is not true)", istio.AnnotationAppSplice)
+		r.Spliced = yes("sidecar <-> sidecar with pods on this node%s", appSpliceReason(t, ann, st))
 	}
 
 	switch {
+	case t.IPTables:
+		r.InboundReady = Verdict{"n/a", "Istio's iptables hand inbound connections to the sidecar"}
 	case r.Captured.State != "yes":
 		r.InboundReady = Verdict{"n/a", "not captured: inbound connections go to the pod's own listeners"}
 	case k.ListenerReady == nil:
@@ -193,6 +202,18 @@ func reportPod(st *datapath.Status, kp datapath.Pod, reg *pod, stateErr error, c
 	}
 	r.PolicyEnforced = PolicyEnforced(k)
 	return r
+}
+
+// PodMode is who captures a pod with these settings (istio.ModeMeshsplice,
+// istio.ModeIPTables or istio.ModeOff).
+func PodMode(t istio.Traffic) string {
+	switch {
+	case t.Capture:
+		return istio.ModeMeshsplice
+	case t.IPTables:
+		return istio.ModeIPTables
+	}
+	return istio.ModeOff
 }
 
 // captureOffReason says why a pod's annotations leave it uncaptured, in
@@ -230,4 +251,25 @@ func PolicyEnforced(k datapath.PodKernel) Verdict {
 		return yes("policy set %d: %s", k.Policy.PolicySet, k.Policy.Reason)
 	}
 	return yes("policy set %d: the kernel judges connections to the pod (RST) and peers' connects to it (EPERM)", k.Policy.PolicySet)
+}
+
+// appSpliceReason says whether and why the pod's app <-> sidecar hops are
+// spliced: its annotation, the node's default (docs/readers.md) or the
+// node switch.
+func appSpliceReason(t istio.Traffic, ann map[string]string, st *datapath.Status) string {
+	v, set := ann[istio.AnnotationAppSplice]
+	why := "the node's default: splice(2) reads of spliced sockets are refused here, so app sockets are safe to splice"
+	if set {
+		why = fmt.Sprintf("pod annotation %s: %s", istio.AnnotationAppSplice, strings.TrimSpace(v))
+	}
+	switch {
+	case t.AppSplice && st.Node.AppSpliceOff:
+		return "; app <-> sidecar stays TCP: node switch app-splice is off (agent --app-splice=false or the meshsplice ConfigMap), over " + why
+	case t.AppSplice:
+		return ", and app <-> sidecar (" + why + ")"
+	case set || ann == nil:
+		return "; app <-> sidecar stays TCP (" + why + ")"
+	default:
+		return fmt.Sprintf("; app <-> sidecar stays TCP: not the default on this node (splice(2) readers of spliced sockets: %s; `meshsplice check` says why); a pod opts in with %s: true", st.Readers(), istio.AnnotationAppSplice)
+	}
 }

@@ -30,6 +30,7 @@ func TestReportPodVerdicts(t *testing.T) {
 		name     string
 		traffic  istio.Traffic
 		node     datapath.NodeSettings
+		readers  string            // the reader programs attached: "splice-guard" or "splice-detect"
 		ann      map[string]string // nil: the agent's state does not know the pod
 		kernel   datapath.PodKernel
 		captured want
@@ -49,7 +50,21 @@ func TestReportPodVerdicts(t *testing.T) {
 		{name: "app splice", traffic: istio.Traffic{Capture: true, Splice: true, AppSplice: true, InboundPort: 15006},
 			node: datapath.NodeSettings{Capture: true, Splice: true}, ann: with(istio.AnnotationAppSplice, "true"),
 			kernel:   datapath.PodKernel{ListenerReady: &ready, Policy: &datapath.PodPolicy{Reason: datapath.ReasonNoPolicy}},
-			captured: want{"yes", ""}, spliced: want{"yes", "app <-> sidecar (meshsplice.io/app-splice: true)"}, inbound: want{"yes", ""}, policy: want{"no", ""}},
+			captured: want{"yes", ""}, spliced: want{"yes", ", and app <-> sidecar (pod annotation meshsplice.io/app-splice: true)"}, inbound: want{"yes", ""}, policy: want{"no", ""}},
+		{name: "app splice by the node's default", traffic: istio.Traffic{Capture: true, Splice: true, AppSplice: true, InboundPort: 15006},
+			node: datapath.NodeSettings{Capture: true, Splice: true}, readers: "splice-guard", ann: injected,
+			kernel:   datapath.PodKernel{ListenerReady: &ready, Policy: &datapath.PodPolicy{Reason: datapath.ReasonNoPolicy}},
+			captured: want{"yes", ""}, spliced: want{"yes", ", and app <-> sidecar (the node's default: splice(2) reads of spliced sockets are refused here"}, inbound: want{"yes", ""}, policy: want{"no", ""}},
+		{name: "app splice off by the node switch", traffic: istio.Traffic{Capture: true, Splice: true, AppSplice: true, InboundPort: 15006},
+			node: datapath.NodeSettings{Capture: true, Splice: true, AppSpliceOff: true}, ann: with(istio.AnnotationAppSplice, "true"),
+			kernel:   datapath.PodKernel{ListenerReady: &ready, Policy: &datapath.PodPolicy{Reason: datapath.ReasonNoPolicy}},
+			captured: want{"yes", ""}, spliced: want{"yes", "; app <-> sidecar stays TCP: node switch app-splice is off (agent --app-splice=false or the meshsplice ConfigMap), over pod annotation meshsplice.io/app-splice: true"}, inbound: want{"yes", ""}, policy: want{"no", ""}},
+		{name: "app splice not the default here", traffic: on, node: datapath.NodeSettings{Capture: true, Splice: true}, readers: "splice-detect", ann: injected,
+			kernel:   datapath.PodKernel{ListenerReady: &ready, Policy: &datapath.PodPolicy{Reason: datapath.ReasonNoPolicy}},
+			captured: want{"yes", ""}, spliced: want{"yes", "; app <-> sidecar stays TCP: not the default on this node (splice(2) readers of spliced sockets: detected"}, inbound: want{"yes", ""}, policy: want{"no", ""}},
+		{name: "app splice opted out", traffic: on, node: datapath.NodeSettings{Capture: true, Splice: true}, readers: "splice-guard", ann: with(istio.AnnotationAppSplice, "false"),
+			kernel:   datapath.PodKernel{ListenerReady: &ready, Policy: &datapath.PodPolicy{Reason: datapath.ReasonNoPolicy}},
+			captured: want{"yes", ""}, spliced: want{"yes", "; app <-> sidecar stays TCP (pod annotation meshsplice.io/app-splice: false)"}, inbound: want{"yes", ""}, policy: want{"no", ""}},
 		{name: "not injected", node: datapath.NodeSettings{Capture: true, Splice: true}, ann: map[string]string{},
 			kernel:   datapath.PodKernel{ListenerReady: &notReady, Policy: &datapath.PodPolicy{Reason: datapath.ReasonNoPolicy}},
 			captured: want{"no", "not injected"}, spliced: want{"no", "not captured"}, inbound: want{"n/a", ""}, policy: want{"no", ""}},
@@ -78,6 +93,9 @@ func TestReportPodVerdicts(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			kp := datapath.Pod{Cookie: 7, IPs: []netip.Addr{ip}, Traffic: tc.traffic}
 			st := &datapath.Status{Node: tc.node, Pods: []datapath.Pod{kp}, PodKernel: map[uint64]datapath.PodKernel{7: tc.kernel}}
+			if tc.readers != "" {
+				st.Links = []datapath.LinkStatus{{Name: tc.readers, Attached: true}}
+			}
 			var reg *pod
 			if tc.ann != nil {
 				reg = &pod{Cookie: 7}

@@ -55,7 +55,8 @@ func (a *Agent) reconcile() bool {
 // nodeSettings are the node switches: on only if the agent's flag AND the
 // mesh-wide meshsplice ConfigMap say so.
 func (a *Agent) nodeSettings() datapath.NodeSettings {
-	return datapath.NodeSettings{Capture: a.cfg.NodeCapture && a.istio.Node.Capture, Splice: a.cfg.NodeSplice && a.istio.Node.Splice}
+	return datapath.NodeSettings{Capture: a.cfg.NodeCapture && a.istio.Node.Capture, Splice: a.cfg.NodeSplice && a.istio.Node.Splice,
+		AppSpliceOff: a.cfg.NodeAppSpliceOff || a.istio.Node.AppSpliceOff}
 }
 
 // applyPolicy installs the policy, logging and counting a failure.

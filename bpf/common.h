@@ -62,6 +62,10 @@ enum ms_pod_flag {
 	 * inject=false, not interceptionMode NONE), whether meshsplice captures
 	 * it or not: its policy is judged even with capture off. */
 	MS_POD_SIDECAR = 1 << 7,
+	/* Istio's own iptables capture the pod (istio-init, or
+	 * meshsplice.io/capture: iptables): meshsplice never captures it, only
+	 * splices its sidecar's connections (iptmode.h). Never with CAPTURE. */
+	MS_POD_IPTABLES = 1 << 8,
 };
 
 /* ms_node.flags: the node-wide switches. */
@@ -69,6 +73,10 @@ enum ms_node_flag {
 	MS_NODE_CAPTURE = 1 << 0,
 	MS_NODE_SPLICE = 1 << 1,
 	MS_NODE_DRAIN = 1 << 2, /* detaching: every send goes over TCP */
+	/* Node switch app-splice: disabled. New app sockets are not spliced,
+	 * whatever their pod says (the zero value allows it, so settings
+	 * written by an agent that predates the switch keep their meaning). */
+	MS_NODE_NO_APP_SPLICE = 1 << 3,
 };
 
 /* Kinds of per-pod port rules (ms_port_key.kind). */
@@ -105,6 +113,7 @@ enum ms_sk_flag {
 	MS_SK_ACTIVE = 1 << 7,	   /* connected (for policy teardown) */
 	MS_SK_ADDR_KEYED = 1 << 8, /* ms_sk_addrs entry to delete on close */
 	MS_SK_TX_BACKOFF = 1 << 9, /* peer full: TCP until it read it all */
+	MS_SK_NAT_KEYED = 1 << 10, /* ms_nat_peers entry to delete on close */
 };
 
 /* Counters, one slot each in ms_counters (per CPU). Go names them from this
@@ -184,6 +193,10 @@ enum ms_counter {
 	MS_C_SOCK_SKIP_SPLICE_READER, /* sockops: pod had a splice reader */
 	MS_C_MSG_BACKPRESSURE,	      /* sk_msg: peer full, TCP for now */
 	MS_C_MSG_RESUMED, /* sk_msg: peer read it all, redirect again */
+	/* sockops, pods under Istio's iptables (iptmode.h) */
+	MS_C_SOCK_NAT_PAIRED,  /* connect side: peer keyed past REDIRECT */
+	MS_C_SOCK_NAT_MATCHED, /* accept side: found its connect side */
+	MS_C_SOCK_NAT_MISS,    /* accept side: connect side unknown, TCP */
 	MS_C_MAX,
 };
 
@@ -370,9 +383,16 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ms_node_settings SEC(".maps");
 
+/* ms_counters has room for counters that later versions add: its size is
+ * part of the pinned layout, and an agent whose map differs from the pinned
+ * one refuses to upgrade in place (datapath.ErrIncompatiblePins). */
+#define MS_COUNTER_SLOTS 256
+_Static_assert(MS_C_MAX <= MS_COUNTER_SLOTS,
+	       "ms_counters: raise MS_COUNTER_SLOTS");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, MS_C_MAX);
+	__uint(max_entries, MS_COUNTER_SLOTS);
 	__type(key, __u32);
 	__type(value, __u64);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
@@ -624,16 +644,15 @@ static __always_inline int ipv6_off(const struct ms_pod *pod, const __u32 *ip)
 }
 
 /*
- * outbound_verdict mirrors istio.Traffic.CaptureOutbound (istio/decide.go),
+ * outbound_rules mirrors istio.Traffic.CaptureOutbound (istio/decide.go),
  * the order of Istio's ISTIO_OUTPUT chain, minus the uid/gid check that only
- * connect() can make: returns MS_C_CONNECT_CAPTURED or the skip counter.
+ * connect() can make, and without the switches: returns
+ * MS_C_CONNECT_CAPTURED or the skip counter.
  */
-static __always_inline __u32 outbound_verdict(__u64 netns,
-					      const struct ms_pod *pod,
-					      const __u32 *dst, __u16 port)
+static __always_inline __u32 outbound_rules(__u64 netns,
+					    const struct ms_pod *pod,
+					    const __u32 *dst, __u16 port)
 {
-	if (!(pod->flags & MS_POD_CAPTURE) || !(node_flags() & MS_NODE_CAPTURE))
-		return MS_C_SKIP_CAPTURE_OFF;
 	if (ipv6_off(pod, dst))
 		return MS_C_SKIP_IPV6;
 	if (outbound_loopback(netns, pod, dst))
@@ -648,6 +667,16 @@ static __always_inline __u32 outbound_verdict(__u64 netns,
 	    range_rule(netns, dst, MS_RANGE_OUT_INCLUDE))
 		return MS_C_CONNECT_CAPTURED;
 	return MS_C_SKIP_NOT_INCLUDED;
+}
+
+/* outbound_verdict: the switches (pod and node), then Istio's rules. */
+static __always_inline __u32 outbound_verdict(__u64 netns,
+					      const struct ms_pod *pod,
+					      const __u32 *dst, __u16 port)
+{
+	if (!(pod->flags & MS_POD_CAPTURE) || !(node_flags() & MS_NODE_CAPTURE))
+		return MS_C_SKIP_CAPTURE_OFF;
+	return outbound_rules(netns, pod, dst, port);
 }
 
 /*

@@ -38,6 +38,10 @@
  * (MS_POD_APP_SPLICE) when its app is known to do neither: then app <->
  * sidecar is spliced both ways too.
  *
+ * Pods under Istio's own iptables (MS_POD_IPTABLES): their sidecars are
+ * paired through the server's REDIRECT, which sockops does not see
+ * (iptmode.h).
+ *
  * Both ends must agree. A socket joins only if its own end and its peer's
  * end may be spliced, under a key carrying its own role; a sender looks its
  * peer up under the role it computed for it. Where the two ends would judge
@@ -46,6 +50,7 @@
  * that did not agree.
  */
 #include "common.h"
+#include "iptmode.h"
 #include <bpf/bpf_core_read.h>
 
 /*
@@ -54,22 +59,31 @@
  * let its peer queue without limit (measured: a 64 MiB push all sat in the
  * kernel), where TCP stops a writer at the receiver's window. So a sender
  * looks at what its peer holds unread (psock->msg_tot_len) and, when this
- * send would take it past the peer's receive buffer (at least
- * MS_MIN_UNREAD), goes on over TCP (MS_SK_TX_BACKOFF): TCP's window then
- * holds the writer back, and the bytes stay in order (see Ordering). It
- * goes back to redirecting only when the TCP bytes are all gone: every one
- * it sent acknowledged (snd_una == write_seq, checked under its own lock,
- * so none is in flight) and read by the receiving application (copied_seq
- * == rcv_nxt). Nothing can then overtake them. Kernel structs are read
- * through minimal CO-RE views (see teardown.c for why not vmlinux.h's).
+ * send would take it past MS_MAX_UNREAD, goes on over TCP
+ * (MS_SK_TX_BACKOFF): TCP's window then holds the writer back, and the
+ * bytes stay in order (see Ordering). An empty queue takes one message
+ * whatever its size (the sender's buffer bounds it), so a big write is
+ * never pushed to TCP for its size alone. The bound is fixed, not the
+ * receiver's sk_rcvbuf: the psock queue is not charged to sk_rcvbuf, so
+ * after a fallback the receiver's TCP window opens in full beside it, and
+ * autotuning grows sk_rcvbuf up to tcp_rmem's maximum (32 MiB here) as soon
+ * as TCP bytes flow and are read: a bound that followed it held 8 MiB in a
+ * paused reader with SO_RCVBUF 4 MiB and, intermittently, 34 MiB in a
+ * relaying sidecar (e2e TestNonReadingReceiverIsBounded). A spliced hop
+ * thus holds at most what TCP would, plus MS_MAX_UNREAD and a message.
+ * It goes back to redirecting only when the TCP bytes are all gone: every
+ * one it sent acknowledged (snd_una == write_seq, checked under its own
+ * lock, so none is in flight) and read by the receiving application
+ * (copied_seq == rcv_nxt). Nothing can then overtake them. Kernel structs
+ * are read through minimal CO-RE views (see teardown.c for why not
+ * vmlinux.h's).
  */
-#define MS_MIN_UNREAD (2 << 20)
+#define MS_MAX_UNREAD (2 << 20)
 /* include/net/sock.h SK_USER_DATA_PTRMASK: sk_user_data's low bits are
  * flags. */
 #define MS_SK_USER_DATA_PTRMASK (~7UL)
 
 struct sock___bp {
-	int sk_rcvbuf;
 	void *sk_user_data;
 } __attribute__((preserve_access_index));
 
@@ -225,22 +239,24 @@ static __always_inline int roles(struct bpf_sock_ops *skops,
 }
 
 /* spliceable says whether a socket of this role in this pod may join the
- * splice map: sidecar sockets always, app sockets only with app-splice. */
+ * splice map: sidecar sockets always, app sockets only with app-splice and
+ * unless the node switch turned it off. */
 static __always_inline int spliceable(__u32 role, const struct ms_pod *pod)
 {
 	return role == MS_ROLE_PROXY ||
-	       (role == MS_ROLE_APP && (pod->flags & MS_POD_APP_SPLICE));
+	       (role == MS_ROLE_APP && (pod->flags & MS_POD_APP_SPLICE) &&
+		!(node_flags() & MS_NODE_NO_APP_SPLICE));
 }
 
 static __always_inline void established(struct bpf_sock_ops *skops)
 {
 	__u64 netns = bpf_get_netns_cookie(skops);
 	struct ms_pod *pod, *peer_pod;
-	struct ms_sock_key k = {};
+	struct ms_sock_key k = {}, peer;
 	__u32 self_role, peer_role;
 	__u64 peer_netns, *pn, skaddr;
 	struct ms_sk *st;
-	int loopback;
+	int loopback, nat;
 
 	struct bpf_sock *sk = skops->sk;
 
@@ -315,10 +331,20 @@ static __always_inline void established(struct bpf_sock_ops *skops)
 		return;
 	}
 
-	if (!roles(skops, &k, netns, pod, peer_netns, peer_pod, loopback,
-		   &self_role, &peer_role)) {
-		count(MS_C_SOCK_SKIP_ROLE_UNKNOWN, 1);
+	/* A pod under Istio's iptables at either end (iptmode.h). */
+	reverse_key(&peer, &k, peer_netns);
+	nat = loopback ? MS_NAT_NONE
+		       : iptables_pair(skops, &k, netns, pod, peer_netns,
+				       peer_pod, &peer, &self_role);
+	if (nat == MS_NAT_SKIP)
 		return;
+	if (nat == MS_NAT_NONE) {
+		if (!roles(skops, &k, netns, pod, peer_netns, peer_pod,
+			   loopback, &self_role, &peer_role)) {
+			count(MS_C_SOCK_SKIP_ROLE_UNKNOWN, 1);
+			return;
+		}
+		peer.role = peer_role;
 	}
 	/* TCP Fast Open moves data before establish; that data sits in the
 	 * TCP queue and later redirected data would overtake it. */
@@ -327,7 +353,7 @@ static __always_inline void established(struct bpf_sock_ops *skops)
 		return;
 	}
 
-	if (!spliceable(self_role, pod) || !spliceable(peer_role, peer_pod)) {
+	if (!spliceable(self_role, pod) || !spliceable(peer.role, peer_pod)) {
 		count(MS_C_SOCK_SKIP_APP, 1);
 		return;
 	}
@@ -338,8 +364,7 @@ static __always_inline void established(struct bpf_sock_ops *skops)
 		count(MS_C_SOCK_INSERT_FAILED, 1);
 		return;
 	}
-	reverse_key(&st->peer, &k, peer_netns);
-	st->peer.role = peer_role;
+	st->peer = peer;
 	st->flags |= MS_SK_TX_SPLICE;
 
 	k.role = self_role;
@@ -349,6 +374,7 @@ static __always_inline void established(struct bpf_sock_ops *skops)
 		return;
 	}
 	count(MS_C_SOCK_INSERTED, 1);
+	iptables_keyed(skops, st, &k, peer_pod);
 	skaddr = (__u64)sk;
 	if (bpf_map_update_elem(&ms_sk_addrs, &k, &skaddr, BPF_ANY) == 0) {
 		st->flags |= MS_SK_ADDR_KEYED;
@@ -369,8 +395,10 @@ static __always_inline void closed(struct bpf_sock_ops *skops)
 	if (!sk)
 		return;
 	st = bpf_sk_storage_get(&ms_sk_state, sk, 0, 0);
-	if (!st || !(st->flags & (MS_SK_ORIG_KEYED | MS_SK_ADDR_KEYED)))
+	if (!st || !(st->flags &
+		     (MS_SK_ORIG_KEYED | MS_SK_ADDR_KEYED | MS_SK_NAT_KEYED)))
 		return;
+	iptables_closed(st);
 	key_from_skops(&k, skops, netns);
 	if (st->flags & MS_SK_ADDR_KEYED) {
 		/* Its role is not kept: no other live socket has this key
@@ -430,8 +458,7 @@ static __always_inline int peer_full(struct ms_sk *st, __u32 size)
 {
 	__u64 *addr = bpf_map_lookup_elem(&ms_sk_addrs, &st->peer);
 	struct sock___bp *sk;
-	__u32 unread = 0;
-	__s64 limit;
+	__u32 unread;
 	__u64 ud;
 
 	if (!addr)
@@ -440,11 +467,8 @@ static __always_inline int peer_full(struct ms_sk *st, __u32 size)
 	ud = (__u64)BPF_CORE_READ(sk, sk_user_data) & MS_SK_USER_DATA_PTRMASK;
 	if (!ud)
 		return 0;
-	limit = BPF_CORE_READ(sk, sk_rcvbuf);
-	if (limit < MS_MIN_UNREAD)
-		limit = MS_MIN_UNREAD;
 	unread = BPF_CORE_READ((struct sk_psock___bp *)ud, msg_tot_len);
-	return (__s64)unread + size > limit;
+	return unread && (__u64)unread + size > MS_MAX_UNREAD;
 }
 
 /* tcp_drained says whether every byte this socket sent over TCP has been

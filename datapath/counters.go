@@ -82,6 +82,9 @@ var counterInfo = map[Counter]struct{ program, name string }{
 	redirect.CaptureMsCounterMS_C_SOCK_SKIP_SPLICE_READER:    {"sockops", "skip_splice_reader_pod"},
 	redirect.CaptureMsCounterMS_C_MSG_BACKPRESSURE:           {"sk_msg", "backpressure_fallbacks"},
 	redirect.CaptureMsCounterMS_C_MSG_RESUMED:                {"sk_msg", "backpressure_resumed"},
+	redirect.CaptureMsCounterMS_C_SOCK_NAT_PAIRED:            {"sockops", "nat_paired"},
+	redirect.CaptureMsCounterMS_C_SOCK_NAT_MATCHED:           {"sockops", "nat_matched"},
+	redirect.CaptureMsCounterMS_C_SOCK_NAT_MISS:              {"sockops", "nat_miss"},
 }
 
 // CounterName is "program.name", e.g. "sk_msg.redirected".

@@ -100,6 +100,7 @@ type Datapath struct {
 
 	readersMode  string
 	readersWhy   string
+	fionread     ProbeResult // ProbeFionread at Open
 	resetIter    *link.Iter
 	readerEvents *ringbuf.Reader
 	readersDone  chan struct{}
@@ -188,6 +189,7 @@ func Open(opts Options) (_ *Datapath, err error) {
 	}
 	// Before sockops can splice anything: no reader may meet a spliced
 	// socket unguarded.
+	d.fionread = ProbeFionread()
 	if err := d.openReaders(load, !opts.NoSpliceGuard); err != nil {
 		return nil, err
 	}

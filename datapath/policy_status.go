@@ -28,6 +28,9 @@ const (
 	ReasonNoSidecar  = "no sidecar (not injected, inject=false or interceptionMode NONE): Istio does not authorize its traffic, so neither does the kernel"
 	ReasonNoPolicy   = "no ALLOW or DENY policy applies to it, or the agent left it to the sidecar (see the agent's /pods)"
 	ReasonCaptureOff = "capture is off (pod or node): policy is still enforced on the ports its sidecar sees"
+	// ReasonIPTables: sk_lookup sees an inbound SYN after PREROUTING's
+	// REDIRECT, on the sidecar's own port (e2e TestIptablesModeThroughAgent).
+	ReasonIPTables = "Istio's own iptables capture it: its connects are judged (before their NAT); inbound connections reach the kernel already REDIRECTed to the sidecar's port, so only the sidecar judges those"
 )
 
 // PodPolicies is ReadPodPolicies for this datapath.
@@ -82,7 +85,10 @@ func podPolicies(pods, podIPs, ipInfo, node *ebpf.Map) (map[uint64]PodPolicy, er
 			pp.Reason = ReasonNoPolicy
 		default:
 			pp.Enforced = true
-			if !capture {
+			switch {
+			case v.Flags&redirect.CaptureMsPodFlagMS_POD_IPTABLES != 0:
+				pp.Reason = ReasonIPTables
+			case !capture:
 				pp.Reason = ReasonCaptureOff
 			}
 		}

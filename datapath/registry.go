@@ -27,6 +27,10 @@ var ErrUnknownPod = errors.New("pod not registered")
 type NodeSettings struct {
 	Capture bool // capture outbound and inbound connections of meshed pods
 	Splice  bool // splice app <-> sidecar and sidecar <-> sidecar
+	// AppSpliceOff keeps every app socket out of the splice map, even in
+	// pods with app-splice (the node switch app-splice: disabled); only
+	// sidecar <-> sidecar is spliced then. Live connections keep their path.
+	AppSpliceOff bool
 }
 
 // Pod is a meshed pod as the kernel knows it: a network namespace.
@@ -54,6 +58,9 @@ func (d *Datapath) SetNode(s NodeSettings) error {
 	}
 	if s.Splice && !d.spliceMissing() { // a kernel without sk_msg: off
 		node.Flags |= redirect.CaptureMsNodeFlagMS_NODE_SPLICE
+	}
+	if s.AppSpliceOff {
+		node.Flags |= redirect.CaptureMsNodeFlagMS_NODE_NO_APP_SPLICE
 	}
 	if err := d.capture.MsNodeSettings.Update(uint32(0), &node, ebpf.UpdateAny); err != nil {
 		return fmt.Errorf("write node settings: %w", err)
@@ -86,8 +93,9 @@ func (d *Datapath) Node() (NodeSettings, error) {
 		return NodeSettings{}, fmt.Errorf("read node settings: %w", err)
 	}
 	return NodeSettings{
-		Capture: node.Flags&redirect.CaptureMsNodeFlagMS_NODE_CAPTURE != 0,
-		Splice:  node.Flags&redirect.CaptureMsNodeFlagMS_NODE_SPLICE != 0,
+		Capture:      node.Flags&redirect.CaptureMsNodeFlagMS_NODE_CAPTURE != 0,
+		Splice:       node.Flags&redirect.CaptureMsNodeFlagMS_NODE_SPLICE != 0,
+		AppSpliceOff: node.Flags&redirect.CaptureMsNodeFlagMS_NODE_NO_APP_SPLICE != 0,
 	}, nil
 }
 
@@ -577,6 +585,7 @@ func podValue(t istio.Traffic) redirect.CaptureMsPod {
 	set(t.IncludeOutboundLoopback, redirect.CaptureMsPodFlagMS_POD_INCLUDE_LOOPBACK)
 	set(t.Sidecar || t.Capture, redirect.CaptureMsPodFlagMS_POD_SIDECAR)
 	set(t.CaptureIPv6(), redirect.CaptureMsPodFlagMS_POD_CAPTURE_IPV6)
+	set(t.IPTables, redirect.CaptureMsPodFlagMS_POD_IPTABLES)
 	return v
 }
 
@@ -590,6 +599,7 @@ func trafficFromValue(v redirect.CaptureMsPod) istio.Traffic {
 		IncludeAllInbound:       has(redirect.CaptureMsPodFlagMS_POD_INCLUDE_ALL_IN),
 		IncludeOutboundLoopback: has(redirect.CaptureMsPodFlagMS_POD_INCLUDE_LOOPBACK),
 		Sidecar:                 has(redirect.CaptureMsPodFlagMS_POD_SIDECAR),
+		IPTables:                has(redirect.CaptureMsPodFlagMS_POD_IPTABLES),
 		// Read back with the pod's IPs, this gives the kernel's answer
 		// for CaptureIPv6 (an IPv6-only pod's is true either way).
 		DualStack:    has(redirect.CaptureMsPodFlagMS_POD_CAPTURE_IPV6),

@@ -95,8 +95,9 @@ func Inspect(pinDir string) (*Status, error) {
 	var node redirect.CaptureMsNode
 	if err := maps[redirect.CaptureMapMsNodeSettings].Lookup(uint32(0), &node); err == nil {
 		st.Node = NodeSettings{
-			Capture: node.Flags&redirect.CaptureMsNodeFlagMS_NODE_CAPTURE != 0,
-			Splice:  node.Flags&redirect.CaptureMsNodeFlagMS_NODE_SPLICE != 0,
+			Capture:      node.Flags&redirect.CaptureMsNodeFlagMS_NODE_CAPTURE != 0,
+			Splice:       node.Flags&redirect.CaptureMsNodeFlagMS_NODE_SPLICE != 0,
+			AppSpliceOff: node.Flags&redirect.CaptureMsNodeFlagMS_NODE_NO_APP_SPLICE != 0,
 		}
 	}
 	if st.Pods, err = readPods(maps[redirect.CaptureMapMsPods], maps[redirect.CaptureMapMsPodIps],

@@ -2,10 +2,8 @@ package e2e
 
 import (
 	"context"
-	"fmt"
 	"net/netip"
 	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -97,15 +95,7 @@ func TestAgentKubernetes(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	bin := testnet.BuildBinary(t, "github.com/meshsplice/meshsplice/cmd/meshsplice")
-	sock := filepath.Join(t.TempDir(), "cni.sock")
-	ag := &agentProc{t: t, bin: bin, metrics: fmt.Sprintf("127.0.0.1:%d", freePort(t))}
-	ag.args = []string{bin, "agent", "--kubernetes", "--kubeconfig", srv.Kubeconfig, "--node-name", "node-a",
-		"--istio-namespace", istioNS, "--cgroup", m.cg.Path, "--pin-dir", m.pin, "--cni-socket", sock,
-		"--state-dir", t.TempDir(), "--metrics-addr", ag.metrics}
-	ag.client = api.NewClient(sock, 5*time.Second)
-	t.Cleanup(ag.client.Close)
-	ag.start()
+	ag := startKubeAgent(t, srv, m, istioNS)
 	defer ag.stop()
 
 	if _, err := ag.client.AddPod(context.Background(), api.PodRegistration{

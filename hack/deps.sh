@@ -42,6 +42,8 @@ test             go  cnitool=github.com/containernetworking/cni/cnitool@v1.3.1  
 test             go  helm=helm.sh/helm/v3/cmd/helm@v3.22.0  make manifests, make test: helm lint/template of manifests/chart/meshsplice
 test             apt etcd-server     etcd: the store of the kube-apiserver the Kubernetes tests run (internal/kubetest)
 test             mod kube-apiserver=tools/kube-apiserver:k8s.io/kubernetes/cmd/kube-apiserver@v1.37.2  a real API server for the Kubernetes config source's tests (internal/kubetest; about 10 minutes of CPU to build, once)
+test             mod istioctl=tools/istio:istio.io/istio/istioctl/cmd/istioctl@v0.0.0-20260827124520-eed52ebb66ad  the tests of manifests/istio-overlay.yaml: istioctl manifest generate and kube-inject (about 7 minutes of CPU to build, once; 28 minutes on a busy 2-core machine)
+test             mod istio-iptables=tools/istio:./istio-iptables@v0.0.0-20260827124520-eed52ebb66ad  Istio's istio-iptables: e2e runs the istio-validation check of an injected pod with it (hack/istio-iptables-golden.sh caches the same file)
 lint             apt clang-format-19 make lint checks the BPF C's format
 generate         apt clang-19        make generate, check-generated: compile the BPF C (bpf2go)
 generate         apt llvm-19         llvm-strip for bpf2go

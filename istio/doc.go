@@ -33,13 +33,18 @@
 //   - meshsplice.io/capture is not "disabled". A disabled pod is left to
 //     whatever Istio itself does (istio-init or istio-cni iptables); its
 //     sidecar is still there ([Traffic.Sidecar]), and so is its kernel
-//     policy.
+//     policy;
+//   - the pod is not under Istio's own iptables: the status annotation's
+//     initContainers list names istio-init, or meshsplice.io/capture is
+//     "iptables". Such a pod ([Traffic.IPTables], mode [ModeIPTables]) is
+//     never captured but its sidecar is spliced (REDIRECT mode only).
 //
 // On Kubernetes, [ClassifyPod] asks more of a pod, as Istio would: the
 // istio-proxy sidecar is there (a container, or a native sidecar: an init
 // container with restartPolicy: Always), the injecting revision is the one
 // the agent follows, the interception mode is REDIRECT (TPROXY is left to
-// Istio), and no istio-init container means Istio's own iptables capture it.
+// Istio), and an istio-init container (in the spec or the status list)
+// means Istio's own iptables capture it ([PodMesh.Mode] iptables).
 //
 // meshsplice.io/splice: "disabled" keeps capture but turns sockmap splicing
 // off. By default only sidecar <-> sidecar connections are spliced, and the

@@ -32,7 +32,8 @@ import (
 //   - a bare MeshConfig document (no kind; fields such as trustDomain,
 //     defaultConfig), as in istiod's --meshConfig file;
 //   - the meshsplice ConfigMap (metadata.name: meshsplice) with the node
-//     switches (data.capture, data.splice: "enabled" / "disabled");
+//     switches (data.capture, data.splice, data.app-splice: "enabled" /
+//     "disabled");
 //   - security.istio.io/v1 (and v1beta1) AuthorizationPolicy and
 //     PeerAuthentication (a file's policies have no creation time unless
 //     metadata.creationTimestamp gives one: ties at a level go to the first
@@ -222,8 +223,10 @@ func loadDoc(cfg *Config, doc []byte, where string, meshSeen *string) error {
 				cfg.Node.Capture = on
 			case "splice":
 				cfg.Node.Splice = on
+			case "app-splice":
+				cfg.Node.AppSpliceOff = !on
 			default:
-				return fmt.Errorf("data.%s: unknown meshsplice switch (capture, splice)", key)
+				return fmt.Errorf("data.%s: unknown meshsplice switch (capture, splice, app-splice)", key)
 			}
 		}
 		cfg.Sources = append(cfg.Sources, "meshsplice ConfigMap: "+where)

@@ -75,8 +75,17 @@ func TestLoad(t *testing.T) {
 			name:  "bare mesh config and meshsplice switches",
 			files: map[string]string{"mesh.yaml": "trustDomain: td.example\n", "ms.yaml": "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: meshsplice}\ndata: {splice: disabled}\n"},
 			check: func(t *testing.T, c Config) {
-				if c.TrustDomain() != "td.example" || c.Node.Splice || !c.Node.Capture {
+				if c.TrustDomain() != "td.example" || c.Node.Splice || !c.Node.Capture || c.Node.AppSpliceOff {
 					t.Fatalf("got %s %v", c.TrustDomain(), c.Node)
+				}
+			},
+		},
+		{
+			name:  "app-splice switch",
+			files: map[string]string{"ms.yaml": "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: meshsplice}\ndata: {app-splice: disabled}\n"},
+			check: func(t *testing.T, c Config) {
+				if !c.Node.Splice || !c.Node.Capture || !c.Node.AppSpliceOff {
+					t.Fatalf("got %v", c.Node)
 				}
 			},
 		},

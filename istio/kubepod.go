@@ -3,6 +3,7 @@ package istio
 import (
 	"encoding/json"
 	"fmt"
+	"maps"
 	"net/netip"
 	"strings"
 
@@ -52,6 +53,10 @@ func (p Pod) String() string { return p.Namespace + "/" + p.Name }
 // Istio parses them) are valid and do not turn capture off.
 type PodMesh struct {
 	Meshed bool
+	// Mode is who captures the pod: ModeMeshsplice (Meshed), ModeIPTables
+	// (Istio's istio-init iptables: meshsplice splices its sidecar only)
+	// or ModeOff.
+	Mode string
 	// Reason says why not, when Meshed is false.
 	Reason           string
 	Injected         bool
@@ -65,6 +70,13 @@ type PodMesh struct {
 	Warnings []string
 	Err      error
 }
+
+// Capture modes of PodMesh.Mode (and of `meshsplice status`).
+const (
+	ModeMeshsplice = "meshsplice"
+	ModeIPTables   = "iptables"
+	ModeOff        = "off"
+)
 
 // ClassifyPod gives Istio's answer for pod: injected by the revision the
 // agent follows ("" is the default revision), with its traffic settings
@@ -94,7 +106,17 @@ func ClassifyPod(pod *corev1.Pod, revision string, d Defaults) PodMesh {
 	if v, ok := pod.Annotations[AnnotationInterceptionMode]; ok {
 		m.InterceptionMode = strings.TrimSpace(v)
 	}
-	m.Traffic, m.Warnings, m.Err = ParseTraffic(pod.Annotations, d)
+	listed := istioInitListed(status)
+	ann := pod.Annotations
+	if m.IstioInit && !listed && strings.TrimSpace(ann[AnnotationCapture]) != "disabled" {
+		// istio-init in the spec but not in the status list: the pod
+		// is under Istio's iptables all the same.
+		ann = maps.Clone(ann)
+		ann[AnnotationCapture] = "iptables"
+	}
+	m.IstioInit = m.IstioInit || listed
+	m.Traffic, m.Warnings, m.Err = ParseTraffic(ann, d)
+	m.Mode = ModeOff
 	switch {
 	case !injected:
 		m.Reason = "not injected by Istio (no " + AnnotationStatus + " annotation)"
@@ -108,12 +130,28 @@ func ClassifyPod(pod *corev1.Pod, revision string, d Defaults) PodMesh {
 		m.Reason = "interceptionMode " + m.InterceptionMode + " (meshsplice captures REDIRECT only)"
 	case m.IstioInit:
 		m.Reason = "captured by Istio's own iptables (" + InitContainer + " container)"
+		if m.Traffic.IPTables {
+			m.Mode = ModeIPTables
+		}
+	case m.Traffic.IPTables:
+		m.Reason = "left on Istio's own iptables (pod annotation " + AnnotationCapture + ": iptables)"
+		m.Mode = ModeIPTables
 	case !m.Traffic.Capture:
 		m.Reason = "capture turned off by annotation (" + AnnotationInject + " or " + AnnotationCapture + ")"
 	default:
 		m.Meshed = true
+		m.Mode = ModeMeshsplice
 	}
 	return m
+}
+
+// istioInitListed: the injector's status annotation lists istio-init.
+func istioInitListed(status string) bool {
+	var st map[string]json.RawMessage
+	if json.Unmarshal([]byte(status), &st) != nil {
+		return false
+	}
+	return statusHasIstioInit(st)
 }
 
 // podRevision is the revision that injected the pod: the "revision" of

@@ -51,11 +51,15 @@ type Service struct {
 }
 
 // NodeSwitches are meshsplice's own switches, from the data of a ConfigMap
-// named "meshsplice" (keys "capture" and "splice": "enabled" or
-// "disabled"; both default to enabled).
+// named "meshsplice" (keys "capture", "splice" and "app-splice": "enabled"
+// or "disabled"; all default to enabled).
 type NodeSwitches struct {
 	Capture bool
 	Splice  bool
+	// AppSpliceOff is app-splice: disabled: no app socket of the node is
+	// spliced, whatever its pod's meshsplice.io/app-splice says; sidecar
+	// <-> sidecar splicing goes on. The zero value is enabled.
+	AppSpliceOff bool
 }
 
 // Defaults turns the mesh config into the defaults a pod's annotations are
@@ -126,5 +130,5 @@ func DefaultMeshConfig() *meshv1alpha1.MeshConfig {
 }
 
 func (s NodeSwitches) String() string {
-	return fmt.Sprintf("capture=%v splice=%v", s.Capture, s.Splice)
+	return fmt.Sprintf("capture=%v splice=%v app-splice=%v", s.Capture, s.Splice, !s.AppSpliceOff)
 }

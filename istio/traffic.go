@@ -37,9 +37,9 @@ const (
 
 // meshsplice's own annotations.
 const (
-	AnnotationCapture   = "meshsplice.io/capture"    // "enabled" (default) | "disabled"
+	AnnotationCapture   = "meshsplice.io/capture"    // "enabled" (default) | "disabled" | "iptables" (see [Traffic.IPTables])
 	AnnotationSplice    = "meshsplice.io/splice"     // "enabled" (default) | "disabled"
-	AnnotationAppSplice = "meshsplice.io/app-splice" // "false" (default) | "true"
+	AnnotationAppSplice = "meshsplice.io/app-splice" // "false" (default; Defaults.AppSplice) | "true"
 	AnnotationProxyUID  = "meshsplice.io/proxy-uid"  // decimal uid, default Defaults.ProxyUID
 	AnnotationProxyGID  = "meshsplice.io/proxy-gid"  // decimal gid, default the uid if overridden, else Defaults.ProxyGID
 )
@@ -97,6 +97,13 @@ type Defaults struct {
 	ExcludeOutboundPorts    string // "", values.global.proxy.excludeOutboundPorts
 	IncludeInboundPorts     string // "*", values.global.proxy.includeInboundPorts
 	ExcludeInboundPorts     string // "", values.global.proxy.excludeInboundPorts
+
+	// AppSplice is meshsplice.io/app-splice for a pod that does not set
+	// it: false (Istio's defaults know nothing of it), true where the agent
+	// found that the node refuses splice(2) reads of spliced sockets
+	// (datapath.ReadersGuarded), the one trap an app socket's reader could
+	// fall into that meshsplice cannot otherwise keep from hanging.
+	AppSplice bool
 }
 
 // DefaultDefaults returns Istio's out-of-the-box defaults.
@@ -124,9 +131,14 @@ type Traffic struct {
 	// it (Capture) or Istio's own iptables do (meshsplice.io/capture
 	// "disabled", or the node switch off). Its authorization policy is
 	// enforced in the kernel either way.
-	Sidecar   bool
-	Splice    bool // sockmap splice allowed for this pod (never without Capture)
-	AppSplice bool // the app's own sockets are spliced too (never without Splice)
+	Sidecar bool
+	// IPTables: Istio's own iptables capture the pod (an istio-init
+	// container in the sidecar.istio.io/status list, or meshsplice.io/capture
+	// "iptables"): meshsplice never captures it (Capture is false) but
+	// splices its sidecar's connections with the node's other sidecars.
+	IPTables  bool
+	Splice    bool // sockmap splice allowed for this pod (never without Capture or IPTables)
+	AppSplice bool // the app's own sockets are spliced too (never without Splice; never with IPTables)
 
 	ProxyUID, ProxyGID        uint32
 	OutboundPort, InboundPort uint16 // 15001, 15006
@@ -172,11 +184,13 @@ func ParseTraffic(annotations map[string]string, d Defaults) (Traffic, []string,
 
 	// Is the pod meshed, and does it want us?
 	_, injected := annotations[AnnotationStatus]
+	istioInit := false
 	if injected {
 		var status map[string]json.RawMessage
 		if err := json.Unmarshal([]byte(annotations[AnnotationStatus]), &status); err != nil {
 			p.warnf("%s is not a JSON object; treating the pod as injected anyway", AnnotationStatus)
 		}
+		istioInit = statusHasIstioInit(status)
 	}
 	injectOff := false
 	if v := strings.TrimSpace(annotations[AnnotationInject]); v != "" {
@@ -195,16 +209,32 @@ func ParseTraffic(annotations map[string]string, d Defaults) (Traffic, []string,
 	default:
 		p.errorf("%s: %q is not REDIRECT, TPROXY or NONE", modeSrc, mode)
 	}
-	capture := p.enum(AnnotationCapture, "enabled", "disabled", true)
+	capture, iptables := true, false
+	if v := strings.TrimSpace(annotations[AnnotationCapture]); v == "iptables" {
+		iptables = true
+	} else {
+		capture = p.enum(AnnotationCapture, "enabled", "disabled", true)
+	}
 	splice := p.enum(AnnotationSplice, "enabled", "disabled", true)
-	appIngress := p.enum(AnnotationAppSplice, "true", "false", false)
+	appIngress := p.enum(AnnotationAppSplice, "true", "false", d.AppSplice)
 
 	t.Sidecar = injected && !injectOff && !interceptNone
-	t.Capture = t.Sidecar && capture
-	t.Splice = t.Capture && splice
-	t.AppSplice = t.Splice && appIngress
-	if appIngress && !splice {
+	// istio-init ran istio-iptables in the pod: capturing it too would
+	// capture its connections twice, whatever the annotation says.
+	// Splicing models istio-iptables' REDIRECT (bpf/iptmode.h), not TPROXY.
+	redirectMode := strings.TrimSpace(mode) == "REDIRECT"
+	t.IPTables = t.Sidecar && redirectMode && (iptables || (istioInit && capture))
+	if istioInit && capture && !iptables && annotations[AnnotationCapture] != "" {
+		p.warnf("%s: %q: the pod has Istio's %s iptables, so meshsplice does not capture it", AnnotationCapture, annotations[AnnotationCapture], InitContainer)
+	}
+	t.Capture = t.Sidecar && capture && !iptables && !istioInit
+	t.Splice = (t.Capture || t.IPTables) && splice
+	t.AppSplice = t.Capture && t.Splice && appIngress
+	_, appSet := annotations[AnnotationAppSplice]
+	if appSet && appIngress && !splice {
 		p.warnf("%s: \"true\" has no effect with %s: \"disabled\"", AnnotationAppSplice, AnnotationSplice)
+	} else if appSet && appIngress && t.IPTables {
+		p.warnf("%s: \"true\" has no effect on a pod under Istio's iptables: its app reaches the sidecar through NAT", AnnotationAppSplice)
 	}
 
 	// Proxy identity. Like istio-iptables' -g, the gid follows the uid.
@@ -474,4 +504,16 @@ func insertPort(ports []uint16, port uint16) []uint16 {
 		return ports
 	}
 	return slices.Insert(ports, i, port)
+}
+
+// statusHasIstioInit says whether the injector's sidecar.istio.io/status
+// lists the istio-init container: istio-iptables then captures the pod
+// (istio-validation, istio-cni's check, does not: meshsplice stands in for
+// istio-cni).
+func statusHasIstioInit(status map[string]json.RawMessage) bool {
+	var inits []string
+	if json.Unmarshal(status["initContainers"], &inits) != nil {
+		return false
+	}
+	return slices.Contains(inits, InitContainer)
 }

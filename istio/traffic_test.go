@@ -677,3 +677,33 @@ func FuzzParseTraffic(f *testing.F) {
 		}
 	})
 }
+
+// TestAppSpliceDefaults: Defaults.AppSplice is what a pod without
+// meshsplice.io/app-splice gets; the annotation wins either way; splice
+// disabled turns it off without a warning unless the pod asked for it.
+func TestAppSpliceDefaults(t *testing.T) {
+	for _, tc := range []struct {
+		def      bool
+		ann      map[string]string
+		want     bool
+		warnings int
+	}{
+		{false, map[string]string{}, false, 0},
+		{true, map[string]string{}, true, 0},
+		{true, map[string]string{AnnotationAppSplice: "false"}, false, 0},
+		{false, map[string]string{AnnotationAppSplice: "true"}, true, 0},
+		{true, map[string]string{AnnotationSplice: "disabled"}, false, 0},
+		{false, map[string]string{AnnotationSplice: "disabled", AnnotationAppSplice: "true"}, false, 1},
+	} {
+		d := DefaultDefaults()
+		d.AppSplice = tc.def
+		ann := map[string]string{AnnotationStatus: "{}"}
+		for k, v := range tc.ann {
+			ann[k] = v
+		}
+		tr, warnings, err := ParseTraffic(ann, d)
+		if err != nil || tr.AppSplice != tc.want || len(warnings) != tc.warnings {
+			t.Errorf("default %v, %v: AppSplice %v, warnings %q, err %v; want %v and %d warnings", tc.def, tc.ann, tr.AppSplice, warnings, err, tc.want, tc.warnings)
+		}
+	}
+}

@@ -1,6 +1,10 @@
 // Package manifests holds what installs meshsplice on Kubernetes (preview):
-// the Helm chart (chart/meshsplice) and the same rendered as plain YAML
-// (meshsplice.yaml, written by make manifests). It has no code; its tests
-// run helm lint and helm template, check what they render, and have a real
-// kube-apiserver (internal/kubetest) validate it with a server-side dry run.
+// the Helm chart (chart/meshsplice), the same rendered as plain YAML
+// (meshsplice.yaml, written by make manifests), and the IstioOperator
+// overlays that give Istio an injection template without istio-init
+// (istio-overlay.yaml; istio-overlay-all-pods.yaml makes it every pod's
+// default). It has no code; its tests run helm lint and helm template,
+// check what they render, have a real kube-apiserver (internal/kubetest)
+// validate it with a server-side dry run, and run istioctl (manifest
+// generate, kube-inject; internal/istioctl) on the overlays.
 package manifests

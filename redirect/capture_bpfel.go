@@ -85,7 +85,10 @@ const (
 	CaptureMsCounterMS_C_SOCK_SKIP_SPLICE_READER    CaptureMsCounter = 61
 	CaptureMsCounterMS_C_MSG_BACKPRESSURE           CaptureMsCounter = 62
 	CaptureMsCounterMS_C_MSG_RESUMED                CaptureMsCounter = 63
-	CaptureMsCounterMS_C_MAX                        CaptureMsCounter = 64
+	CaptureMsCounterMS_C_SOCK_NAT_PAIRED            CaptureMsCounter = 64
+	CaptureMsCounterMS_C_SOCK_NAT_MATCHED           CaptureMsCounter = 65
+	CaptureMsCounterMS_C_SOCK_NAT_MISS              CaptureMsCounter = 66
+	CaptureMsCounterMS_C_MAX                        CaptureMsCounter = 67
 )
 
 type CaptureMsDenial struct {
@@ -139,9 +142,10 @@ type CaptureMsNode struct {
 type CaptureMsNodeFlag uint32
 
 const (
-	CaptureMsNodeFlagMS_NODE_CAPTURE CaptureMsNodeFlag = 1
-	CaptureMsNodeFlagMS_NODE_SPLICE  CaptureMsNodeFlag = 2
-	CaptureMsNodeFlagMS_NODE_DRAIN   CaptureMsNodeFlag = 4
+	CaptureMsNodeFlagMS_NODE_CAPTURE       CaptureMsNodeFlag = 1
+	CaptureMsNodeFlagMS_NODE_SPLICE        CaptureMsNodeFlag = 2
+	CaptureMsNodeFlagMS_NODE_DRAIN         CaptureMsNodeFlag = 4
+	CaptureMsNodeFlagMS_NODE_NO_APP_SPLICE CaptureMsNodeFlag = 8
 )
 
 type CaptureMsOrig struct {
@@ -175,6 +179,7 @@ const (
 	CaptureMsPodFlagMS_POD_INCLUDE_LOOPBACK CaptureMsPodFlag = 32
 	CaptureMsPodFlagMS_POD_CAPTURE_IPV6     CaptureMsPodFlag = 64
 	CaptureMsPodFlagMS_POD_SIDECAR          CaptureMsPodFlag = 128
+	CaptureMsPodFlagMS_POD_IPTABLES         CaptureMsPodFlag = 256
 )
 
 type CaptureMsPolIdKey struct {
@@ -273,6 +278,7 @@ const (
 	CaptureMsSkFlagMS_SK_ACTIVE     CaptureMsSkFlag = 128
 	CaptureMsSkFlagMS_SK_ADDR_KEYED CaptureMsSkFlag = 256
 	CaptureMsSkFlagMS_SK_TX_BACKOFF CaptureMsSkFlag = 512
+	CaptureMsSkFlagMS_SK_NAT_KEYED  CaptureMsSkFlag = 1024
 )
 
 type CaptureMsSockKey struct {

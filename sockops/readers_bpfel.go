@@ -85,7 +85,10 @@ const (
 	ReadersMsCounterMS_C_SOCK_SKIP_SPLICE_READER    ReadersMsCounter = 61
 	ReadersMsCounterMS_C_MSG_BACKPRESSURE           ReadersMsCounter = 62
 	ReadersMsCounterMS_C_MSG_RESUMED                ReadersMsCounter = 63
-	ReadersMsCounterMS_C_MAX                        ReadersMsCounter = 64
+	ReadersMsCounterMS_C_SOCK_NAT_PAIRED            ReadersMsCounter = 64
+	ReadersMsCounterMS_C_SOCK_NAT_MATCHED           ReadersMsCounter = 65
+	ReadersMsCounterMS_C_SOCK_NAT_MISS              ReadersMsCounter = 66
+	ReadersMsCounterMS_C_MAX                        ReadersMsCounter = 67
 )
 
 type ReadersMsDenial struct {

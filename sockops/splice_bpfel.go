@@ -85,7 +85,10 @@ const (
 	SpliceMsCounterMS_C_SOCK_SKIP_SPLICE_READER    SpliceMsCounter = 61
 	SpliceMsCounterMS_C_MSG_BACKPRESSURE           SpliceMsCounter = 62
 	SpliceMsCounterMS_C_MSG_RESUMED                SpliceMsCounter = 63
-	SpliceMsCounterMS_C_MAX                        SpliceMsCounter = 64
+	SpliceMsCounterMS_C_SOCK_NAT_PAIRED            SpliceMsCounter = 64
+	SpliceMsCounterMS_C_SOCK_NAT_MATCHED           SpliceMsCounter = 65
+	SpliceMsCounterMS_C_SOCK_NAT_MISS              SpliceMsCounter = 66
+	SpliceMsCounterMS_C_MAX                        SpliceMsCounter = 67
 )
 
 type SpliceMsDenial struct {
@@ -216,6 +219,7 @@ const (
 	SpliceMapMsIpInfo        = "ms_ip_info"
 	SpliceMapMsIterNetns     = "ms_iter_netns"
 	SpliceMapMsListeners     = "ms_listeners"
+	SpliceMapMsNatPeers      = "ms_nat_peers"
 	SpliceMapMsNodeSettings  = "ms_node_settings"
 	SpliceMapMsOrigDst       = "ms_orig_dst"
 	SpliceMapMsPodIps        = "ms_pod_ips"
@@ -296,6 +300,7 @@ type SpliceMapSpecs struct {
 	MsIpInfo        *ebpf.MapSpec `ebpf:"ms_ip_info"`
 	MsIterNetns     *ebpf.MapSpec `ebpf:"ms_iter_netns"`
 	MsListeners     *ebpf.MapSpec `ebpf:"ms_listeners"`
+	MsNatPeers      *ebpf.MapSpec `ebpf:"ms_nat_peers"`
 	MsNodeSettings  *ebpf.MapSpec `ebpf:"ms_node_settings"`
 	MsOrigDst       *ebpf.MapSpec `ebpf:"ms_orig_dst"`
 	MsPodIps        *ebpf.MapSpec `ebpf:"ms_pod_ips"`
@@ -350,6 +355,7 @@ type SpliceMaps struct {
 	MsIpInfo        *ebpf.Map `ebpf:"ms_ip_info"`
 	MsIterNetns     *ebpf.Map `ebpf:"ms_iter_netns"`
 	MsListeners     *ebpf.Map `ebpf:"ms_listeners"`
+	MsNatPeers      *ebpf.Map `ebpf:"ms_nat_peers"`
 	MsNodeSettings  *ebpf.Map `ebpf:"ms_node_settings"`
 	MsOrigDst       *ebpf.Map `ebpf:"ms_orig_dst"`
 	MsPodIps        *ebpf.Map `ebpf:"ms_pod_ips"`
@@ -378,6 +384,7 @@ func (m *SpliceMaps) Close() error {
 		m.MsIpInfo,
 		m.MsIterNetns,
 		m.MsListeners,
+		m.MsNatPeers,
 		m.MsNodeSettings,
 		m.MsOrigDst,
 		m.MsPodIps,

@@ -243,6 +243,9 @@ type PodStatus struct {
 	Capture bool `json:"capture"`
 	// Splice tells whether the pod's connections are spliced.
 	Splice bool `json:"splice"`
+	// Mode is who captures the pod: "meshsplice", "iptables" (Istio's own
+	// iptables; meshsplice splices its sidecar only) or "off".
+	Mode string `json:"mode,omitempty"`
 	// InboundReady tells whether the kernel holds the sidecar's inbound
 	// listener, so inbound capture can hand it connections (nil: the pod
 	// is not captured). InboundReason says why not.

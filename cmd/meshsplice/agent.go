@@ -28,6 +28,7 @@ func runAgent(ctx context.Context, args []string) error {
 	metrics := fs.String("metrics-addr", agent.DefaultMetricsAddr, "address of /healthz, /readyz, /metrics and /pods (empty: off)")
 	capture := fs.Bool("capture", true, "node switch: capture meshed pods' traffic (new connections)")
 	splice := fs.Bool("splice", true, "node switch: splice (new connections)")
+	appSplice := fs.Bool("app-splice", true, "node switch: app <-> sidecar splicing for pods that have it (meshsplice.io/app-splice, or the node's default: docs/readers.md); false keeps every app socket TCP")
 	grace := fs.Duration("listener-grace", agent.DefaultListenerGrace, "warn when a captured pod's sidecar inbound listener is not in the kernel this long after registration")
 	pressure := fs.Duration("pressure-interval", agent.DefaultPressureInterval, "how often to look for kernel tables at their limit (logged once per interval, /readyz 503 meanwhile)")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
@@ -68,7 +69,7 @@ func runAgent(ctx context.Context, args []string) error {
 		"args", strings.Join(args, " "))
 	return agent.Run(ctx, agent.Config{
 		PinDir: *pinDir, CgroupPath: *cgroup, CNISocket: *socket, CNIUID: *cniUID, StateDir: *stateDir,
-		MetricsAddr: *metrics, NodeCapture: *capture, NodeSplice: *splice,
+		MetricsAddr: *metrics, NodeCapture: *capture, NodeSplice: *splice, NodeAppSpliceOff: !*appSplice,
 		Source: source, Log: log, ListenerGrace: *grace,
 		PressureInterval: *pressure,
 	})

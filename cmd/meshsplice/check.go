@@ -36,7 +36,8 @@ func runCheck(_ context.Context, args []string) error {
 		results = append(results, datapath.ProbeResult{Name: "kernel BTF", OK: true, Required: true})
 	}
 	results = append(results, datapath.Probe()...)
-	results = append(results, datapath.ProbeReaders())
+	readers, fionread := datapath.ProbeReaders(), datapath.ProbeFionread()
+	results = append(results, readers, fionread, datapath.ProbeAppSpliceDefault(readers, fionread))
 	if *asJSON {
 		enc := json.NewEncoder(os.Stdout)
 		enc.SetIndent("", "  ")

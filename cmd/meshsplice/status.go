@@ -78,14 +78,14 @@ func printStatus(wr io.Writer, out *statusOutput) error {
 	fmt.Fprintf(w, "datapath\t%s\n", st.PinDir)
 	fmt.Fprintf(w, "attached to cgroup\t%s\n", st.Cgroup())
 	fmt.Fprintf(w, "agent state\t%s\n", out.StateDir)
-	fmt.Fprintf(w, "node capture\t%s\nnode splice\t%s\n", onOff(st.Node.Capture), onOff(st.Node.Splice))
+	fmt.Fprintf(w, "node capture\t%s\nnode splice\t%s\nnode app-splice\t%s\n", onOff(st.Node.Capture), onOff(st.Node.Splice), onOff(!st.Node.AppSpliceOff))
 	fmt.Fprintf(w, "splice(2) readers\t%s (docs/readers.md)\n", st.Readers())
 	fmt.Fprintf(w, "spliced sockets now\t%d\ncaptured connections now\t%d\n", st.SplicedSockets, st.OrigDstEntries)
 	for _, p := range st.Pressure {
 		fmt.Fprintf(w, "kernel table pressure\t%s\n", p)
 	}
 
-	fmt.Fprintf(w, "\nPOD\tNETNS\tIPS\tCAPTURED\tSPLICED\tINBOUND READY\tPOLICY\n")
+	fmt.Fprintf(w, "\nPOD\tNETNS\tIPS\tMODE\tCAPTURED\tSPLICED\tINBOUND READY\tPOLICY\n")
 	for _, p := range out.Pods {
 		ips := make([]string, len(p.IPs))
 		for i, ip := range p.IPs {
@@ -95,8 +95,12 @@ func printStatus(wr io.Writer, out *statusOutput) error {
 		if netns == "" {
 			netns = "?"
 		}
-		fmt.Fprintf(w, "%s\t%s (cookie %d)\t%s\t%s\t%s\t%s\t%s\n", p, netns, p.Cookie, strings.Join(ips, ","),
-			p.Captured.State, p.Spliced.State, p.InboundReady.State, p.PolicyEnforced.State)
+		mode := p.Mode
+		if mode == "" {
+			mode = "?"
+		}
+		fmt.Fprintf(w, "%s\t%s (cookie %d)\t%s\t%s\t%s\t%s\t%s\t%s\n", p, netns, p.Cookie, strings.Join(ips, ","),
+			mode, p.Captured.State, p.Spliced.State, p.InboundReady.State, p.PolicyEnforced.State)
 	}
 	if err := w.Flush(); err != nil {
 		return err

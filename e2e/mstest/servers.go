@@ -60,11 +60,13 @@ type serverFlags struct {
 	port   int
 	v4only bool
 	quiet  bool
+	rcvbuf int
 }
 
 func (f *serverFlags) register(fs *flag.FlagSet) {
 	fs.IntVar(&f.port, "port", 0, "TCP port to listen on (required; dual-stack [::]:PORT)")
 	fs.BoolVar(&f.v4only, "listen-v4only", false, "listen on 0.0.0.0 instead of dual-stack [::]")
+	fs.IntVar(&f.rcvbuf, "rcvbuf", 0, "SO_RCVBUF of the listener, inherited by every accepted connection from its first byte (the kernel doubles it, capped by net.core.rmem_max; 0: the default, autotuned)")
 	fs.BoolVar(&f.quiet, "quiet", false, "print no accept events, and close events only for failed connections (benchmarks: thousands of connections)")
 }
 
@@ -85,7 +87,19 @@ func serve(name, mode string, args []string, extra func(fs *flag.FlagSet), handl
 		return 2
 	}
 	network, addr := listenAddr(sf.port, sf.v4only)
-	ln, err := net.Listen(network, addr)
+	var lc net.ListenConfig
+	if sf.rcvbuf > 0 {
+		lc.Control = func(_, _ string, c syscall.RawConn) error {
+			var serr error
+			if err := c.Control(func(fd uintptr) {
+				serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, sf.rcvbuf)
+			}); err != nil {
+				return err
+			}
+			return serr
+		}
+	}
+	ln, err := lc.Listen(context.Background(), network, addr)
 	if err != nil {
 		emit(errorEvent{Event: "error", Stage: "listen", Error: err.Error(), Errno: errnoName(err)})
 		return 1
