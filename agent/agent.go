@@ -72,6 +72,9 @@ type Config struct {
 	ListenerGrace time.Duration
 	// CNIUID may use the CNI API besides root (0: root only).
 	CNIUID int
+	// DriftInterval is how often the kernel is compared with the config
+	// besides after each apply (DefaultDriftInterval when zero).
+	DriftInterval time.Duration
 }
 
 // Agent is a running node agent.
@@ -94,6 +97,7 @@ type Agent struct {
 	failures       failureCounts
 	pressure       pressureState
 	retry          chan struct{} // a failure to apply: reconcile again (retry.go)
+	drift          driftState    // drift checks (drift_agent.go)
 }
 
 // podReg is a pod's registration, as the CNI plugin sent it.
@@ -192,6 +196,7 @@ func (a *Agent) Serve(ctx context.Context) error {
 	go a.sweepLoop(ctx)
 	go a.pressureLoop(ctx, a.cfg.PressureInterval)
 	go a.retryLoop(ctx)
+	go a.driftLoop(ctx)
 	go func() {
 		for {
 			select {

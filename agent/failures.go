@@ -10,10 +10,12 @@ import (
 // (meshsplice_apply_failures_total{what}) and handed to Config.Events. The
 // caller logs it, with the context only it knows.
 
-// EventSink receives the agent's failures, for Kubernetes Events once the
-// Kubernetes config source exists (not built yet: the standalone agent
-// leaves it nil). what is a short kind ("program_pod", "policy", ...);
-// object names the pod or policy when there is one.
+// EventSink receives the agent's failures and the drifts its checks find
+// ("drift", drift_agent.go): on Kubernetes, KubeEvents makes them Events
+// (events.go); the standalone agent leaves it nil. what is a short kind
+// ("program_pod", "policy", ...); object names the pod ("namespace/name")
+// when there is one. It must not block: the agent calls it holding its
+// lock.
 type EventSink interface {
 	Failure(what, object string, err error)
 }

@@ -21,7 +21,9 @@ import (
 //	          (every kernel counter), meshsplice_pods{capture,splice},
 //	          meshsplice_policy_pods{enforced},
 //	          meshsplice_policy_not_applied_total, meshsplice_policy_applied,
-//	          meshsplice_apply_failures_total{what} (failures.go)
+//	          meshsplice_apply_failures_total{what} (failures.go),
+//	          meshsplice_drift_pods, meshsplice_drift_node_switches,
+//	          meshsplice_drift_checks_total{outcome} (drift_agent.go)
 //	/pods     the registered pods as JSON, with policy.enforced and
 //	          policy.reason per pod
 //	/denials  the most recent connections policy denied, with the policies
@@ -30,6 +32,7 @@ func (a *Agent) metricsHandler() http.Handler {
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	reg.MustRegister(&collector{a: a})
 	reg.MustRegister(&inboundCollector{a: a})
+	reg.MustRegister(&driftCollector{a: a})
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) { w.Write([]byte("ok\n")) })

@@ -100,51 +100,7 @@ func bypassPorts() []uint16 {
 // identity an address has), closes the live connections it now forbids.
 // Called with a.mu held.
 func (a *Agent) reconcilePolicy() error {
-	in := policy.Input{
-		TrustDomain:   a.istio.TrustDomain(),
-		RootNamespace: a.istio.RootNamespace(),
-		Policies:      a.istio.AuthorizationPolicies,
-		// PeerAuthentication STRICT: sources known to have no sidecar
-		// (plaintextIPs) are refused on STRICT ports.
-		PeerAuthentications: a.istio.PeerAuthentications,
-	}
-	if m := a.istio.Mesh; m != nil {
-		in.TrustDomainAliases = m.GetTrustDomainAliases()
-	}
-	ipWorkload := map[netip.Addr]string{}
-	for _, p := range a.pods {
-		if p.Recovered {
-			continue // namespace, account and labels unknown: left to its sidecar
-		}
-		// No labels means the runtime passed none (the CNI capability is
-		// unfilled): unknown, not "selected by nothing".
-		w := policy.Workload{Namespace: podNamespace(p.Reg), Name: podName(p.Reg),
-			ServiceAccount: p.Reg.ServiceAccount, Labels: p.Reg.Labels, LabelsUnknown: len(p.Reg.Labels) == 0,
-			IPs: p.Reg.IPs}
-		in.Workloads = append(in.Workloads, w)
-		for _, ip := range p.Reg.IPs {
-			ipWorkload[ip.Unmap()] = w.Key()
-		}
-	}
-	for _, we := range a.istio.WorkloadEntries {
-		addr, err := netip.ParseAddr(we.Spec.GetAddress())
-		if err != nil {
-			continue // the source validated it; never here
-		}
-		w := policy.Workload{Namespace: we.Namespace, Name: "workloadentry/" + we.Name,
-			ServiceAccount: we.Spec.GetServiceAccount(), Labels: we.Spec.GetLabels(), IPs: []netip.Addr{addr}}
-		in.Workloads = append(in.Workloads, w)
-		ipWorkload[addr.Unmap()] = w.Key()
-	}
-	for _, w := range clusterWorkloads(a.istio, ipWorkload) { // Kubernetes: pods of other nodes
-		in.Workloads = append(in.Workloads, w)
-		for _, ip := range w.IPs {
-			ipWorkload[ip] = w.Key()
-		}
-	}
-	for _, s := range a.istio.Services {
-		in.Services = append(in.Services, policy.Service{Namespace: s.Namespace, Name: s.Name, Selector: s.Selector})
-	}
+	in, ipWorkload := policyInput(a.istio, a.pods)
 	res, err := policy.Compile(in, a.ids)
 	if err != nil {
 		return fmt.Errorf("compile authorization policies: %w", err)
@@ -161,18 +117,7 @@ func (a *Agent) reconcilePolicy() error {
 	for w, why := range res.Partial {
 		a.log.Info("part of a workload's policy left to its sidecar", "workload", w, "why", why)
 	}
-
-	dp := datapath.Policy{IPs: map[netip.Addr]datapath.IPPolicy{}}
-	for _, s := range res.Sets {
-		dp.Sets = append(dp.Sets, kernelSet(s))
-	}
-	for ip, id := range res.IPIdentity {
-		set := -1
-		if i, ok := res.WorkloadSet[ipWorkload[ip.Unmap()]]; ok {
-			set = i
-		}
-		dp.IPs[ip] = datapath.IPPolicy{Identity: uint32(id), Set: set}
-	}
+	dp := kernelPolicy(res, ipWorkload)
 	markPlaintext(&dp, res, plaintextIPs(a.istio, a.pods))
 	a.policy = res
 	if reflect.DeepEqual(dp, a.applied) {
@@ -197,6 +142,75 @@ func (a *Agent) reconcilePolicy() error {
 		}
 	}
 	return nil
+}
+
+// policyInput is what the policy is compiled from: c's policies and
+// services, and every known workload (the registered pods, the
+// WorkloadEntries and, on Kubernetes, the cluster's injected pods), with
+// each workload address's workload key.
+func policyInput(c istio.Config, pods map[string]*pod) (policy.Input, map[netip.Addr]string) {
+	in := policy.Input{
+		TrustDomain:   c.TrustDomain(),
+		RootNamespace: c.RootNamespace(),
+		Policies:      c.AuthorizationPolicies,
+		// PeerAuthentication STRICT: sources known to have no sidecar
+		// (plaintextIPs) are refused on STRICT ports.
+		PeerAuthentications: c.PeerAuthentications,
+	}
+	if m := c.Mesh; m != nil {
+		in.TrustDomainAliases = m.GetTrustDomainAliases()
+	}
+	ipWorkload := map[netip.Addr]string{}
+	for _, p := range pods {
+		if p.Recovered {
+			continue // namespace, account and labels unknown: left to its sidecar
+		}
+		// No labels means the runtime passed none (the CNI capability is
+		// unfilled): unknown, not "selected by nothing".
+		w := policy.Workload{Namespace: podNamespace(p.Reg), Name: podName(p.Reg),
+			ServiceAccount: p.Reg.ServiceAccount, Labels: p.Reg.Labels, LabelsUnknown: len(p.Reg.Labels) == 0,
+			IPs: p.Reg.IPs}
+		in.Workloads = append(in.Workloads, w)
+		for _, ip := range p.Reg.IPs {
+			ipWorkload[ip.Unmap()] = w.Key()
+		}
+	}
+	for _, we := range c.WorkloadEntries {
+		addr, err := netip.ParseAddr(we.Spec.GetAddress())
+		if err != nil {
+			continue // the source validated it; never here
+		}
+		w := policy.Workload{Namespace: we.Namespace, Name: "workloadentry/" + we.Name,
+			ServiceAccount: we.Spec.GetServiceAccount(), Labels: we.Spec.GetLabels(), IPs: []netip.Addr{addr}}
+		in.Workloads = append(in.Workloads, w)
+		ipWorkload[addr.Unmap()] = w.Key()
+	}
+	for _, w := range clusterWorkloads(c, ipWorkload) { // Kubernetes: pods of other nodes
+		in.Workloads = append(in.Workloads, w)
+		for _, ip := range w.IPs {
+			ipWorkload[ip] = w.Key()
+		}
+	}
+	for _, s := range c.Services {
+		in.Services = append(in.Services, policy.Service{Namespace: s.Namespace, Name: s.Name, Selector: s.Selector})
+	}
+	return in, ipWorkload
+}
+
+// kernelPolicy is the compiled policy in the datapath's form.
+func kernelPolicy(res policy.Result, ipWorkload map[netip.Addr]string) datapath.Policy {
+	dp := datapath.Policy{IPs: map[netip.Addr]datapath.IPPolicy{}}
+	for _, s := range res.Sets {
+		dp.Sets = append(dp.Sets, kernelSet(s))
+	}
+	for ip, id := range res.IPIdentity {
+		set := -1
+		if i, ok := res.WorkloadSet[ipWorkload[ip.Unmap()]]; ok {
+			set = i
+		}
+		dp.IPs[ip] = datapath.IPPolicy{Identity: uint32(id), Set: set}
+	}
+	return dp
 }
 
 // kernelSet converts a compiled set to the datapath's form.

@@ -62,6 +62,7 @@ func (a *Agent) nodeSettings() datapath.NodeSettings {
 // applyPolicy installs the policy, logging and counting a failure.
 // Called with a.mu held.
 func (a *Agent) applyPolicy() bool {
+	defer a.drift.soon() // every apply ends here: check the kernel after it
 	if err := a.reconcilePolicy(); err != nil {
 		a.log.Error("authorization policy not applied; the kernel keeps the previous one", "error", err)
 		a.failed("policy", err)

@@ -651,12 +651,5 @@ func rangeKey(cookie uint64, kind redirect.CaptureMsRangeKind, p netip.Prefix) r
 }
 
 func prefixFromRangeKey(k redirect.CaptureMsRangeKey) netip.Prefix {
-	addr := addrFromKey(redirect.CaptureMsAddr{Ip: k.Ip})
-	bits := int(k.Prefixlen) - rangeFixedBits
-	if k.Family == unix.AF_INET {
-		bits -= 96
-	} else {
-		addr = netip.AddrFrom16(addr.As16()) // ::ffff:0:0/96 stays IPv6
-	}
-	return netip.PrefixFrom(addr, bits)
+	return prefixFromLPM(k.Ip, k.Prefixlen-rangeFixedBits, k.Family)
 }

@@ -8,7 +8,7 @@
 #   hack/deps.sh --path NAME             print the path of a built tool
 #                                        (building it first if missing)
 #
-# TARGET is a make target: test, demo, bench, lint, generate. When all is
+# TARGET is a make target: test, demo, bench, lint, generate, e2e-node. When all is
 # present it prints nothing and takes a few milliseconds (one dpkg-query).
 # Otherwise it says once what it installs and why, then installs: Debian
 # packages with apt-get (needs root), programs built from the Go module
@@ -39,11 +39,17 @@ test             apt nftables        nft: the baseline tests check that no nat h
 test             apt git             the repository tests read git ls-files
 test             apt curl            the cni/README.md curl examples, run by cni/readme_test.go
 test             go  cnitool=github.com/containernetworking/cni/cnitool@v1.3.1  the cni/README.md cnitool example, run by cni/readme_test.go
-test             go  helm=helm.sh/helm/v3/cmd/helm@v3.22.0  make manifests, make test: helm lint/template of manifests/chart/meshsplice
-test             apt etcd-server     etcd: the store of the kube-apiserver the Kubernetes tests run (internal/kubetest)
-test             mod kube-apiserver=tools/kube-apiserver:k8s.io/kubernetes/cmd/kube-apiserver@v1.37.2  a real API server for the Kubernetes config source's tests (internal/kubetest; about 10 minutes of CPU to build, once)
+test,e2e-node    go  helm=helm.sh/helm/v3/cmd/helm@v3.22.0  make manifests, make test: helm lint/template of manifests/chart/meshsplice; make e2e-node: helm install/uninstall
+test,e2e-node    apt etcd-server     etcd: the store of the kube-apiserver the Kubernetes tests run (internal/kubetest) and of make e2e-node's node
+test,e2e-node    mod kube-apiserver=tools/kube-apiserver:k8s.io/kubernetes/cmd/kube-apiserver@v1.37.2  a real API server for the Kubernetes config source's tests (internal/kubetest; about 10 minutes of CPU to build, once)
 test             mod istioctl=tools/istio:istio.io/istio/istioctl/cmd/istioctl@v0.0.0-20260827124520-eed52ebb66ad  the tests of manifests/istio-overlay.yaml: istioctl manifest generate and kube-inject (about 7 minutes of CPU to build, once; 28 minutes on a busy 2-core machine)
 test             mod istio-iptables=tools/istio:./istio-iptables@v0.0.0-20260827124520-eed52ebb66ad  Istio's istio-iptables: e2e runs the istio-validation check of an injected pod with it (hack/istio-iptables-golden.sh caches the same file)
+e2e-node         mod kubelet=tools/kube-apiserver:k8s.io/kubernetes/cmd/kubelet@v1.37.2  the node agent of make e2e-node's single-node cluster (same module as kube-apiserver: shares its build cache)
+e2e-node         mod kube-scheduler=tools/kube-apiserver:k8s.io/kubernetes/cmd/kube-scheduler@v1.37.2  make e2e-node: places the chart's DaemonSet pod on the node
+e2e-node         mod kube-controller-manager=tools/kube-apiserver:k8s.io/kubernetes/cmd/kube-controller-manager@v1.37.2  make e2e-node: the DaemonSet controller and the default ServiceAccounts
+e2e-node         apt containernetworking-plugins  make e2e-node: bridge, host-local and loopback, the node's own CNI conflist that meshsplice-cni chains into
+e2e-node         apt containerd      make e2e-node: the container runtime the kubelet drives (CRI)
+e2e-node         apt runc            make e2e-node: the OCI runtime containerd starts the pods with
 lint             apt clang-format-19 make lint checks the BPF C's format
 generate         apt clang-19        make generate, check-generated: compile the BPF C (bpf2go)
 generate         apt llvm-19         llvm-strip for bpf2go
@@ -127,7 +133,7 @@ while [ $# -gt 0 ]; do
 	esac
 	shift
 done
-[ ${#targets[@]} -gt 0 ] || die "usage: hack/deps.sh [--dry-run] TARGET... (test, demo, bench, lint, generate)"
+[ ${#targets[@]} -gt 0 ] || die "usage: hack/deps.sh [--dry-run] TARGET... (test, demo, bench, lint, generate, e2e-node)"
 known=$(needs | awk '{ n = split($1, t, ","); for (i = 1; i <= n; i++) print t[i] }' | sort -u)
 for t in "${targets[@]}"; do
 	grep -qx -- "$t" <<<"$known" || die "unknown target $t (known: $(echo $known))"

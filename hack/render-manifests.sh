@@ -11,4 +11,5 @@ cat <<'HEAD'
 # `make manifests`; do not edit (edit the chart, then make manifests).
 HEAD
 # --kube-version: helm built with go install says v1.20 without a cluster.
-"$helm" template meshsplice "$top/manifests/chart/meshsplice" --namespace istio-system --kube-version 1.30.0
+# --no-hooks: kubectl apply would run the uninstall hook Job at once.
+"$helm" template meshsplice "$top/manifests/chart/meshsplice" --namespace istio-system --kube-version 1.30.0 --no-hooks

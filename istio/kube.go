@@ -361,7 +361,9 @@ func (s *KubeSource) build(inf *kubeInformers) Config {
 
 	for _, o := range inf.localPods.GetStore().List() {
 		pod, ok := o.(*corev1.Pod)
-		if !ok || pod.Spec.NodeName != s.NodeName {
+		// A pod that ran to completion has no network any more (its IPs
+		// may be another pod's now), as in PodIPs below.
+		if !ok || pod.Spec.NodeName != s.NodeName || terminal(pod) {
 			continue
 		}
 		cfg.Pods = append(cfg.Pods, Pod{

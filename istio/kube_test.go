@@ -292,6 +292,23 @@ func TestKubeSourcePods(t *testing.T) {
 		return ""
 	})
 
+	// A pod that ran to completion leaves the node's pods (its network is
+	// gone), as it leaves PodIPs.
+	p, err = pods.Get(ctx, "pending", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.Status.Phase = corev1.PodSucceeded
+	if _, err := pods.UpdateStatus(ctx, p, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	e.waitFor(t, "a completed pod gone", func(c istio.Config) string {
+		if _, local := findPod(c, "pending"); local || c.PodIPs[pendingIP].Name != "" {
+			return fmt.Sprintf("completed pod still local %v, PodIPs[%s] %+v", local, pendingIP, c.PodIPs[pendingIP])
+		}
+		return ""
+	})
+
 	// Deletion removes the pod everywhere.
 	zero := int64(0)
 	for _, name := range []string{"native", "remote"} {

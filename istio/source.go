@@ -35,7 +35,8 @@ type Config struct {
 	Sources []string
 
 	// The Kubernetes source's only (KubeSource; empty from FileSource):
-	// Pods are this node's pods, each with Istio's answer (ClassifyPod);
+	// Pods are this node's pods that have not terminated (Succeeded or
+	// Failed), each with Istio's answer (ClassifyPod);
 	// PodIPs maps the IP of every live pod of the cluster to its identity
 	// and whether it has a sidecar; Namespaces have their labels
 	// (istio-injection, istio.io/rev).

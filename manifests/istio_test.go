@@ -272,7 +272,12 @@ func istioInitTraffic(t *testing.T, pod *corev1.Pod) istio.Traffic {
 		"-q": istio.AnnotationIncludeOutboundPorts, "-o": istio.AnnotationExcludeOutboundPorts,
 		"-m": istio.AnnotationInterceptionMode, "-u": istio.AnnotationProxyUID,
 	}
-	ann := map[string]string{istio.AnnotationStatus: pod.Annotations[istio.AnnotationStatus]}
+	// The status names istio-init, which makes the pod iptables mode for
+	// meshsplice (Istio's rules capture it); what is compared is what the
+	// rules capture, so the pod is parsed as meshsplice would capture it:
+	// with the container the template runs in istio-init's place.
+	status := strings.Replace(pod.Annotations[istio.AnnotationStatus], `"`+istio.InitContainer+`"`, `"istio-validation"`, 1)
+	ann := map[string]string{istio.AnnotationStatus: status}
 	d := istio.DefaultDefaults()
 	for i := 1; i < len(args); i++ {
 		if strings.HasPrefix(args[i], "--log") {

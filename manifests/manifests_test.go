@@ -69,6 +69,7 @@ type (
 		}
 		ReadinessProbe *struct{ HTTPGet *struct{ Path string } }
 		VolumeMounts   []struct{ MountPath string }
+		Ports          []struct{ ContainerPort int }
 	}
 	daemonSet struct {
 		Spec struct {
@@ -89,8 +90,19 @@ type (
 		Metadata struct{ Name string }
 		Data     map[string]string
 	}
+	job struct {
+		Spec struct {
+			Template struct {
+				Spec struct {
+					HostNetwork                bool
+					InitContainers, Containers []container
+				}
+			}
+		}
+	}
 	objects struct {
 		ds       daemonSet
+		jobs     []job
 		cm       configMap
 		roles    [][]rule
 		cluster  []rule
@@ -112,6 +124,10 @@ func parse(tb testing.TB, b []byte) objects {
 			err = yaml.Unmarshal([]byte(doc), &o.ds)
 		case "ConfigMap":
 			err = yaml.Unmarshal([]byte(doc), &o.cm)
+		case "Job":
+			var j job
+			err = yaml.Unmarshal([]byte(doc), &j)
+			o.jobs = append(o.jobs, j)
 		case "Role":
 			var r struct{ Rules []rule }
 			err = yaml.Unmarshal([]byte(doc), &r)
@@ -203,15 +219,24 @@ func TestRender(t *testing.T) {
 			if o.cm.Metadata.Name != "meshsplice" || o.cm.Data["capture"] != "enabled" || o.cm.Data["splice"] != "enabled" {
 				t.Errorf("switches ConfigMap %s %v", o.cm.Metadata.Name, o.cm.Data)
 			}
-			// RBAC: the informers only list and watch; nothing writes.
+			// RBAC: the informers only list and watch; the agent writes
+			// nothing but Events, and reads the pod of an Event by name.
 			rules := o.cluster
 			for _, r := range o.roles {
 				rules = append(rules, r...)
 			}
+			events := false
 			for _, r := range rules {
-				if !slices.Equal(r.Verbs, []string{"list", "watch"}) {
+				switch {
+				case slices.Equal(r.Resources, []string{"events"}) && slices.Equal(r.Verbs, []string{"create", "patch"}):
+					events = true
+				case slices.Equal(r.Resources, []string{"pods"}) && slices.Equal(r.Verbs, []string{"get"}):
+				case !slices.Equal(r.Verbs, []string{"list", "watch"}):
 					t.Errorf("rule %v grants %v, want only list, watch", r.Resources, r.Verbs)
 				}
+			}
+			if !events {
+				t.Error("no rule lets the agent create and patch Events")
 			}
 			if len(o.roles) != tc.roles || o.bindings != tc.roles+1 {
 				t.Errorf("%d Roles and %d bindings, want %d and %d", len(o.roles), o.bindings, tc.roles, tc.roles+1)
@@ -264,8 +289,29 @@ func TestAgentFlagsExist(t *testing.T) {
 	run(t, "go", "build", "-o", bin, "../cmd/meshsplice")
 	o := parse(t, must(os.ReadFile("meshsplice.yaml")))
 	custom := parse(t, run(t, helm(t), "template", "ms", chart, "-n", "meshsplice", "--kube-version", "1.30.0", "-f", "testdata/values-custom.yaml"))
+	if len(o.jobs) != 0 || len(custom.jobs) != 1 {
+		t.Errorf("%d Jobs in the plain YAML, %d in helm template: want none (kubectl has no hooks) and the uninstall hook", len(o.jobs), len(custom.jobs))
+	}
+	// The hook's pod declares the agent's port (hostNetwork: a host port),
+	// so it runs only once the agent's pod is gone and its cni-install
+	// cannot chain the plugin again after cni-uninstall.
+	for _, j := range custom.jobs {
+		agent := containerOf(t, custom.ds, "agent")
+		for _, c := range j.Spec.Template.Spec.Containers {
+			if !j.Spec.Template.Spec.HostNetwork || len(c.Ports) != 1 || len(agent.Ports) != 1 || c.Ports[0].ContainerPort != agent.Ports[0].ContainerPort {
+				t.Errorf("uninstall hook %s: hostNetwork %v ports %v, want the agent's %v", c.Name, j.Spec.Template.Spec.HostNetwork, c.Ports, agent.Ports)
+			}
+		}
+	}
+	var all [][]container
 	for _, ds := range []daemonSet{o.ds, custom.ds} {
-		for _, c := range ds.Spec.Template.Spec.Containers {
+		all = append(all, ds.Spec.Template.Spec.Containers)
+	}
+	for _, j := range custom.jobs {
+		all = append(all, j.Spec.Template.Spec.InitContainers, j.Spec.Template.Spec.Containers)
+	}
+	for _, cs := range all {
+		for _, c := range cs {
 			sub := c.Name // the container is named after its subcommand
 			out, _ := exec.Command(bin, sub, "-h").CombinedOutput()
 			for _, a := range c.Args {

@@ -31,6 +31,7 @@ func runAgent(ctx context.Context, args []string) error {
 	appSplice := fs.Bool("app-splice", true, "node switch: app <-> sidecar splicing for pods that have it (meshsplice.io/app-splice, or the node's default: docs/readers.md); false keeps every app socket TCP")
 	grace := fs.Duration("listener-grace", agent.DefaultListenerGrace, "warn when a captured pod's sidecar inbound listener is not in the kernel this long after registration")
 	pressure := fs.Duration("pressure-interval", agent.DefaultPressureInterval, "how often to look for kernel tables at their limit (logged once per interval, /readyz 503 meanwhile)")
+	drift := fs.Duration("drift-interval", agent.DefaultDriftInterval, "how often to compare the kernel with the config besides after each apply (meshsplice_drift_pods; a drift is re-applied once)")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
 	kube := addKubeFlags(fs)
 	if err := fs.Parse(args); err != nil {
@@ -42,6 +43,7 @@ func runAgent(ctx context.Context, args []string) error {
 	}
 	log := slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	var source istio.Source
+	var events agent.EventSink
 	switch {
 	case *standalone && *kube.on:
 		return errors.New("--standalone and --kubernetes exclude each other")
@@ -51,6 +53,12 @@ func runAgent(ctx context.Context, args []string) error {
 			return err
 		}
 		source = src
+		ev, err := kube.events(log)
+		if err != nil {
+			return err
+		}
+		defer ev.Shutdown()
+		events = ev
 	case !*standalone:
 		return errors.New("say where Istio's configuration comes from: --kubernetes or --standalone")
 	case *configDir == "":
@@ -71,6 +79,6 @@ func runAgent(ctx context.Context, args []string) error {
 		PinDir: *pinDir, CgroupPath: *cgroup, CNISocket: *socket, CNIUID: *cniUID, StateDir: *stateDir,
 		MetricsAddr: *metrics, NodeCapture: *capture, NodeSplice: *splice, NodeAppSpliceOff: !*appSplice,
 		Source: source, Log: log, ListenerGrace: *grace,
-		PressureInterval: *pressure,
+		PressureInterval: *pressure, DriftInterval: *drift, Events: events,
 	})
 }

@@ -3,9 +3,14 @@ package main
 import (
 	"errors"
 	"flag"
+	"fmt"
 	"log/slog"
 	"os"
 
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+
+	"github.com/meshsplice/meshsplice/agent"
 	"github.com/meshsplice/meshsplice/istio"
 )
 
@@ -29,6 +34,16 @@ func addKubeFlags(fs *flag.FlagSet) *kubeFlags {
 
 // source is the Kubernetes config source the flags describe.
 func (k *kubeFlags) source(log *slog.Logger) (istio.Source, error) {
+	cfg, err := k.restConfig()
+	if err != nil {
+		return nil, err
+	}
+	return &istio.KubeSource{Config: cfg, NodeName: *k.node, IstioNamespace: *k.namespace,
+		Revision: *k.revision, SwitchesNamespace: *k.switchesNamespace, Log: log}, nil
+}
+
+// restConfig is the API server's address and credentials.
+func (k *kubeFlags) restConfig() (*rest.Config, error) {
 	if *k.node == "" {
 		return nil, errors.New("--kubernetes needs --node-name (or NODE_NAME from the downward API)")
 	}
@@ -37,6 +52,18 @@ func (k *kubeFlags) source(log *slog.Logger) (istio.Source, error) {
 		return nil, err
 	}
 	cfg.UserAgent = "meshsplice-agent/" + *k.node
-	return &istio.KubeSource{Config: cfg, NodeName: *k.node, IstioNamespace: *k.namespace,
-		Revision: *k.revision, SwitchesNamespace: *k.switchesNamespace, Log: log}, nil
+	return cfg, nil
+}
+
+// events writes the agent's failures as Events on its pods (and node).
+func (k *kubeFlags) events(log *slog.Logger) (*agent.KubeEvents, error) {
+	cfg, err := k.restConfig()
+	if err != nil {
+		return nil, err
+	}
+	kc, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("kubernetes client: %w", err)
+	}
+	return agent.NewKubeEvents(kc, *k.node, log), nil
 }

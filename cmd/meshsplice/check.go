@@ -15,12 +15,17 @@ import (
 )
 
 // runCheck tells whether this node can run meshsplice: the mounts it needs
-// and the kernel's verdict on every program.
-func runCheck(_ context.Context, args []string) error {
+// and the kernel's verdict on every program. With --drift, whether the
+// kernel holds what the config says (drift.go).
+func runCheck(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("check", flag.ContinueOnError)
 	asJSON := fs.Bool("json", false, "print JSON")
+	drift := addDriftFlags(fs)
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	if *drift.on {
+		return runDrift(ctx, drift, *asJSON)
 	}
 	var uts unix.Utsname
 	unix.Uname(&uts)

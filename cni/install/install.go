@@ -2,8 +2,9 @@
 // istio-cni does: it copies the plugin into the CNI bin dir and chains it
 // at the end of the node's existing network configuration list (the file
 // the runtime uses: the first *.conflist, *.conf or *.json of the conf dir
-// by name). Install is idempotent and repairs a conflist that the node's
-// own CNI rewrote; Uninstall takes the entry out again and, when nobody
+// by name; a single-plugin *.conf becomes a NAME.conflist, conf.go).
+// Install is idempotent and repairs a conflist that the node's own CNI
+// rewrote; Uninstall takes the entry out again and, when nobody
 // touched the file since, restores it byte for byte from the copy Install
 // kept in ConfDir/.meshsplice (a directory: runtimes skip it).
 package install
@@ -95,11 +96,22 @@ func Install(c Config) (changed bool, err error) {
 	if err != nil {
 		return false, err
 	}
+	// A conflist made from a .conf or .json that the node wrote again:
+	// the runtime may take either by name (a .json sorts after the list),
+	// the node's is the newer network.
+	if from, err := os.ReadFile(backupPath(path, ".from")); err == nil {
+		if src := filepath.Join(c.ConfDir, filepath.Base(string(from))); fileExists(src) {
+			path = src
+		}
+	}
 	orig, err := os.ReadFile(path)
 	if err != nil {
 		return false, fmt.Errorf("read conflist: %w", err)
 	}
 	want := c.entry()
+	if filepath.Ext(path) != ".conflist" && single(orig) {
+		return installConf(path, orig, want)
+	}
 	out, present, err := chain(orig, want)
 	if err != nil {
 		return false, fmt.Errorf("%s: %w", path, err)
@@ -164,6 +176,9 @@ func unchainFile(path string) error {
 	if err != nil || !found {
 		return nil // not a conflist we chained into: not ours to touch
 	}
+	if restored, err := restoreConf(path, cur); err != nil || restored {
+		return err
+	}
 	ours, errOurs := os.ReadFile(backupPath(path, ".ours"))
 	orig, errOrig := os.ReadFile(backupPath(path, ".orig"))
 	if errOurs == nil && errOrig == nil && bytes.Equal(cur, ours) {
@@ -174,6 +189,11 @@ func unchainFile(path string) error {
 		return fmt.Errorf("stat conflist: %w", err)
 	}
 	return writeAtomic(path, out, info.Mode().Perm())
+}
+
+func fileExists(p string) bool {
+	_, err := os.Stat(p)
+	return err == nil
 }
 
 func backupPath(conflist, suffix string) string {
@@ -242,7 +262,7 @@ func plugins(b []byte) ([]field, int, []json.RawMessage, error) {
 	}
 	i := slices.IndexFunc(fs, func(f field) bool { return f.key == "plugins" })
 	if i < 0 {
-		return nil, 0, nil, errors.New(`no "plugins": a single-plugin .conf is not supported yet`)
+		return nil, 0, nil, errors.New(`no "plugins": not a network configuration list`)
 	}
 	var ps []json.RawMessage
 	if err := json.Unmarshal(fs[i].val, &ps); err != nil {

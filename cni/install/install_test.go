@@ -274,7 +274,8 @@ func TestInstallRefuses(t *testing.T) {
 	for _, tc := range []struct{ name, conf, want string }{
 		{"old cniVersion", `{"cniVersion":"0.2.0","name":"n","plugins":[{"type":"bridge"}]}`, `cniVersion "0.2.0"`},
 		{"no cniVersion", `{"name":"n","plugins":[{"type":"bridge"}]}`, `cniVersion ""`},
-		{"single plugin", `{"cniVersion":"1.0.0","name":"n","type":"bridge"}`, "single-plugin"},
+		// A .conf is converted (conf.go); a .conflist must hold a list.
+		{"single plugin in a .conflist", `{"cniVersion":"1.0.0","name":"n","type":"bridge"}`, `no "plugins"`},
 		{"no plugins", `{"cniVersion":"1.0.0","name":"n","plugins":[]}`, "nothing to chain after"},
 		{"not JSON", `cniVersion: 1.0.0`, "not a JSON object"},
 	} {

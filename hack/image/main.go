@@ -90,8 +90,15 @@ func layer(files []string) (compressed, diffID []byte, err error) {
 }
 
 // Build writes the OCI archive of an image holding files to w, named ref
-// (REPOSITORY:TAG), and returns the manifest's digest.
+// (REPOSITORY:TAG), and returns the manifest's digest. Its entrypoint is
+// /meshsplice.
 func Build(w io.Writer, ref string, files []string) (string, error) {
+	return BuildEntrypoint(w, ref, "/meshsplice", files)
+}
+
+// BuildEntrypoint is Build with another entrypoint (make e2e-node's test
+// images: a pause program for the node's pod sandboxes).
+func BuildEntrypoint(w io.Writer, ref, entrypoint string, files []string) (string, error) {
 	repo, tag, ok := cut(ref)
 	if !ok {
 		return "", fmt.Errorf("image reference %q: want REPOSITORY:TAG", ref)
@@ -105,7 +112,7 @@ func Build(w io.Writer, ref string, files []string) (string, error) {
 		"created":      epoch.Format(time.RFC3339),
 		"architecture": runtime.GOARCH,
 		"os":           "linux",
-		"config":       map[string]any{"Entrypoint": []string{"/meshsplice"}},
+		"config":       map[string]any{"Entrypoint": []string{entrypoint}},
 		"rootfs":       map[string]any{"type": "layers", "diff_ids": []string{fmt.Sprintf("sha256:%x", diffID)}},
 		"history":      []map[string]any{{"created": epoch.Format(time.RFC3339), "created_by": "meshsplice hack/image"}},
 	})
@@ -172,13 +179,14 @@ func cut(ref string) (repo, tag string, ok bool) {
 func main() {
 	out := flag.String("o", "", "the OCI archive to write")
 	ref := flag.String("ref", "", "the image's name, REPOSITORY:TAG")
+	entrypoint := flag.String("entrypoint", "/meshsplice", "the image's entrypoint")
 	flag.Parse()
 	if *out == "" || flag.NArg() == 0 {
 		fmt.Fprintln(os.Stderr, "usage: image -o FILE -ref REPOSITORY:TAG BINARY...")
 		os.Exit(2)
 	}
 	var buf bytes.Buffer
-	digest, err := Build(&buf, *ref, flag.Args())
+	digest, err := BuildEntrypoint(&buf, *ref, *entrypoint, flag.Args())
 	if err == nil {
 		err = os.WriteFile(*out, buf.Bytes(), 0o644)
 	}

@@ -132,7 +132,7 @@ func TestDeps(t *testing.T) {
 		},
 		{
 			name: "unknown target", args: []string{"tset"}, wantCode: 1,
-			wantOut: []string{"unknown target tset (known: bench demo generate lint test)"},
+			wantOut: []string{"unknown target tset (known: bench demo e2e-node generate lint test)"},
 		},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
