@@ -370,6 +370,7 @@ func setDiff(want, got datapath.PolicySet) []string {
 		name      string
 		want, got uint64
 	}{{"allow mask", want.AllowMask, got.AllowMask}, {"deny mask", want.DenyMask, got.DenyMask},
+		{"plaintext (STRICT) mask", want.PlaintextMask, got.PlaintextMask},
 		{"default identity mask", want.DefaultIdentityMask, got.DefaultIdentityMask},
 		{"default port mask", want.DefaultPortMask, got.DefaultPortMask}} {
 		if m.want != m.got {

@@ -18,7 +18,7 @@ import (
 )
 
 // The identity policy safety net, agent side: compile the Istio
-// AuthorizationPolicies for every known workload (the node's pods, the
+// AuthorizationPolicies and PeerAuthentications for every known workload (the node's pods, the
 // WorkloadEntries of the config and, on Kubernetes, the cluster's injected
 // pods) and hand the result to the datapath, then close live connections
 // the change now forbids.
@@ -99,12 +99,13 @@ func bypassPorts() []uint16 {
 type policyInputs struct {
 	in         policy.Input
 	ipWorkload map[netip.Addr]string // address -> workload key
+	plaintext  map[netip.Addr]bool   // addresses known to have no sidecar (PeerAuthentication STRICT)
 }
 
 // policyInputs takes the compile's inputs. Called with a.mu held.
 func (a *Agent) policyInputs() policyInputs {
 	in, ipWorkload := policyInput(a.istio, a.pods)
-	return policyInputs{in: in, ipWorkload: ipWorkload}
+	return policyInputs{in: in, ipWorkload: ipWorkload, plaintext: plaintextIPs(a.istio, a.pods)}
 }
 
 // reconcilePolicy compiles and installs the policy, and when the kernel
@@ -130,6 +131,7 @@ func (a *Agent) reconcilePolicy(pi policyInputs) error {
 		a.log.Info("part of a workload's policy left to its sidecar", "workload", w, "why", why)
 	}
 	dp := kernelPolicy(res, ipWorkload)
+	markPlaintext(&dp, res, pi.plaintext)
 	a.mu.Lock()
 	a.policy = res
 	a.mu.Unlock()
@@ -166,6 +168,9 @@ func policyInput(c istio.Config, pods map[string]*pod) (policy.Input, map[netip.
 		TrustDomain:   c.TrustDomain(),
 		RootNamespace: c.RootNamespace(),
 		Policies:      c.AuthorizationPolicies,
+		// PeerAuthentication STRICT: sources known to have no sidecar
+		// (plaintextIPs) are refused on STRICT ports.
+		PeerAuthentications: c.PeerAuthentications,
 	}
 	if m := c.Mesh; m != nil {
 		in.TrustDomainAliases = m.GetTrustDomainAliases()
@@ -226,7 +231,7 @@ func kernelPolicy(res policy.Result, ipWorkload map[netip.Addr]string) datapath.
 // kernelSet converts a compiled set to the datapath's form.
 func kernelSet(s policy.PolicySet) datapath.PolicySet {
 	k := datapath.PolicySet{
-		HasAllow: s.HasAllow, AllowMask: s.AllowMask, DenyMask: s.DenyMask,
+		HasAllow: s.HasAllow, AllowMask: s.AllowMask, DenyMask: s.DenyMask, PlaintextMask: s.PlaintextMask,
 		DefaultIdentityMask: s.DefaultIdentityMask, DefaultPortMask: s.DefaultPortMask,
 		IdentityMasks: make(map[uint32]uint64, len(s.IdentityMasks)),
 		PrefixMasks:   s.PrefixMasks,

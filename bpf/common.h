@@ -257,10 +257,18 @@ struct ms_orig {
 	__u16 pad;
 };
 
+/* ms_ip_info.flags */
+enum ms_ip_flag {
+	/* A pod known to have no sidecar (not injected, no istio-proxy): its
+	 * connections are plaintext, which a STRICT port refuses. */
+	MS_IP_PLAINTEXT = 1 << 0,
+};
+
 /* Policy: what the kernel knows of every workload IP (local or not). */
 struct ms_ip_info {
-	__u32 identity;	  /* source identity of connections from this IP */
-	__u32 policy_set; /* policy of connections to it; 0: none */
+	__u32 identity;	       /* source identity of connections from this IP */
+	__u32 policy_set;      /* policy of connections to it; 0: none */
+	enum ms_ip_flag flags; /* a set of ms_ip_flag */
 };
 
 /* A compiled policy set (package policy): up to 64 atoms, one bit each. */
@@ -271,6 +279,9 @@ struct ms_pol_set {
 	__u64 default_port_mask; /* ports without an entry */
 	__u32 has_allow;	 /* an ALLOW policy exists: default deny */
 	__u32 pad;
+	/* PeerAuthentication STRICT atoms: a MS_IP_PLAINTEXT source satisfies
+	 * them by identity (ORed into its identity mask). */
+	__u64 plaintext_mask;
 };
 
 struct ms_pol_id_key {

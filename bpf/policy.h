@@ -98,6 +98,17 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ms_denial_seq SEC(".maps");
 
+/* How a connection is judged: not at all, by a destination's set whose
+ * capture this node does not know (a workload of another node), or by one
+ * whose sidecar surely sees it (a pod of this node, on a port it captures).
+ * Only the last may deny plaintext (PeerAuthentication STRICT): a port of
+ * another node's pod may be excluded from its capture. */
+enum ms_judged {
+	MS_NOT_JUDGED = 0,
+	MS_JUDGED_REMOTE = 1,
+	MS_JUDGED_SIDECAR = 2,
+};
+
 /* egress_judged: a connection to dst:port is judged by dst's policy unless
  * dst is a pod of this node whose sidecar would not see it (its own ports,
  * excluded or not included inbound ports, no sidecar): that sidecar could
@@ -112,12 +123,22 @@ static __always_inline int egress_judged(const __u32 *src, const __u32 *dst,
 
 	dst_netns = bpf_map_lookup_elem(&ms_pod_ips, dst);
 	if (!dst_netns)
-		return 1;
+		return MS_JUDGED_REMOTE;
 	dst_pod = bpf_map_lookup_elem(&ms_pods, dst_netns);
 	if (!dst_pod)
-		return 1;
-	return sidecar_judges_inbound(*dst_netns, dst_pod, port, src,
-				      from_self_established(*dst_netns, src));
+		return MS_JUDGED_REMOTE;
+	if (!sidecar_judges_inbound(*dst_netns, dst_pod, port, src,
+				    from_self_established(*dst_netns, src)))
+		return MS_NOT_JUDGED;
+	return MS_JUDGED_SIDECAR;
+}
+
+/* src_plaintext: the source address is a pod known to have no sidecar. */
+static __always_inline int src_plaintext(const __u32 *ip)
+{
+	struct ms_ip_info *info = bpf_map_lookup_elem(&ms_ip_info, ip);
+
+	return info && (info->flags & MS_IP_PLAINTEXT);
 }
 
 /*
@@ -126,8 +147,11 @@ static __always_inline int egress_judged(const __u32 *src, const __u32 *dst,
  * (egress: a connect or connected socket of a meshed pod, judged only where
  * the destination's sidecar would judge it, see egress_judged):
  * m = identity mask & source prefix mask & port mask; a DENY atom in m
- * denies; with ALLOW policies, no ALLOW atom in m denies. Fills d (for the
- * denial record) and returns its reason, 0 when allowed.
+ * denies; with ALLOW policies, no ALLOW atom in m denies. The identity mask
+ * of a source known to have no sidecar gains the set's plaintext (STRICT)
+ * atoms, where the destination's sidecar surely sees the connection
+ * (ingress callers judged that already). Fills d (for the denial record)
+ * and returns its reason, 0 when allowed.
  *
  * One rule for every caller (connect, sk_lookup, teardown): the addresses
  * are the connection's own, src_ip the address it leaves from (connect:
@@ -150,6 +174,7 @@ static __always_inline int policy_denies(const __u32 *src_ip, __u32 src_id,
 	struct ms_pol_id_key ik = {};
 	struct ms_ip_info *dst;
 	struct ms_pol_set *ps;
+	int judged = MS_JUDGED_SIDECAR;
 	__u64 m, *v;
 	__u32 set;
 
@@ -157,8 +182,11 @@ static __always_inline int policy_denies(const __u32 *src_ip, __u32 src_id,
 	if (!dst || !dst->policy_set)
 		return 0;
 	/* Only once the destination has a policy: most have none. */
-	if (egress && !egress_judged(src_ip, dst_ip, port))
-		return 0;
+	if (egress) {
+		judged = egress_judged(src_ip, dst_ip, port);
+		if (judged == MS_NOT_JUDGED)
+			return 0;
+	}
 	set = dst->policy_set;
 	ps = bpf_map_lookup_elem(&ms_pol_sets, &set);
 	if (!ps)
@@ -171,6 +199,9 @@ static __always_inline int policy_denies(const __u32 *src_ip, __u32 src_id,
 	ik.identity = src_id;
 	v = bpf_map_lookup_elem(&ms_pol_ids, &ik);
 	m = v ? *v : ps->default_id_mask;
+	if (ps->plaintext_mask && judged == MS_JUDGED_SIDECAR &&
+	    src_plaintext(src_ip))
+		m |= ps->plaintext_mask;
 	v = bpf_map_lookup_elem(&ms_pol_ports, &portk);
 	m &= v ? *v : ps->default_port_mask;
 	pk.prefixlen = MS_POL_PREFIX_FIXED_BITS + 128;

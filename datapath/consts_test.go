@@ -280,6 +280,7 @@ func TestPolicyMaskWidth(t *testing.T) {
 	for name, bits := range map[string]uintptr{
 		"allow_mask": 8 * unsafe.Sizeof(s.AllowMask), "deny_mask": 8 * unsafe.Sizeof(s.DenyMask),
 		"default_id_mask": 8 * unsafe.Sizeof(s.DefaultIdMask), "default_port_mask": 8 * unsafe.Sizeof(s.DefaultPortMask),
+		"plaintext_mask": 8 * unsafe.Sizeof(s.PlaintextMask),
 	} {
 		if int(bits) != policy.MaxAtoms {
 			t.Errorf("ms_pol_set.%s has %d bits, policy.MaxAtoms is %d", name, bits, policy.MaxAtoms)

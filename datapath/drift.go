@@ -116,7 +116,7 @@ func readSets(maps map[string]*ebpf.Map, sets map[uint32]PolicySet) error {
 	var v redirect.CaptureMsPolSet
 	it := maps[redirect.CaptureMapMsPolSets].Iterate()
 	for it.Next(&id, &v) {
-		sets[id] = PolicySet{HasAllow: v.HasAllow != 0, AllowMask: v.AllowMask, DenyMask: v.DenyMask,
+		sets[id] = PolicySet{HasAllow: v.HasAllow != 0, AllowMask: v.AllowMask, DenyMask: v.DenyMask, PlaintextMask: v.PlaintextMask,
 			DefaultIdentityMask: v.DefaultIdMask, DefaultPortMask: v.DefaultPortMask,
 			IdentityMasks: map[uint32]uint64{}, PrefixMasks: map[netip.Prefix]uint64{}, PortMasks: map[uint16]uint64{}}
 	}

@@ -37,6 +37,10 @@ import (
 type PolicySet struct {
 	HasAllow            bool
 	AllowMask, DenyMask uint64
+	// PlaintextMask is ORed into the identity mask of a source whose
+	// IPPolicy says Plaintext, where the destination's sidecar surely sees
+	// the connection (PeerAuthentication STRICT).
+	PlaintextMask       uint64
 	DefaultIdentityMask uint64
 	DefaultPortMask     uint64
 	IdentityMasks       map[uint32]uint64
@@ -55,6 +59,9 @@ type PolicySet struct {
 type IPPolicy struct {
 	Identity uint32 // its identity as a source (0: unknown)
 	Set      int    // index into Policy.Sets of its policy as a destination; -1: none
+	// Plaintext: a pod known to have no sidecar (its connections are
+	// plaintext, refused on STRICT ports).
+	Plaintext bool
 }
 
 // Policy is the whole kernel policy state.
@@ -192,6 +199,9 @@ func (d *Datapath) swapPolicy(p Policy) error {
 	var undo []prev
 	for ip, ipp := range p.IPs {
 		v := redirect.CaptureMsIpInfo{Identity: ipp.Identity}
+		if ipp.Plaintext {
+			v.Flags |= redirect.CaptureMsIpFlagMS_IP_PLAINTEXT
+		}
 		if ipp.Set >= 0 && ipp.Set < len(ids) {
 			v.PolicySet = ids[ipp.Set]
 		}
@@ -313,6 +323,7 @@ func (d *Datapath) writeSet(id uint32, s PolicySet) error {
 	v := redirect.CaptureMsPolSet{
 		AllowMask: s.AllowMask, DenyMask: s.DenyMask,
 		DefaultIdMask: s.DefaultIdentityMask, DefaultPortMask: s.DefaultPortMask,
+		PlaintextMask: s.PlaintextMask,
 	}
 	if s.HasAllow {
 		v.HasAllow = 1

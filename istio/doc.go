@@ -9,6 +9,17 @@
 // from a folder of YAML (standalone), [KubeSource] from the Kubernetes API
 // server (informers).
 //
+// Both sources deliver the security.istio.io PeerAuthentications
+// (Config.PeerAuthentications) as Istio stores them; package policy
+// resolves their mTLS modes per workload as istiod does. The Kubernetes
+// source also says, for every pod IP of the cluster, whether the pod
+// surely has no sidecar ([PodIdentity.Plaintext]): not injected
+// (no sidecar.istio.io/status), no istio-proxy container (a gateway or
+// waypoint deployed without injection still holds an Istio certificate)
+// and not being deleted (its IP may already be a new pod's). Only such a
+// pod's connections may be refused on a STRICT port; every other source,
+// known or not, is left to the sidecar's TLS handshake.
+//
 // # Which pods are captured
 //
 // A pod is captured ([Traffic.Capture]) when all of these hold:

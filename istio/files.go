@@ -34,7 +34,10 @@ import (
 //   - the meshsplice ConfigMap (metadata.name: meshsplice) with the node
 //     switches (data.capture, data.splice, data.app-splice: "enabled" /
 //     "disabled");
-//   - security.istio.io/v1 (and v1beta1) AuthorizationPolicy;
+//   - security.istio.io/v1 (and v1beta1) AuthorizationPolicy and
+//     PeerAuthentication (a file's policies have no creation time unless
+//     metadata.creationTimestamp gives one: ties at a level go to the first
+//     by "name.namespace", as in istiod);
 //   - networking.istio.io WorkloadEntry (workloads that are not pods of
 //     this node: address, labels, serviceAccount) and v1 Service (name and
 //     spec.selector), which policy selectors and targetRefs need.
@@ -166,6 +169,7 @@ func Load(files map[string][]byte) (Config, error) {
 		}
 		return a.Name < b.Name
 	})
+	sortBy(cfg.PeerAuthentications, func(o *securityPA) string { return o.Namespace + "/" + o.Name })
 	return cfg, nil
 }
 
@@ -239,6 +243,19 @@ func loadDoc(cfg *Config, doc []byte, where string, meshSeen *string) error {
 			ap.Namespace = "default"
 		}
 		cfg.AuthorizationPolicies = append(cfg.AuthorizationPolicies, ap)
+		return nil
+	case tm.Kind == "PeerAuthentication" && strings.HasPrefix(tm.APIVersion, "security.istio.io/"):
+		pa := &securityv1.PeerAuthentication{}
+		if err := json.Unmarshal(js, pa); err != nil {
+			return fmt.Errorf("PeerAuthentication %s/%s: %w", tm.Metadata.Namespace, tm.Metadata.Name, err)
+		}
+		if pa.Name == "" {
+			return errors.New("PeerAuthentication without metadata.name")
+		}
+		if pa.Namespace == "" {
+			pa.Namespace = "default"
+		}
+		cfg.PeerAuthentications = append(cfg.PeerAuthentications, pa)
 		return nil
 	case tm.Kind == "WorkloadEntry" && strings.HasPrefix(tm.APIVersion, "networking.istio.io/"):
 		we := &networkingv1.WorkloadEntry{}

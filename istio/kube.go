@@ -33,9 +33,11 @@ import (
 //   - this node's pods (field selector spec.nodeName), whole, classified
 //     by [ClassifyPod] into Config.Pods;
 //   - every pod of the cluster, trimmed on arrival to its name, service
-//     account, node and IPs (a transform: the cache holds no labels,
-//     annotations or containers), into Config.PodIPs, so that a source on
-//     another node has its real identity;
+//     account, node, IPs and whether it has Istio's sidecar or an
+//     istio-proxy container (a transform: the cache holds no labels, other
+//     annotations or other containers), into Config.PodIPs, so that a
+//     source on another node has its real identity, and a pod without a
+//     sidecar is known as such (PeerAuthentication STRICT);
 //   - namespaces, Services, WorkloadEntries, AuthorizationPolicies and
 //     PeerAuthentications, cluster wide;
 //   - the mesh config: data.mesh of the ConfigMap "istio" ("istio-REV" for
@@ -111,10 +113,32 @@ func MeshConfigMapName(revision string) string {
 // PodIdentity is who owns a pod IP, for policy on sources of other nodes.
 // Injected says the pod has Istio's sidecar (sidecar.istio.io/status):
 // only then does the destination's sidecar see its identity (mTLS), so
-// only then may policy use it.
+// only then may policy use it. Proxy says it runs an istio-proxy container
+// (regular or init), injected or not (a gateway deployed without
+// injection, a waypoint); Terminating that it is being deleted (its IP may
+// be handed to a new pod before the deletion is seen).
 type PodIdentity struct {
 	Namespace, Name, ServiceAccount, NodeName string
-	Injected                                  bool
+	Injected, Proxy, Terminating              bool
+}
+
+// Plaintext says the pod surely has no sidecar and no Istio proxy of its
+// own: not injected, no istio-proxy container, not terminating. Its
+// connections are plaintext, which a STRICT port refuses. Anything else
+// might present an Istio certificate.
+func (p PodIdentity) Plaintext() bool { return !p.Injected && !p.Proxy && !p.Terminating }
+
+// hasProxyContainer: the pod runs istio-proxy, as a container or an init
+// container (native sidecar), whoever put it there.
+func hasProxyContainer(pod *corev1.Pod) bool {
+	for _, cs := range [][]corev1.Container{pod.Spec.Containers, pod.Spec.InitContainers} {
+		for _, c := range cs {
+			if c.Name == ProxyContainer {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // Namespace is a Kubernetes namespace's name and labels.
@@ -361,7 +385,8 @@ func (s *KubeSource) build(inf *kubeInformers) Config {
 		}
 		_, injected := pod.Annotations[AnnotationStatus]
 		id := PodIdentity{Namespace: pod.Namespace, Name: pod.Name, ServiceAccount: serviceAccount(pod),
-			NodeName: pod.Spec.NodeName, Injected: injected}
+			NodeName: pod.Spec.NodeName, Injected: injected, Proxy: hasProxyContainer(pod),
+			Terminating: pod.DeletionTimestamp != nil}
 		for _, ip := range podIPs(pod) {
 			if prev, ok := cfg.PodIPs[ip]; ok && prev != id {
 				shared[ip] = true
@@ -475,7 +500,8 @@ func serviceAccount(pod *corev1.Pod) string {
 
 // trimPod keeps of a pod only what Config.PodIPs needs, so that a cache of
 // every pod of a large cluster stays small: of the annotations, only
-// whether sidecar.istio.io/status is there (with an empty value).
+// whether sidecar.istio.io/status is there (with an empty value); of the
+// containers, only an istio-proxy one (its name).
 func trimPod(obj any) (any, error) {
 	pod, ok := obj.(*corev1.Pod)
 	if !ok {
@@ -485,24 +511,33 @@ func trimPod(obj any) (any, error) {
 	if _, ok := pod.Annotations[AnnotationStatus]; ok {
 		ann = injectedMark
 	}
+	var containers []corev1.Container
+	if hasProxyContainer(pod) {
+		containers = proxyMark
+	}
 	return &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Name: pod.Name, Namespace: pod.Namespace, UID: pod.UID, Annotations: ann,
 			ResourceVersion: pod.ResourceVersion, DeletionTimestamp: pod.DeletionTimestamp},
 		Spec: corev1.PodSpec{NodeName: pod.Spec.NodeName, ServiceAccountName: pod.Spec.ServiceAccountName,
-			HostNetwork: pod.Spec.HostNetwork},
+			HostNetwork: pod.Spec.HostNetwork, Containers: containers},
 		Status: corev1.PodStatus{Phase: pod.Status.Phase, PodIP: pod.Status.PodIP, PodIPs: pod.Status.PodIPs},
 	}, nil
 }
 
-// injectedMark is the annotations of every trimmed injected pod (shared,
-// read-only).
-var injectedMark = map[string]string{AnnotationStatus: ""}
+// injectedMark is the annotations of every trimmed injected pod, and
+// proxyMark the containers of every trimmed pod with an istio-proxy
+// (shared, read-only).
+var (
+	injectedMark = map[string]string{AnnotationStatus: ""}
+	proxyMark    = []corev1.Container{{Name: ProxyContainer}}
+)
 
 // sameIdentity: nothing Config.PodIPs reads changed.
 func sameIdentity(a, b *corev1.Pod) bool {
 	_, ia := a.Annotations[AnnotationStatus]
 	_, ib := b.Annotations[AnnotationStatus]
-	if ia != ib || a.Spec.NodeName != b.Spec.NodeName || a.Spec.ServiceAccountName != b.Spec.ServiceAccountName ||
+	if ia != ib || hasProxyContainer(a) != hasProxyContainer(b) || (a.DeletionTimestamp == nil) != (b.DeletionTimestamp == nil) ||
+		a.Spec.NodeName != b.Spec.NodeName || a.Spec.ServiceAccountName != b.Spec.ServiceAccountName ||
 		a.Spec.HostNetwork != b.Spec.HostNetwork || a.Status.PodIP != b.Status.PodIP ||
 		len(a.Status.PodIPs) != len(b.Status.PodIPs) || terminal(a) != terminal(b) {
 		return false

@@ -245,7 +245,7 @@ func TestKubeSourcePods(t *testing.T) {
 	if n, _ := findPod(c, "native"); n.Mesh.Proxy != istio.ProxyNativeSidecar {
 		t.Errorf("pod native: proxy %q, want %q", n.Mesh.Proxy, istio.ProxyNativeSidecar)
 	}
-	wantID := istio.PodIdentity{Namespace: e.ns, Name: "remote", ServiceAccount: "remote-sa", NodeName: "other-" + e.node, Injected: true}
+	wantID := istio.PodIdentity{Namespace: e.ns, Name: "remote", ServiceAccount: "remote-sa", NodeName: "other-" + e.node, Injected: true, Proxy: true}
 	if got := c.PodIPs[ips["remote"]]; got != wantID {
 		t.Errorf("PodIPs[%s] = %+v, want %+v", ips["remote"], got, wantID)
 	}

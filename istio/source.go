@@ -28,19 +28,21 @@ type Config struct {
 	// Services are Kubernetes Services (name and selector), for policy
 	// targetRefs.
 	Services []Service
+	// PeerAuthentications are the security.istio.io/v1 ones (mTLS modes:
+	// the kernel refuses, on STRICT ports, pods known to have no sidecar).
+	PeerAuthentications []*securityv1.PeerAuthentication
 	// Sources names where each part came from, for status and logs.
 	Sources []string
 
 	// The Kubernetes source's only (KubeSource; empty from FileSource):
 	// Pods are this node's pods that have not terminated (Succeeded or
 	// Failed), each with Istio's answer (ClassifyPod);
-	// PodIPs maps the IP of every live pod of the cluster to its identity;
-	// Namespaces have their labels (istio-injection, istio.io/rev);
-	// PeerAuthentications are the security.istio.io/v1 ones.
-	Pods                []Pod
-	PodIPs              map[netip.Addr]PodIdentity
-	Namespaces          []Namespace
-	PeerAuthentications []*securityv1.PeerAuthentication
+	// PodIPs maps the IP of every live pod of the cluster to its identity
+	// and whether it has a sidecar; Namespaces have their labels
+	// (istio-injection, istio.io/rev).
+	Pods       []Pod
+	PodIPs     map[netip.Addr]PodIdentity
+	Namespaces []Namespace
 }
 
 // Service is a Kubernetes Service as policy needs it.

@@ -44,6 +44,8 @@ type compiler struct {
 	// matchCache holds, per matcher kind, namespace and value, the
 	// members of the universe the value matches.
 	matchCache map[string][]bool
+	// peerAuths are the PeerAuthentications, oldest first.
+	peerAuths []*securityv1.PeerAuthentication
 }
 
 // Compile translates the ALLOW and DENY AuthorizationPolicies of in into a
@@ -84,6 +86,7 @@ func Compile(in Input, ids Identities) (Result, error) {
 	}
 
 	policies := c.policies(&res)
+	c.sortPeerAuths(&res)
 
 	memo := map[string]int{} // applicable policies -> set
 	for _, w := range workloads {
@@ -127,6 +130,18 @@ func Compile(in Input, ids Identities) (Result, error) {
 				left = append(left, "ALLOW "+cp.key+" left to the sidecar")
 			}
 		}
+		// PeerAuthentication STRICT: one DENY atom for the sources known
+		// to have no sidecar, first in the set.
+		possible := c.peerAuthFor(w)
+		var strict []*compiled
+		if a, note, ok := strictAtom(possible); ok {
+			strict = []*compiled{{key: a.Policy, action: Deny, atoms: []Atom{a}, idx: -1}}
+		} else if note != "" {
+			res.Warnings = append(res.Warnings, fmt.Sprintf("workload %s: %s", key, note))
+		}
+		if len(possible) > 1 {
+			left = append(left, "STRICT mTLS enforced only on the ports every workload-level PeerAuthentication that may select it makes STRICT")
+		}
 		if len(left) > 0 {
 			res.Partial[key] = "labels unknown: " + strings.Join(left, "; ")
 		}
@@ -135,10 +150,10 @@ func Compile(in Input, ids Identities) (Result, error) {
 			res.Unenforced[key] = fmt.Errorf("%w: ALLOW %s", ErrInvalidPolicy, strings.Join(bad, "; "))
 			continue
 		}
-		if len(deny)+len(allow) == 0 {
+		if len(strict)+len(deny)+len(allow) == 0 {
 			continue
 		}
-		chosen := slices.Concat(deny, allow)
+		chosen := slices.Concat(strict, deny, allow)
 		n := 0
 		for _, cp := range chosen {
 			n += len(cp.atoms)
@@ -149,6 +164,10 @@ func Compile(in Input, ids Identities) (Result, error) {
 		}
 		var sk strings.Builder
 		for _, cp := range chosen {
+			if cp.idx < 0 { // the STRICT atom: keyed by what it says
+				fmt.Fprintf(&sk, "%s %s,", cp.key, cp.atoms[0].PortDesc)
+				continue
+			}
 			fmt.Fprintf(&sk, "%d,", cp.idx)
 		}
 		idx, ok := memo[sk.String()]

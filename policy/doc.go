@@ -194,6 +194,53 @@
 // no kernel policy ([ErrTooManyAtoms] in [Result.Unenforced]) rather than a
 // wrong one. Workloads with identical policies share one set.
 //
+// # PeerAuthentication
+//
+// A sidecar whose port is STRICT (mutual TLS only) refuses every plaintext
+// connection to it, whatever the AuthorizationPolicies say. The kernel cannot
+// see TLS, but it can know that a source has no sidecar: a pod Istio did not
+// inject (and that runs no istio-proxy container). [Input.PeerAuthentications]
+// are resolved per workload as istiod resolves them
+// (ComposePeerAuthentication): a policy without a selector (or with empty
+// matchLabels) is mesh-wide in the root namespace and namespace-wide
+// elsewhere; one with a selector, outside the root namespace, is
+// workload-level when its labels are a subset of the workload's (a selector
+// in the root namespace is never used); at each level the oldest policy wins
+// (creation time, then "name.namespace"); the workload level overrides the
+// namespace level, which overrides the mesh level, and UNSET (or no mtls)
+// inherits, PERMISSIVE at the top. portLevelMtls is read from the
+// workload-level policy only; its keys are the workload's container ports
+// (destination ports as the sidecar sees them), and an UNSET port takes the
+// workload's mode.
+//
+// The ports that end up STRICT become one DENY atom ([Atom.Plaintext]),
+// first in the workload's set: it matches every source address the
+// enforcement layer flags as having no sidecar, and no other. Its identity
+// bits are in no identity mask; [PolicySet.PlaintextMask] is ORed into the
+// source's identity mask when the address is flagged ([PolicySet.VerdictFrom]).
+// An unknown source is never flagged, so STRICT never denies it, nor a known
+// meshed pod. PERMISSIVE and DISABLE deny nothing. When a workload's labels
+// are unknown, a port is STRICT only if it is STRICT whichever of the
+// workload-level policies that may select it applies (or none). A
+// portLevelMtls key outside 1-65535 (Istio's webhook rejects it; port 0
+// would set the sidecar's catch-all chain) leaves that workload's mTLS to
+// the sidecar (a warning). The property test
+// TestKernelDenyImpliesSidecarDenyPeerAuth holds this to a model of the
+// sidecar written from istiod's code.
+//
+// Pods of Istio's ambient mode are not injected, but ztunnel speaks mTLS
+// only as HBONE, to port 15008, which is never judged; anything else it
+// sends a sidecar is plaintext, which a STRICT port refuses anyway.
+// Gateways and waypoints run an istio-proxy container and are never
+// flagged.
+//
+// The enforcement layer applies the atom only where it knows the sidecar
+// sees the connection: inbound to a pod of this node on a port its sidecar
+// captures, or a connection from a pod of this node to such a pod. Traffic
+// to an excluded inbound port never reaches the sidecar and is never denied
+// for being plaintext; neither is a connection to a workload of another node,
+// whose capture this node does not know (that node's kernel judges it).
+//
 // # Limits
 //
 // The kernel judges a connection by the identity of its source address,

@@ -27,6 +27,9 @@ func buildMasks(atoms []Atom, hasAllow bool, universe []identity) PolicySet {
 		} else {
 			s.AllowMask |= bit
 		}
+		if a.Plaintext {
+			s.PlaintextMask |= bit
+		}
 	}
 
 	// Identities: the unknown source's mask is the default.
@@ -148,9 +151,20 @@ func portHolds(a Atom, port uint16) bool {
 // drops those, RFC 4291 2.5.5.2). So an IPv6 prefix, v4-mapped ones
 // included, never matches an IPv4 source.
 func (s *PolicySet) Verdict(src IdentityID, srcIP netip.Addr, dstPort uint16) (allow bool, atom int) {
+	return s.VerdictFrom(src, srcIP, dstPort, false)
+}
+
+// VerdictFrom is Verdict for a source that may be known to have no sidecar
+// (plaintext): its identity mask is ORed with PlaintextMask, as the kernel
+// does for an address it knows has no sidecar when the destination's
+// capture is known (ingress, or egress to a pod of this node).
+func (s *PolicySet) VerdictFrom(src IdentityID, srcIP netip.Addr, dstPort uint16, plaintext bool) (allow bool, atom int) {
 	idMask, ok := s.IdentityMasks[src]
 	if !ok {
 		idMask = s.DefaultIdentityMask
+	}
+	if plaintext {
+		idMask |= s.PlaintextMask
 	}
 	portMask, ok := s.PortMasks[dstPort]
 	if !ok {

@@ -158,6 +158,13 @@ func portPool(in Input, rng *rand.Rand) []uint16 {
 			set[p], set[p-1], set[p+1] = true, true, true
 		}
 	}
+	for _, pa := range in.PeerAuthentications {
+		for port := range pa.Spec.GetPortLevelMtls() {
+			if p := uint16(port); uint32(p) == port {
+				set[p], set[p-1], set[p+1] = true, true, true
+			}
+		}
+	}
 	for range 3 {
 		set[uint16(rng.Uint32())] = true
 	}

@@ -286,6 +286,9 @@ func checkKernelDenyImpliesSidecarDeny(tb testing.TB, in Input, seed uint64) int
 			check(w, UnknownIdentity, unknownAddrs[rng.IntN(len(unknownAddrs))], ports[rng.IntN(len(ports))], peers)
 		}
 	}
+	if len(in.PeerAuthentications) > 0 {
+		denials += checkPlaintextDenials(tb, in, res, model, vals, ports, unknownAddrs)
+	}
 	return denials
 }
 

@@ -84,6 +84,10 @@ type Input struct {
 	Services []Service
 	// Policies are the security.istio.io AuthorizationPolicies.
 	Policies []*securityv1.AuthorizationPolicy
+	// PeerAuthentications are the security.istio.io PeerAuthentications:
+	// where they make a port STRICT, the set denies sources known to have
+	// no sidecar (see the package documentation, PeerAuthentication).
+	PeerAuthentications []*securityv1.PeerAuthentication
 	// ServiceTargetRefs applies a policy whose targetRefs name a Service to
 	// the Service's pods, as a waypoint would. Istio's sidecars ignore every
 	// policy that has targetRefs (Service attachment is for waypoints only),
@@ -140,6 +144,10 @@ type Atom struct {
 	// it contains UnknownIdentity when the atom matches sources that are
 	// not known pods.
 	Identities []IdentityID
+	// Plaintext is set on the atom of a PeerAuthentication STRICT: instead
+	// of Identities (empty), it matches the source addresses known to have
+	// no sidecar, whatever their identity (PolicySet.PlaintextMask).
+	Plaintext bool
 	// IPs are the source prefixes of which the source address must be in
 	// one; nil means any address. NotIPs are prefixes it must be in none of.
 	IPs, NotIPs []netip.Prefix
@@ -173,6 +181,10 @@ type PolicySet struct {
 	DefaultPortMask uint64
 	// AllowMask and DenyMask hold the bits of the ALLOW and DENY atoms.
 	AllowMask, DenyMask uint64
+	// PlaintextMask holds the bits of the Plaintext atoms: a source known
+	// to have no sidecar satisfies them by identity (its identity mask is
+	// ORed with it).
+	PlaintextMask uint64
 	// NotEnforced lists what the sidecar enforces and the kernel does not:
 	// the L7 parts dropped from ALLOW rules (the kernel allows more), the
 	// DENY rules, sources and operations left out (the kernel denies less),
@@ -189,7 +201,8 @@ type Result struct {
 	Sets []PolicySet
 	// WorkloadSet maps every workload's "namespace/name" to its index in
 	// Sets, or to -1 when the kernel enforces nothing for it (no ALLOW or
-	// DENY policy applies, or Unenforced says why not). A set may have no
+	// DENY policy applies and no port is STRICT, or Unenforced says why
+	// not). A set may have no
 	// atoms: when all the DENY rules of a workload are L7, it allows
 	// everything and its NotEnforced says why.
 	WorkloadSet map[string]int

@@ -121,10 +121,17 @@ const (
 	CaptureMsDirectionMS_DIR_TEARDOWN CaptureMsDirection = 3
 )
 
+type CaptureMsIpFlag uint32
+
+const (
+	CaptureMsIpFlagMS_IP_PLAINTEXT CaptureMsIpFlag = 1
+)
+
 type CaptureMsIpInfo struct {
 	_         structs.HostLayout
 	Identity  uint32
 	PolicySet uint32
+	Flags     CaptureMsIpFlag
 }
 
 type CaptureMsNode struct {
@@ -204,6 +211,7 @@ type CaptureMsPolSet struct {
 	DefaultPortMask uint64
 	HasAllow        uint32
 	Pad             uint32
+	PlaintextMask   uint64
 }
 
 type CaptureMsPortKey struct {

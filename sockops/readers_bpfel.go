@@ -110,6 +110,7 @@ type ReadersMsIpInfo struct {
 	_         structs.HostLayout
 	Identity  uint32
 	PolicySet uint32
+	Flags     uint32
 }
 
 type ReadersMsNode struct {
@@ -166,6 +167,7 @@ type ReadersMsPolSet struct {
 	DefaultPortMask uint64
 	HasAllow        uint32
 	Pad             uint32
+	PlaintextMask   uint64
 }
 
 type ReadersMsPortKey struct {
