@@ -6,7 +6,9 @@ import (
 	"testing"
 
 	networkingv1alpha3 "istio.io/api/networking/v1alpha3"
+	securityv1beta1 "istio.io/api/security/v1beta1"
 	networkingv1 "istio.io/client-go/pkg/apis/networking/v1"
+	securityv1 "istio.io/client-go/pkg/apis/security/v1"
 
 	"github.com/meshsplice/meshsplice/agent/api"
 	"github.com/meshsplice/meshsplice/datapath"
@@ -66,5 +68,46 @@ func TestMarkPlaintext(t *testing.T) {
 	}
 	if !reflect.DeepEqual(dp.IPs, want) {
 		t.Errorf("with a STRICT atom: %v, want %v", dp.IPs, want)
+	}
+}
+
+// TestNoIdentityForPodsWithoutSidecar: a registered pod that is not known
+// to have a sidecar shows the destination's sidecar no certificate, so no
+// principal and no namespace: a DENY by its service account's principal
+// does not match it there, and the kernel must not attribute one to it
+// either (it would deny what the sidecar allows). It stays an unknown
+// source (never denied by principal or namespace; ipBlocks still apply).
+func TestNoIdentityForPodsWithoutSidecar(t *testing.T) {
+	ip := netip.MustParseAddr
+	deny := &securityv1.AuthorizationPolicy{}
+	deny.Namespace, deny.Name = "shop", "deny-legacy"
+	deny.Spec.Action = securityv1beta1.AuthorizationPolicy_DENY
+	deny.Spec.Rules = []*securityv1beta1.Rule{{From: []*securityv1beta1.Rule_From{{Source: &securityv1beta1.Source{
+		Principals: []string{"cluster.local/ns/shop/sa/legacy"}}}}}}
+	status := map[string]string{istio.AnnotationStatus: "{}"}
+	reg := func(name string, addr string, ann map[string]string) *pod {
+		return &pod{Reg: api.PodRegistration{PodNamespace: "shop", PodName: name, ServiceAccount: "legacy",
+			IPs: []netip.Addr{ip(addr)}, Annotations: ann, Labels: map[string]string{"app": name}}}
+	}
+	pods := map[string]*pod{
+		"web":      reg("web", "10.0.2.1", status),
+		"meshed":   reg("meshed", "10.0.2.2", status),
+		"plain":    reg("plain", "10.0.2.3", map[string]string{"x": "y"}),
+		"no-annot": reg("no-annot", "10.0.2.4", nil),
+	}
+	c := istio.Config{Mesh: istio.DefaultMeshConfig(), AuthorizationPolicies: []*securityv1.AuthorizationPolicy{deny}}
+	in, ipWorkload := policyInput(c, pods)
+	res, err := policy.Compile(in, policy.NewAllocator())
+	if err != nil {
+		t.Fatal(err)
+	}
+	dp := kernelPolicy(res, ipWorkload)
+	if _, ok := dp.IPs[ip("10.0.2.2")]; !ok {
+		t.Fatalf("the meshed pod has no identity in the kernel policy: %v", dp.IPs)
+	}
+	for _, a := range []string{"10.0.2.3", "10.0.2.4"} {
+		if p, ok := dp.IPs[ip(a)]; ok {
+			t.Errorf("%s (no sidecar known) has kernel identity %d: a DENY by its service account would refuse what the sidecar allows", a, p.Identity)
+		}
 	}
 }

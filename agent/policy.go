@@ -180,6 +180,16 @@ func policyInput(c istio.Config, pods map[string]*pod) (policy.Input, map[netip.
 		if p.Recovered {
 			continue // namespace, account and labels unknown: left to its sidecar
 		}
+		if _, injected := p.Reg.Annotations[istio.AnnotationStatus]; !injected {
+			// Not known to have a sidecar: it shows the destination's
+			// sidecar no certificate, so no principal or namespace, and
+			// has no sidecar of its own to enforce a policy. Attributing
+			// its service account's identity could deny what the
+			// sidecar allows (a DENY by that principal); it stays an
+			// unknown source (ipBlocks still judge it) and, where it is
+			// known to be plaintext, STRICT refuses it (plaintextIPs).
+			continue
+		}
 		// No labels means the runtime passed none (the CNI capability is
 		// unfilled): unknown, not "selected by nothing".
 		w := policy.Workload{Namespace: podNamespace(p.Reg), Name: podName(p.Reg),
