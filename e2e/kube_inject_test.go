@@ -291,22 +291,27 @@ func TestAgentKubernetesInjectedPods(t *testing.T) {
 	// A revision: the canary install's injector (with the meshsplice
 	// template) injects the pods of namespaces labelled
 	// istio.io/rev=canary; the default one's those of istio.io/rev=default;
-	// neither injects in a namespace labelled istio-injection=disabled.
-	// The agent follows canary (--revision canary): only canary's pod is
-	// meshed, and only it is captured.
+	// neither injects in a namespace labelled istio-injection=disabled,
+	// where a pod can still be injected by hand (istioctl kube-inject).
+	// The agent follows canary (--revision canary): only canary's pods are
+	// meshed, and only they are captured.
 	t.Run("revision", func(t *testing.T) {
 		istioNS := srv.Namespace(t)
 		workload := sampleWorkload(t, true)
 		webhooks := map[string]istioctl.InjectConfig{"canary": in.canary, istio.DefaultRevision: in.overlay}
 		cases := []struct {
 			name, label, value string
+			manual             bool // istioctl kube-inject by hand with canary's injector, whatever the namespace says
 			injected           bool
 			meshed             bool
 			reason             string
 		}{
-			{"canary", istio.LabelRevision, "canary", true, true, ""},
-			{"other-revision", istio.LabelRevision, istio.DefaultRevision, true, false, `injected by revision "default"; this agent follows "canary"`},
-			{"disabled", istio.LabelInjection, "disabled", false, false, "not injected"},
+			{"canary", istio.LabelRevision, "canary", false, true, true, ""},
+			{"other-revision", istio.LabelRevision, istio.DefaultRevision, false, true, false, `injected by revision "default"; this agent follows "canary"`},
+			{"disabled", istio.LabelInjection, "disabled", false, false, false, "not injected"},
+			// The namespace label steers only the webhook: a pod injected
+			// by hand there is canary's all the same.
+			{"manual-in-disabled", istio.LabelInjection, "disabled", true, true, true, ""},
 		}
 		w := newKubeWorld(t, srv, istioNS, "canary", in.canary.Mesh, "--revision", "canary")
 		src := &istio.KubeSource{Config: srv.Config, NodeName: "node-a", IstioNamespace: istioNS, Revision: "canary", Batch: 20 * time.Millisecond}
@@ -315,6 +320,9 @@ func TestAgentKubernetesInjectedPods(t *testing.T) {
 			ns := srv.Namespace(t, c.label, c.value)
 			// The webhook of each revision, by its namespace selector.
 			pod := (*corev1.Pod)(nil)
+			if c.manual {
+				pod = injectPod(t, srv, in.canary, true, workload)
+			}
 			for rev, cfg := range webhooks {
 				if istio.InjectionEnabled(istio.Namespace{Name: ns, Labels: map[string]string{c.label: c.value}}, rev) {
 					pod = injectPod(t, srv, cfg, true, workload)
@@ -328,6 +336,10 @@ func TestAgentKubernetesInjectedPods(t *testing.T) {
 				if pod, err = istioctl.PodOf(workload); err != nil {
 					t.Fatal(err)
 				}
+			}
+			if c.meshed && (pod.Annotations[istio.LabelRevision] != "canary" || istio.PodRevision(pod.Annotations, pod.Labels) != "canary") {
+				t.Errorf("%s: canary's pod is marked %s=%q, status %s", c.name, istio.LabelRevision,
+					pod.Annotations[istio.LabelRevision], pod.Annotations[istio.AnnotationStatus])
 			}
 			// Istio's istio-validation passes where the pod is captured.
 			p, err := w.kubePod(ns, c.name, pod)
