@@ -378,6 +378,10 @@ func (a *Agent) programPod(p *pod) error {
 	if err != nil {
 		return fmt.Errorf("%w: pod %s: %w", api.ErrInvalidRequest, p.Reg, err)
 	}
+	tr, other := istio.ForRevision(tr, p.Reg.Annotations, p.Reg.Labels, a.istio.Revision)
+	if other != "" {
+		warnings = append(warnings, other+": not captured, spliced or enforced here")
+	}
 	p.Traffic, p.Warnings = tr, warnings
 	if tr.Capture {
 		added, err := redirect.AddPassthroughV6(p.Reg.Netns)

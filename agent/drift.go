@@ -183,6 +183,7 @@ func expect(in driftInput) ([]podExpect, []string, error) {
 		slices.SortFunc(e.ips, netip.Addr.Compare)
 		e.identity = uint32(in.ids.ID(spiffeID(in.cfg.TrustDomain(), podNamespace(p.Reg), p.Reg.ServiceAccount)))
 		tr, _, err := istio.ParseTraffic(p.Reg.Annotations, defaults)
+		tr, _ = istio.ForRevision(tr, p.Reg.Annotations, p.Reg.Labels, in.cfg.Revision)
 		switch {
 		case err != nil:
 			e.invalid = "invalid annotations (" + err.Error() + ")"

@@ -167,7 +167,7 @@ func reportPod(st *datapath.Status, kp datapath.Pod, reg *pod, stateErr error, c
 	case ann == nil:
 		r.Captured = no("the kernel's entry for the pod has capture off; why is unknown: %s", noState)
 	default:
-		r.Captured = no("%s", captureOffReason(ann))
+		r.Captured = no("%s", captureOffReason(ann, reg.Reg.Labels))
 	}
 
 	switch {
@@ -221,7 +221,7 @@ func PodMode(t istio.Traffic) string {
 
 // captureOffReason says why a pod's annotations leave it uncaptured, in
 // istio.ParseTraffic's order.
-func captureOffReason(ann map[string]string) string {
+func captureOffReason(ann, labels map[string]string) string {
 	if _, injected := ann[istio.AnnotationStatus]; !injected {
 		return fmt.Sprintf("not injected: no %s annotation (no sidecar)", istio.AnnotationStatus)
 	}
@@ -237,7 +237,8 @@ func captureOffReason(ann map[string]string) string {
 	if _, _, err := istio.ParseTraffic(ann, istio.DefaultDefaults()); err != nil {
 		return fmt.Sprintf("invalid pod annotations: %v", err)
 	}
-	return "the mesh config's default interception mode is NONE"
+	return fmt.Sprintf("the agent follows another Istio revision than the pod's (%q; agent --revision), or the mesh config's default interception mode is NONE",
+		istio.PodRevision(ann, labels))
 }
 
 // PolicyEnforced says whether the kernel enforces AuthorizationPolicy for

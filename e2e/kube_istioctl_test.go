@@ -143,8 +143,9 @@ type kubeAgent struct {
 }
 
 // startKubeAgent starts `meshsplice agent --kubernetes` as node-a's
-// agent, Istio in istioNS, on m's cgroup and pin directory.
-func startKubeAgent(t *testing.T, srv *kubetest.Server, m *mesh, istioNS string) kubeAgent {
+// agent, Istio in istioNS, on m's cgroup and pin directory, with extra
+// flags.
+func startKubeAgent(t *testing.T, srv *kubetest.Server, m *mesh, istioNS string, flags ...string) kubeAgent {
 	t.Helper()
 	bin := testnet.BuildBinary(t, "github.com/meshsplice/meshsplice/cmd/meshsplice")
 	sock := filepath.Join(t.TempDir(), "cni.sock")
@@ -152,6 +153,7 @@ func startKubeAgent(t *testing.T, srv *kubetest.Server, m *mesh, istioNS string)
 	ag.args = []string{bin, "agent", "--kubernetes", "--kubeconfig", srv.Kubeconfig, "--node-name", "node-a",
 		"--istio-namespace", istioNS, "--cgroup", m.cg.Path, "--pin-dir", m.pin, "--cni-socket", sock,
 		"--state-dir", t.TempDir(), "--metrics-addr", ag.metrics}
+	ag.args = append(ag.args, flags...)
 	ag.client = api.NewClient(sock, 5*time.Second)
 	t.Cleanup(ag.client.Close)
 	ag.start()

@@ -44,7 +44,9 @@
 // container with restartPolicy: Always), the injecting revision is the one
 // the agent follows, the interception mode is REDIRECT (TPROXY is left to
 // Istio), and an istio-init container (in the spec or the status list)
-// means Istio's own iptables capture it ([PodMesh.Mode] iptables).
+// means Istio's own iptables capture it ([PodMesh.Mode] iptables). The
+// agent leaves a registered pod of another revision alone ([ForRevision],
+// [Config.Revision]).
 //
 // meshsplice.io/splice: "disabled" keeps capture but turns sockmap splicing
 // off. By default only sidecar <-> sidecar connections are spliced, and the

@@ -321,7 +321,7 @@ func (s *KubeSource) reportSync(ctx context.Context, synced <-chan struct{}, nam
 
 // build makes a Config of the informers' caches.
 func (s *KubeSource) build(inf *kubeInformers) Config {
-	cfg := Config{Node: NodeSwitches{Capture: true, Splice: true}}
+	cfg := Config{Node: NodeSwitches{Capture: true, Splice: true}, Revision: s.revision()}
 	s.buildMesh(&cfg, inf.istioCMs.GetStore())
 	s.buildSwitches(&cfg, inf.switchCMs.GetStore())
 	d := cfg.Defaults()

@@ -88,7 +88,7 @@ func ClassifyPod(pod *corev1.Pod, revision string, d Defaults) PodMesh {
 	var m PodMesh
 	status, injected := pod.Annotations[AnnotationStatus]
 	m.Injected = injected
-	m.Revision = podRevision(pod, status)
+	m.Revision = PodRevision(pod.Annotations, pod.Labels)
 	for _, c := range pod.Spec.Containers {
 		if c.Name == ProxyContainer {
 			m.Proxy = ProxySidecar
@@ -123,7 +123,7 @@ func ClassifyPod(pod *corev1.Pod, revision string, d Defaults) PodMesh {
 	case m.Proxy == "":
 		m.Reason = "no " + ProxyContainer + " sidecar (container, or init container with restartPolicy: Always)"
 	case m.Revision != revision:
-		m.Reason = fmt.Sprintf("injected by revision %q; this agent follows %q", m.Revision, revision)
+		m.Reason = otherRevision(m.Revision, revision)
 	case m.Err != nil:
 		m.Reason = "invalid annotations: " + m.Err.Error()
 	case m.InterceptionMode != "REDIRECT":
@@ -154,20 +154,41 @@ func istioInitListed(status string) bool {
 	return statusHasIstioInit(st)
 }
 
-// podRevision is the revision that injected the pod: the "revision" of
-// the sidecar.istio.io/status annotation, else the istio.io/rev label,
-// else the default revision.
-func podRevision(pod *corev1.Pod, status string) string {
+// PodRevision is the revision that injected a pod with these annotations
+// and labels: the "revision" of the sidecar.istio.io/status annotation,
+// else the istio.io/rev label, else the default revision.
+func PodRevision(annotations, labels map[string]string) string {
 	var st struct {
 		Revision string `json:"revision"`
 	}
-	if status != "" && json.Unmarshal([]byte(status), &st) == nil && st.Revision != "" {
+	if status := annotations[AnnotationStatus]; status != "" && json.Unmarshal([]byte(status), &st) == nil && st.Revision != "" {
 		return st.Revision
 	}
-	if r := pod.Labels[LabelRevision]; r != "" {
+	if r := labels[LabelRevision]; r != "" {
 		return r
 	}
 	return DefaultRevision
+}
+
+// ForRevision is t, what [ParseTraffic] resolved for an injected pod with
+// these annotations and labels, on a node that follows revision
+// ([Config.Revision]; "" follows every revision). A pod another revision
+// injected is left alone, as [ClassifyPod] says: nothing of it is
+// captured, spliced or enforced, and why is returned.
+func ForRevision(t Traffic, annotations, labels map[string]string, revision string) (Traffic, string) {
+	if _, injected := annotations[AnnotationStatus]; !injected || revision == "" {
+		return t, ""
+	}
+	r := PodRevision(annotations, labels)
+	if r == revision {
+		return t, ""
+	}
+	t.Capture, t.Sidecar, t.IPTables, t.Splice, t.AppSplice = false, false, false, false, false
+	return t, otherRevision(r, revision)
+}
+
+func otherRevision(pod, followed string) string {
+	return fmt.Sprintf("injected by revision %q; this agent follows %q", pod, followed)
 }
 
 // podIPs parses status.podIPs (status.podIP if the list is empty); bad

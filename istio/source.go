@@ -33,6 +33,10 @@ type Config struct {
 	PeerAuthentications []*securityv1.PeerAuthentication
 	// Sources names where each part came from, for status and logs.
 	Sources []string
+	// Revision is the Istio revision the source follows (KubeSource:
+	// "default" or its Revision); the pods another revision injected are
+	// left alone ([ForRevision]). Empty (FileSource): every revision's.
+	Revision string
 
 	// The Kubernetes source's only (KubeSource; empty from FileSource):
 	// Pods are this node's pods that have not terminated (Succeeded or

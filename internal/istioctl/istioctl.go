@@ -106,23 +106,40 @@ type InjectConfig struct {
 	// nodes run Kubernetes 1.33 or later (kube-inject detects it from the
 	// nodes; the tests' API server has none).
 	NativeSidecars bool
+	// Revision is the install's revision (IstioOperator spec.revision;
+	// "" for the default one): kube-inject marks the pods with it, as
+	// the injector of that revision does.
+	Revision string
 }
 
 // ConfigOf writes the injection template configuration (ConfigMap
 // istio-sidecar-injector: config, values) and the mesh config (ConfigMap
-// istio: mesh) of a manifest into files under dir.
+// istio: mesh) of a manifest into files under dir. The ConfigMaps of a
+// revision REV are istio-sidecar-injector-REV and istio-REV (labelled
+// istio.io/rev=REV); Revision is then REV.
 func ConfigOf(manifest []byte, dir string) (InjectConfig, error) {
 	want := map[string]map[string]string{
 		"istio-sidecar-injector": {"config": "inject-config.yaml", "values": "inject-values.json"},
 		"istio":                  {"mesh": "mesh.yaml"},
 	}
 	found := map[string]string{}
+	revision := ""
 	for _, doc := range Docs(manifest) {
 		var cm corev1.ConfigMap
-		if err := yaml.Unmarshal(doc, &cm); err != nil || cm.Kind != "ConfigMap" || want[cm.Name] == nil {
+		if err := yaml.Unmarshal(doc, &cm); err != nil || cm.Kind != "ConfigMap" {
 			continue
 		}
-		for key, file := range want[cm.Name] {
+		name, rev := cm.Name, cm.Labels["istio.io/rev"]
+		if rev != "" && rev != "default" {
+			name = strings.TrimSuffix(name, "-"+rev)
+		}
+		if want[name] == nil {
+			continue
+		}
+		if rev != "default" {
+			revision = rev
+		}
+		for key, file := range want[name] {
 			v, ok := cm.Data[key]
 			if !ok {
 				return InjectConfig{}, fmt.Errorf("ConfigMap %s has no %q", cm.Name, key)
@@ -134,7 +151,7 @@ func ConfigOf(manifest []byte, dir string) (InjectConfig, error) {
 			found[file] = path
 		}
 	}
-	c := InjectConfig{Config: found["inject-config.yaml"], Values: found["inject-values.json"], Mesh: found["mesh.yaml"]}
+	c := InjectConfig{Config: found["inject-config.yaml"], Values: found["inject-values.json"], Mesh: found["mesh.yaml"], Revision: revision}
 	if c.Config == "" || c.Values == "" || c.Mesh == "" {
 		return c, errors.New("the manifest lacks ConfigMap istio-sidecar-injector (config, values) or istio (mesh)")
 	}
@@ -155,8 +172,27 @@ func Inject(tb testing.TB, kubeconfig string, c InjectConfig, in []byte) ([]byte
 	if c.NativeSidecars {
 		env = []string{"ENABLE_NATIVE_SIDECARS=true"}
 	}
-	return run(Path(tb), env, "kube-inject", "--kubeconfig", kubeconfig, "--injectConfigFile", c.Config,
-		"--valuesFile", c.Values, "--meshConfigFile", c.Mesh, "-f", file)
+	args := []string{"kube-inject", "--kubeconfig", kubeconfig, "--injectConfigFile", c.Config,
+		"--valuesFile", c.Values, "--meshConfigFile", c.Mesh, "-f", file}
+	if c.Revision != "" {
+		args = append(args, "--revision", c.Revision)
+	}
+	return run(Path(tb), env, args...)
+}
+
+// InjectPod is Inject of a Deployment's YAML and PodOf its output: the
+// pod the injector of c makes of the workload. Any failure fails the test.
+func InjectPod(tb testing.TB, kubeconfig string, c InjectConfig, deployment []byte) *corev1.Pod {
+	tb.Helper()
+	out, err := Inject(tb, kubeconfig, c, deployment)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	pod, err := PodOf(out)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return pod
 }
 
 // PodOf returns the pod a Deployment's YAML makes: its template's

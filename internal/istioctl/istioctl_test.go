@@ -68,6 +68,16 @@ func TestConfigOf(t *testing.T) {
 			t.Errorf("%s = %q, want %q", path, got, want)
 		}
 	}
+	if c.Revision != "" {
+		t.Errorf("revision %q, want the default one", c.Revision)
+	}
+	// The ConfigMaps of revision canary (IstioOperator spec.revision).
+	canary := strings.NewReplacer("name: istio\n", "name: istio-canary\n  labels: {istio.io/rev: canary}\n",
+		"name: istio-sidecar-injector\n", "name: istio-sidecar-injector-canary\n  labels: {istio.io/rev: canary}\n").Replace(manifest)
+	c, err = ConfigOf([]byte(canary), t.TempDir())
+	if err != nil || c.Revision != "canary" {
+		t.Errorf("canary manifest: %+v, %v; want revision canary", c, err)
+	}
 	// Without the injector's ConfigMap there is nothing to inject with.
 	if _, err := ConfigOf([]byte(strings.Replace(manifest, "istio-sidecar-injector", "other", 1)), t.TempDir()); err == nil {
 		t.Error("no error for a manifest without istio-sidecar-injector")
