@@ -108,7 +108,7 @@ bench: bench-bins
 # against the tests' real API server (docs/kubernetes-scale.md; minutes).
 kube-scale:
 	@$(DEPS) test
-	$(GO) test -count=1 -run '^$$' -bench KubeSourceScale -benchtime 1x ./istio
+	$(GO) test -count=1 -run '^$$' -bench KubeScale -benchtime 1x ./istio
 
 clean:
 	rm -rf $(BIN)
