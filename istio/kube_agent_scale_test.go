@@ -39,6 +39,7 @@ var scalePolicies = scaleSize("KUBE_SCALE_POLICIES", 1000) // AuthorizationPolic
 const (
 	scaleEdits      = 10 // policy edit -> kernel samples, quiet and churning
 	scaleADDs       = 60 // CNI ADDs (real netns) while the cluster churns
+	quietADDs       = 20 // CNI ADDs (real netns) before, for comparison
 	churnPodsPerSec = 10 // pod objects created, and as many deleted, per second
 	churnEditsEvery = 200 * time.Millisecond
 )
@@ -57,9 +58,10 @@ const (
 //     polled until the first pod has no policy set and the second has one;
 //   - the latency of CNI ADDs (add-p50-ms, add-p99-ms, add-max-ms) made
 //     while pod objects are created and deleted and policies edited in
-//     the background: the request the CNI plugin sends, on the agent's
-//     socket, for a pod object just created on this node (no IP yet, as
-//     kubelet leaves it) with a real network namespace.
+//     the background (and, for comparison, quiet-add-* in a quiet
+//     cluster): the request the CNI plugin sends, on the agent's socket,
+//     for a pod object just created on this node (no IP yet, as kubelet
+//     leaves it) with a real network namespace.
 func benchAgentScale(b *testing.B, ctx context.Context, e *kubeEnv, cfg *rest.Config, kc kubernetes.Interface) {
 	testnet.RequireRoot(b)
 	ic, err := istioclient.NewForConfig(cfg)
@@ -84,7 +86,7 @@ func benchAgentScale(b *testing.B, ctx context.Context, e *kubeEnv, cfg *rest.Co
 	cg := testnet.NewCgroup(b)
 	pin := testnet.PinDir(b, func(dir string) error { return datapath.Detach(dir, time.Second) })
 	node := testnet.NewBridgeNet(b, testnet.BridgeNetOpts{})
-	pods := make([]*testnet.Pod, 2+scaleADDs)
+	pods := make([]*testnet.Pod, 2+quietADDs+scaleADDs)
 	for i := range pods {
 		pods[i] = node.AddPod(b, fmt.Sprintf("sc%d", i))
 	}
@@ -109,7 +111,7 @@ func benchAgentScale(b *testing.B, ctx context.Context, e *kubeEnv, cfg *rest.Co
 			if _, err := createLocalPod(ctx, kc, e.ns, p.Name, e.node, map[string]string{"probe": probe}, p); err != nil {
 				b.Fatal(err)
 			}
-			if _, err := addPod(ctx, client, e.ns, p); err != nil {
+			if _, _, err := addPod(ctx, client, e.ns, p); err != nil {
 				b.Fatalf("CNI ADD of %s: %v\n%s", p.Name, err, ag.Tail())
 			}
 		}
@@ -154,6 +156,32 @@ func benchAgentScale(b *testing.B, ctx context.Context, e *kubeEnv, cfg *rest.Co
 			time.Sleep(200 * time.Millisecond)
 		}
 		report(b, "edit", quiet)
+
+		// CNI ADDs, quiet: each waits for a policy compile of its own.
+		addPods := func(pods []*testnet.Pod, between func(i int)) (adds []time.Duration, enforced int) {
+			for i, p := range pods {
+				labels := map[string]string{"app": fmt.Sprintf("app-%d", i%50)}
+				obj, err := createLocalPod(ctx, kc, e.ns, p.Name, e.node, labels, nil)
+				if err != nil {
+					b.Fatal(err)
+				}
+				d, st, err := addPod(ctx, client, e.ns, p)
+				if err != nil {
+					b.Fatalf("CNI ADD of %s: %v\n%s", p.Name, err, ag.Tail())
+				}
+				adds = append(adds, d)
+				if st.Policy != nil && st.Policy.Enforced {
+					enforced++
+				}
+				setPodIP(ctx, b, kc, obj, p) // kubelet, after the CNI
+				between(i)
+				time.Sleep(100 * time.Millisecond)
+			}
+			return adds, enforced
+		}
+		quietAdds, quietEnforced := addPods(pods[2:2+quietADDs], func(int) {})
+		report(b, "quiet-add", quietAdds)
+		b.Logf("quiet ADDs: %d of %d returned with the pod's policy in the kernel", quietEnforced, len(quietAdds))
 		compiles0 := readMetrics(b, metrics)["meshsplice_policy_compiles_total"]
 
 		// (c) Churn in the background: pod objects created and deleted
@@ -203,36 +231,36 @@ func benchAgentScale(b *testing.B, ctx context.Context, e *kubeEnv, cfg *rest.Co
 		})
 		time.Sleep(3 * time.Second) // the churn is under way
 		churnStart := time.Now()
-		var adds, churned []time.Duration
-		for i, p := range pods[2:] {
-			labels := map[string]string{"app": fmt.Sprintf("app-%d", i%50)}
-			obj, err := createLocalPod(ctx, kc, e.ns, p.Name, e.node, labels, nil)
-			if err != nil {
-				b.Fatal(err)
-			}
-			d, err := addPod(ctx, client, e.ns, p)
-			if err != nil {
-				b.Fatalf("CNI ADD of %s: %v\n%s", p.Name, err, ag.Tail())
-			}
-			adds = append(adds, d)
-			setPodIP(ctx, b, kc, obj, p) // kubelet, after the CNI
+		var churned []time.Duration
+		adds, enforced := addPods(pods[2+quietADDs:], func(i int) {
 			if i%(scaleADDs/scaleEdits) == 0 {
 				churned = append(churned, edit())
 			}
-			time.Sleep(100 * time.Millisecond)
-		}
+		})
 		window := time.Since(churnStart)
 		stopChurn()
 		churn.Wait()
 		m = readMetrics(b, metrics)
 		b.StopTimer()
 		report(b, "add", adds)
+		b.Logf("ADDs under churn: %d of %d returned with the pod's policy in the kernel (the others after PolicyWait)", enforced, len(adds))
 		report(b, "churn-edit", churned)
 		b.ReportMetric(m["process_resident_memory_bytes"]/1e6, "churn-rss-MB")
 		b.Logf("churn: %v, %d pod objects created, %d deleted, %d policy edits; %.0f policy compiles meanwhile; RSS %.1f MB, heap in use %.1f MB, CPU %.1f s in all",
 			window.Round(time.Millisecond), created.Load(), deleted.Load(), edited.Load(),
 			m["meshsplice_policy_compiles_total"]-compiles0, m["process_resident_memory_bytes"]/1e6,
 			m["go_memstats_heap_inuse_bytes"]/1e6, m["process_cpu_seconds_total"])
+		var failures []string
+		for k, v := range m {
+			for _, f := range []string{"meshsplice_reconcile_retries_total", "meshsplice_apply_failures_total",
+				"meshsplice_policy_not_applied_total", "meshsplice_drift_pods"} {
+				if strings.HasPrefix(k, f) && v != 0 {
+					failures = append(failures, k+" "+strconv.FormatFloat(v, 'f', -1, 64))
+				}
+			}
+		}
+		slices.Sort(failures)
+		b.Logf("failures and retries at the end (nonzero): %v", failures)
 		if err := ag.Signal(os.Interrupt); err != nil {
 			b.Fatal(err)
 		}
@@ -298,12 +326,12 @@ func setPodIP(ctx context.Context, tb testing.TB, kc kubernetes.Interface, obj *
 }
 
 // addPod sends the CNI plugin's ADD for p (pod ns/p.Name) and returns how
-// long the agent took to answer.
-func addPod(ctx context.Context, c *api.Client, ns string, p *testnet.Pod) (time.Duration, error) {
+// long the agent took to answer, and its answer.
+func addPod(ctx context.Context, c *api.Client, ns string, p *testnet.Pod) (time.Duration, api.PodStatus, error) {
 	t := time.Now()
-	_, err := c.AddPod(ctx, api.PodRegistration{ContainerID: "c-" + p.Name, Netns: p.NS.Path(), IfName: "eth0",
+	st, err := c.AddPod(ctx, api.PodRegistration{ContainerID: "c-" + p.Name, Netns: p.NS.Path(), IfName: "eth0",
 		IPs: []netip.Addr{p.IPv4, p.IPv6}, PodName: p.Name, PodNamespace: ns, Network: "scale"})
-	return time.Since(t), err
+	return time.Since(t), st, err
 }
 
 func cookie(tb testing.TB, p *testnet.Pod) uint64 {
@@ -368,7 +396,7 @@ func waitReady(tb testing.TB, addr string, limit time.Duration) {
 	}
 }
 
-// readMetrics reads the agent's unlabelled metrics.
+// readMetrics reads the agent's metrics, keyed by name and labels.
 func readMetrics(tb testing.TB, addr string) map[string]float64 {
 	tb.Helper()
 	resp, err := http.Get("http://" + addr + "/metrics")
@@ -380,7 +408,7 @@ func readMetrics(tb testing.TB, addr string) map[string]float64 {
 	sc := bufio.NewScanner(resp.Body)
 	for sc.Scan() {
 		name, v, ok := strings.Cut(sc.Text(), " ")
-		if !ok || strings.HasPrefix(name, "#") || strings.Contains(name, "{") {
+		if !ok || strings.HasPrefix(name, "#") {
 			continue
 		}
 		if f, err := strconv.ParseFloat(v, 64); err == nil {
