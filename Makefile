@@ -104,11 +104,12 @@ bench: bench-bins
 	@$(DEPS) bench
 	$(BIN)/meshsplice bench --bin-dir $(BIN) $(BENCH_FLAGS)
 
-# kube-scale measures the Kubernetes config source with 5,000 pod objects
-# against the tests' real API server (docs/kubernetes-scale.md; minutes).
+# kube-scale measures the Kubernetes config source and the agent with 5,000
+# pod objects and 1,000 AuthorizationPolicies against the tests' real API
+# server (docs/kubernetes-scale.md; minutes).
 kube-scale:
 	@$(DEPS) test
-	$(GO) test -count=1 -run '^$$' -bench KubeSourceScale -benchtime 1x ./istio
+	$(GO) test -count=1 -run '^$$' -bench KubeScale -benchtime 1x ./istio
 
 clean:
 	rm -rf $(BIN)

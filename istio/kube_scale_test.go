@@ -18,15 +18,13 @@ import (
 	"github.com/meshsplice/meshsplice/istio"
 )
 
-// BenchmarkKubeSourceScale is the memory part of issue 12's scale run
-// (not in make test: go test -run '^$' -bench KubeSourceScale ./istio):
-// 5,000 injected pod objects, 500 of them on this node, against the real
-// API server. It reports the heap the source holds once it delivered its
-// first Config (heap-MB), and, for comparison, the heap of a plain
-// cluster-wide pod informer without the trimming transform
-// (untrimmed-heap-MB), and how long the first Config took (sync-s).
-func BenchmarkKubeSourceScale(b *testing.B) {
-	const pods, nodes = 5000, 10
+// BenchmarkKubeScale is issue 12's scale run (not in make test: make
+// kube-scale, docs/kubernetes-scale.md), against the real API server:
+// 5,000 injected pod objects, 500 of them on this node, created once for
+// its two parts, source (the config source's memory) and agent (the
+// agent with 1,000 AuthorizationPolicies: kube_agent_scale_test.go).
+func BenchmarkKubeScale(b *testing.B) {
+	pods, nodes := scaleSize("KUBE_SCALE_PODS", 5000), 10
 	e := newKubeEnv(b)
 	cfg := rest.CopyConfig(e.srv.Config)
 	cfg.QPS, cfg.Burst = 2000, 2000
@@ -37,32 +35,54 @@ func BenchmarkKubeSourceScale(b *testing.B) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 	start := time.Now()
+	if err := parallel(ctx, pods, func(i int) error {
+		return createScalePod(ctx, kc, e.ns, i, fmt.Sprintf("scale-node-%d", i%nodes))
+	}); err != nil {
+		b.Fatal(err)
+	}
+	b.Logf("created %d pods in %v", pods, time.Since(start).Round(time.Millisecond))
+	e.node = "scale-node-0"
+	b.Run("source", func(b *testing.B) { benchSourceScale(b, ctx, e, cfg, kc, pods, nodes) })
+	b.Run("agent", func(b *testing.B) { benchAgentScale(b, ctx, e, cfg, kc) })
+}
+
+// parallel runs do(0..n-1) on 16 goroutines and returns the first error.
+func parallel(ctx context.Context, n int, do func(i int) error) error {
 	var wg sync.WaitGroup
-	errs := make(chan error, pods)
+	errs := make(chan error, n)
 	work := make(chan int)
 	for range 16 {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			for i := range work {
-				if err := createScalePod(ctx, kc, e.ns, i, fmt.Sprintf("scale-node-%d", i%nodes)); err != nil {
+				if err := do(i); err != nil {
 					errs <- err
 				}
 			}
 		}()
 	}
-	for i := range pods {
+	for i := range n {
+		if ctx.Err() != nil {
+			break
+		}
 		work <- i
 	}
 	close(work)
 	wg.Wait()
 	close(errs)
-	for err := range errs {
-		b.Fatal(err)
+	if err := <-errs; err != nil {
+		return err
 	}
-	b.Logf("created %d pods in %v", pods, time.Since(start).Round(time.Millisecond))
-	e.node = "scale-node-0"
+	return ctx.Err()
+}
 
+// benchSourceScale is the memory of the config source: the heap it holds
+// once it delivered its first Config (heap-MB), and, for comparison, the
+// heap of a plain cluster-wide pod informer without the trimming
+// transform (untrimmed-heap-MB), and how long the first Config took
+// (sync-s).
+func benchSourceScale(b *testing.B, ctx context.Context, e *kubeEnv, cfg *rest.Config, kc kubernetes.Interface, pods, nodes int) {
 	b.ResetTimer()
 	heapNow := func() uint64 {
 		runtime.GC()
