@@ -238,7 +238,12 @@ func TestHandoverCommand(t *testing.T) {
 	expect(out, "shop/client: Istio's IPv4 rules already in", "shop/server: Istio's IPv4 rules already in",
 		"shop/client: switched to iptables mode", "shop/server: switched to iptables mode")
 	unchanged("second run", before, client, server)
+	c0, _ := datapath.ReadPinnedCounters(m.pin)
 	oneHopEach(t, m, client, server, target, "iptables mode")
+	c1, _ := datapath.ReadPinnedCounters(m.pin)
+	if d := c1.Sub(c0); d["connect.captured"] != 0 || d["sk_lookup.captured"] != 0 || d["sockops.nat_matched"] != 1 || d["sk_msg.redirected"] == 0 {
+		t.Errorf("iptables mode: meshsplice captured, or did not splice the sidecar hop: %v", nonZero(d))
+	}
 
 	// Once more: nothing to do.
 	out, err = handover(ag.client.Socket(), "--pod", "shop/client", "--pod", "shop/server")

@@ -1,9 +1,16 @@
 package main
 
 import (
+	"context"
+	"net"
+	"net/http"
+	"net/netip"
+	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
+	"github.com/meshsplice/meshsplice/agent/api"
 	"github.com/meshsplice/meshsplice/istio"
 )
 
@@ -44,6 +51,85 @@ func TestHandoverDefaultRules(t *testing.T) {
 				t.Errorf("refused: %v", err)
 			case tc.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tc.wantErr)):
 				t.Errorf("error %v, want one containing %q", err, tc.wantErr)
+			}
+		})
+	}
+}
+
+// stubRegistry answers every registration with st or err, and keeps the
+// last request.
+type stubRegistry struct {
+	st   api.PodStatus
+	err  error
+	last api.PodRegistration
+}
+
+func (s *stubRegistry) AddPod(_ context.Context, req api.PodRegistration) (api.PodStatus, error) {
+	s.last = req
+	return s.st, s.err
+}
+func (s *stubRegistry) CheckPod(context.Context, string) (api.PodStatus, error) {
+	return api.PodStatus{}, api.ErrPodNotFound
+}
+func (s *stubRegistry) RemovePod(context.Context, string) error { return nil }
+
+// TestHandoverSwitchMode: the switch re-registers the pod with
+// meshsplice.io/capture "iptables" and its other annotations kept. An agent
+// that keeps capturing (Kubernetes: annotations from the API server) gets
+// the kubectl command printed, an unreachable one a note; both leave the
+// two captures side by side and are no failure. A refusal is one.
+func TestHandoverSwitchMode(t *testing.T) {
+	reg := api.PodRegistration{ContainerID: "c1", Netns: "/run/netns/web-0", IfName: "eth0", IPs: []netip.Addr{netip.MustParseAddr("10.0.0.5")},
+		PodName: "web-0", PodNamespace: "shop",
+		Annotations: map[string]string{istio.AnnotationStatus: "{}"}}
+	for _, tc := range []struct {
+		name    string
+		st      api.PodStatus
+		err     error
+		noAgent bool
+		wantOut string
+		wantErr string
+	}{
+		{name: "switched", st: api.PodStatus{Splice: true, Mode: istio.ModeIPTables}, wantOut: "shop/web-0: switched to iptables mode"},
+		{name: "kubernetes", st: api.PodStatus{Capture: true, Splice: true, Mode: istio.ModeMeshsplice},
+			wantOut: "kubectl annotate pod -n shop web-0 meshsplice.io/capture=iptables"},
+		{name: "no agent", noAgent: true, wantOut: "shop/web-0: the agent does not answer"},
+		{name: "refused", err: api.ErrNotReady, wantErr: "refused the switch"},
+		{name: "other mode", st: api.PodStatus{Mode: istio.ModeOff}, wantErr: `mode "off"`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			sock := filepath.Join(t.TempDir(), "cni.sock")
+			stub := &stubRegistry{st: tc.st, err: tc.err}
+			if !tc.noAgent {
+				ln, err := net.Listen("unix", sock)
+				if err != nil {
+					t.Fatal(err)
+				}
+				srv := &http.Server{Handler: api.NewHandler(stub, nil)}
+				go srv.Serve(ln)
+				t.Cleanup(func() { srv.Close() })
+			}
+			client := api.NewClient(sock, 5*time.Second)
+			t.Cleanup(client.Close)
+			var out strings.Builder
+			h := handover{out: &out, client: client}
+			err := h.switchMode(context.Background(), "shop/web-0", reg)
+			switch {
+			case tc.wantErr == "" && err != nil:
+				t.Fatalf("switchMode: %v", err)
+			case tc.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tc.wantErr)):
+				t.Fatalf("switchMode: %v, want an error containing %q", err, tc.wantErr)
+			}
+			if !strings.Contains(out.String(), tc.wantOut) {
+				t.Errorf("output %q lacks %q", out.String(), tc.wantOut)
+			}
+			if !tc.noAgent {
+				if got := stub.last.Annotations; got[istio.AnnotationCapture] != "iptables" || got[istio.AnnotationStatus] != "{}" {
+					t.Errorf("re-registered with annotations %v", got)
+				}
+			}
+			if _, ok := reg.Annotations[istio.AnnotationCapture]; ok {
+				t.Errorf("switchMode changed the caller's annotations")
 			}
 		})
 	}
