@@ -133,7 +133,23 @@ func removeIstioRules(tb testing.TB, p *meshPod) {
 // settings are not Istio's defaults, or whose netns holds some of Istio's
 // chains already, is refused, named, and left as it was.
 func TestHandoverCommand(t *testing.T) {
-	m, ag, _ := agentMesh(t)
+	for _, tc := range []struct {
+		name     string
+		meshYAML string
+		v6       bool // the agent captures IPv6: the IPv6 rules are loaded too
+	}{
+		{"IPv4", "trustDomain: demo.local\n", false},
+		{"ISTIO_DUAL_STACK", "trustDomain: demo.local\ndefaultConfig: {proxyMetadata: {ISTIO_DUAL_STACK: \"true\"}}\n", true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			testHandoverCommand(t, tc.meshYAML, tc.v6)
+		})
+	}
+}
+
+func testHandoverCommand(t *testing.T, meshYAML string, v6 bool) {
+	m, configDir := agentWorld(t, meshYAML)
+	ag := startAgent(t, m, configDir)
 	node := testnet.NewBridgeNet(t, testnet.BridgeNetOpts{})
 	pods := map[string]*meshPod{}
 	for _, pc := range []struct {
@@ -168,12 +184,23 @@ func TestHandoverCommand(t *testing.T) {
 		t.Fatal(err)
 	}
 	target := netip.AddrPortFrom(server.IPv4, appPort)
+	targets := []netip.AddrPort{target}
+	fam := "IPv4"
+	if v6 {
+		targets, fam = append(targets, netip.AddrPortFrom(server.IPv6, appPort)), "IPv4 and IPv6"
+	}
+	connect := func(when string) {
+		t.Helper()
+		for _, tg := range targets {
+			oneHopEach(t, m, client, server, tg, when+" to "+tg.String())
+		}
+	}
 	eventually(t, "the sidecars' listeners in the kernel", func() bool {
 		c, _ := datapath.ReadPinnedCounters(m.pin)
 		return c["listener_iter.listener_registered"] >= 2
 	})
 	stream := liveStream(t, m, client, server, target)
-	oneHopEach(t, m, client, server, target, "meshsplice alone")
+	connect("meshsplice alone")
 
 	// handover runs the command and returns its output and exit error.
 	handover := func(socket string, args ...string) (string, error) {
@@ -218,16 +245,17 @@ func TestHandoverCommand(t *testing.T) {
 	expect(out, "could not hand over 2 pod(s): shop/custom, shop/partial",
 		"shop/custom: NOT handed over: its traffic settings differ from Istio's defaults",
 		"shop/partial: NOT handed over: /run/netns/", "holds some of Istio's chains but not all",
-		"shop/client: set net.netfilter.nf_conntrack_tcp_loose=0 (was 1) and loaded Istio's IPv4 rules",
-		"shop/server: set net.netfilter.nf_conntrack_tcp_loose=0 (was 1) and loaded Istio's IPv4 rules",
+		"shop/client: set net.netfilter.nf_conntrack_tcp_loose=0 (was 1) and loaded Istio's "+fam+" rules",
+		"shop/server: set net.netfilter.nf_conntrack_tcp_loose=0 (was 1) and loaded Istio's "+fam+" rules",
 		"shop/client: the agent does not answer", "shop/server: the agent does not answer")
 	unchanged("refused", initial, pods["custom"], pods["partial"])
 	for _, p := range []*meshPod{client, server} {
-		if got := iptablesState(t, p); !strings.Contains(got, "-A ISTIO_OUTPUT") || !strings.Contains(got, "\n0\n") {
+		got := iptablesState(t, p)
+		if n := strings.Count(got, "-A ISTIO_OUTPUT -j ISTIO_REDIRECT"); n != len(targets) || !strings.Contains(got, "\n0\n") {
 			t.Errorf("%s: no Istio rules or conntrack still loose after the handover:\n%s", p.Name, got)
 		}
 	}
-	oneHopEach(t, m, client, server, target, "meshsplice and Istio's iptables side by side")
+	connect("meshsplice and Istio's iptables side by side")
 
 	// With the agent: the rules are left alone, the pods switched.
 	before := states()
@@ -235,13 +263,13 @@ func TestHandoverCommand(t *testing.T) {
 	if err != nil {
 		t.Fatalf("handover with the agent: %v", err)
 	}
-	expect(out, "shop/client: Istio's IPv4 rules already in", "shop/server: Istio's IPv4 rules already in",
+	expect(out, "shop/client: Istio's "+fam+" rules already in", "shop/server: Istio's "+fam+" rules already in",
 		"shop/client: switched to iptables mode", "shop/server: switched to iptables mode")
 	unchanged("second run", before, client, server)
 	c0, _ := datapath.ReadPinnedCounters(m.pin)
-	oneHopEach(t, m, client, server, target, "iptables mode")
+	connect("iptables mode")
 	c1, _ := datapath.ReadPinnedCounters(m.pin)
-	if d := c1.Sub(c0); d["connect.captured"] != 0 || d["sk_lookup.captured"] != 0 || d["sockops.nat_matched"] != 1 || d["sk_msg.redirected"] == 0 {
+	if d := c1.Sub(c0); d["connect.captured"] != 0 || d["sk_lookup.captured"] != 0 || d["sockops.nat_matched"] != uint64(len(targets)) || d["sk_msg.redirected"] == 0 {
 		t.Errorf("iptables mode: meshsplice captured, or did not splice the sidecar hop: %v", nonZero(d))
 	}
 
@@ -257,7 +285,7 @@ func TestHandoverCommand(t *testing.T) {
 	if out, err := exec.Command(ag.bin, "uninstall", "--pin-dir", m.pin, "--cgroup", m.cg.Path).CombinedOutput(); err != nil {
 		t.Fatalf("meshsplice uninstall: %v\n%s", err, out)
 	}
-	oneHopEach(t, m, client, server, target, "Istio's iptables alone")
+	connect("Istio's iptables alone")
 
 	if !streamIntact(t, stream) {
 		t.Errorf("the stream live through the handover was not intact\n%s", stream.Tail())
