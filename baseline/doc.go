@@ -51,6 +51,10 @@
 // not use istio-iptables --cleanup-only, which was seen to miss nft rules once
 // legacy tables existed.
 //
+// Present tells whether a namespace holds all of the rules' chains, some of
+// them, or none (meshsplice handover leaves a pod with all of them alone and
+// refuses one with some).
+//
 // The rules redirect all TCP traffic of the pod: outbound connections of
 // every process but uid/gid 1337 (except to loopback addresses) to port
 // 15001, inbound connections (except to ports 15008, 15090, 15021 and 15020)

@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"net/netip"
-	"syscall"
 	"testing"
 	"time"
 
@@ -41,30 +40,8 @@ func TestHandoverToIstioIptables(t *testing.T) {
 			client := m.addPod(node, "client", injected())
 			server := m.addPod(node, "server", injected())
 			target := netip.AddrPortFrom(server.IPv4, appPort)
-			stream := m.start(client, "client-stream", appUID, "client", "--target", target.String(),
-				"--pipelined", "--until-signal", "--messages", "100000000", "--size", "500", "--interval", "5ms", "--timeout", "30s")
-			waitAccepts(t, server.Sidecar, "inbound", 1)
-
-			// connect makes one new connection and checks that it passed
-			// each sidecar exactly once, with target as its original
-			// destination (a second capture of either hop would have
-			// happened, and been printed, before the echo came back).
-			connect := func(when string) {
-				t.Helper()
-				out, in := len(acceptEvents(client.Sidecar, "outbound")), len(acceptEvents(server.Sidecar, "inbound"))
-				m.client(client, appUID, target, "--messages", "3")
-				gotOut := waitAccepts(t, client.Sidecar, "outbound", out+1)
-				gotIn := waitAccepts(t, server.Sidecar, "inbound", in+1)
-				if len(gotOut) != out+1 || len(gotIn) != in+1 {
-					t.Fatalf("%s: the sidecars accepted %d outbound and %d inbound connections, want 1 each", when, len(gotOut)-out, len(gotIn)-in)
-				}
-				if got := origDst(gotOut[out].Str("orig_dst")); got != target {
-					t.Errorf("%s: outbound SO_ORIGINAL_DST %s, want %s", when, got, target)
-				}
-				if got := origDst(gotIn[in].Str("orig_dst")); got != target {
-					t.Errorf("%s: inbound SO_ORIGINAL_DST %s, want %s", when, got, target)
-				}
-			}
+			stream := liveStream(t, m, client, server, target)
+			connect := func(when string) { t.Helper(); oneHopEach(t, m, client, server, target, when) }
 			connect("meshsplice alone")
 
 			for _, p := range []*meshPod{client, server} {
@@ -92,34 +69,7 @@ func TestHandoverToIstioIptables(t *testing.T) {
 			connect("Istio's iptables alone")
 
 			// The stream: still flowing after the handover, or reset.
-			seq := int64(0)
-			// progress is what the stream verified so far; nil once it
-			// ended (a failed connection ends it).
-			progress := func() testnet.Event {
-				t.Helper()
-				seq++
-				want := seq
-				if stream.Signal(syscall.SIGUSR2) != nil {
-					return nil
-				}
-				ev, err := stream.WaitEvent(waitFor, "progress", func(ev testnet.Event) bool { return ev.Int("seq") == want })
-				if err != nil {
-					return nil
-				}
-				return ev
-			}
-			if before := progress(); before != nil {
-				waitUntil(t, "the stream moved on or failed", 30*time.Second, func() bool {
-					p := progress()
-					return p == nil || p.Int("failed") > 0 || p.Int("messages") >= before.Int("messages")+20
-				})
-			}
-			stream.Signal(syscall.SIGUSR1)
-			if err := stream.WaitTimeout(60 * time.Second); err != nil && tc.wantIntact {
-				t.Fatalf("the stream live through the handover: %v\n%s", err, stream.Tail())
-			}
-			sum, _ := stream.WaitEvent(time.Second, "summary")
-			if intact := sum.Bool("ok"); intact != tc.wantIntact {
+			if intact := streamIntact(t, stream); intact != tc.wantIntact {
 				t.Errorf("the stream live through the handover: intact %v, want %v\n%s", intact, tc.wantIntact, stream.Tail())
 			}
 		})

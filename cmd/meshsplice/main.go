@@ -22,6 +22,7 @@ var commands = []command{
 	{"agent", "run the node agent (datapath, pod registry, Istio config, metrics)", runAgent},
 	{"status", "show the registered pods and the kernel counters", runStatus},
 	{"check", "tell whether this node can run meshsplice (the kernel's verdict on every program); --drift: whether the kernel holds what the config says", runCheck},
+	{"handover", "hand captured pods over to Istio's own iptables capture, live (--to-iptables; needs iptables on the node)", runHandover},
 	{"uninstall", "detach and unpin everything (works without the agent)", runUninstall},
 	{"cni-install", "copy meshsplice-cni to the node and chain it into its CNI conflist (--watch: keep it there)", runCNIInstall},
 	{"cni-uninstall", "take meshsplice-cni out of the node's CNI conflists and remove it", runCNIUninstall},
