@@ -52,3 +52,39 @@ func BenchmarkCompile(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkCompileScale is the shape of the Kubernetes scale run
+// (docs/kubernetes-scale.md): 5,500 workloads (500 on the node, 5,000
+// elsewhere) and 1,000 selector policies, spread over 50 namespaces or all
+// in one (the scale run's worst case).
+func BenchmarkCompileScale(b *testing.B) {
+	for _, namespaces := range []int{50, 1} {
+		b.Run(fmt.Sprintf("namespaces=%d", namespaces), func(b *testing.B) {
+			in := Input{}
+			for i := range 5500 {
+				in.Workloads = append(in.Workloads, Workload{
+					Namespace: fmt.Sprintf("ns%d", i%namespaces), Name: fmt.Sprintf("w%d", i), ServiceAccount: fmt.Sprintf("sa%d", i%100),
+					Labels: map[string]string{"app": fmt.Sprintf("app%d", i%200), "version": "v1"},
+					IPs:    []netip.Addr{netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)})},
+				})
+			}
+			for i := range 1000 {
+				p := &securityv1.AuthorizationPolicy{}
+				p.Namespace, p.Name = fmt.Sprintf("ns%d", i%namespaces), fmt.Sprintf("p%d", i)
+				p.Spec.Selector = &typev1beta1.WorkloadSelector{MatchLabels: map[string]string{"app": fmt.Sprintf("app%d", i%200)}}
+				p.Spec.Rules = []*securityv1beta1.Rule{{
+					From: []*securityv1beta1.Rule_From{{Source: &securityv1beta1.Source{Principals: []string{fmt.Sprintf("cluster.local/ns/ns0/sa/sa%d", i%100)}}}},
+					To:   []*securityv1beta1.Rule_To{{Operation: &securityv1beta1.Operation{Ports: []string{"8080"}}}},
+				}}
+				in.Policies = append(in.Policies, p)
+			}
+			ids := NewAllocator()
+			b.ResetTimer()
+			for range b.N {
+				if _, err := Compile(in, ids); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}

@@ -125,7 +125,8 @@ var (
 	// template or when key.
 	fuzzBad    = []string{"", "c*l", "10.0.0.300", "fe80::1%eth0", "65536", "http", "a/b/c", "/x", "**", "a/b", "/a{b", "/{**}/{*}"}
 	fuzzBadKey = []string{"request.headers", "destination.namespace", "bogus", ""}
-	fuzzLabels = []map[string]string{{"app": "backend"}, {"app": "db"}, {"app": "api"}, {"version": "v2"}, {}, {"app": "*"}}
+	fuzzLabels = []map[string]string{{"app": "backend"}, {"app": "db"}, {"app": "api"}, {"version": "v2"}, {},
+		{"app": "backend", "version": "v2"}, {"version": "v1", "app": "db"}, {"app": "*"}}
 )
 
 func (g *fuzzGen) policies() []*securityv1.AuthorizationPolicy {
