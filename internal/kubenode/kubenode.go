@@ -799,26 +799,8 @@ func (n *Node) writeCNI() error {
 		return os.WriteFile(n.Conflist, []byte(fmt.Sprintf("{\n  \"cniVersion\": \"1.0.0\",\n  \"name\": %q,\n%s\n", NetworkName, bridge[2:])), 0o644)
 	}
 	n.Conflist = filepath.Join(n.ConfDir, "10-mstest-node.conflist")
-	return os.WriteFile(n.Conflist, []byte(fmt.Sprintf(`{
-  "cniVersion": "1.0.0",
-  "name": %q,
-  "plugins": [
-    {
-      "type": "bridge",
-      "bridge": %q,
-      "isGateway": true,
-      "ipMasq": false,
-      "hairpinMode": true,
-      "ipam": {
-        "type": "host-local",
-        "dataDir": %q,
-        "ranges": [[{"subnet": %q}]],
-        "routes": [{"dst": "0.0.0.0/0"}]
-      }
-    }
-  ]
-}
-`, NetworkName, Bridge, filepath.Join(n.Dir, "cni", "ipam"), PodCIDR)), 0o644)
+	plugin := "    " + strings.ReplaceAll(bridge, "\n", "\n    ")
+	return os.WriteFile(n.Conflist, []byte(fmt.Sprintf("{\n  \"cniVersion\": \"1.0.0\",\n  \"name\": %q,\n  \"plugins\": [\n%s\n  ]\n}\n", NetworkName, plugin)), 0o644)
 }
 
 // TestImage is the tests' image (BuildTestImage) and the sandbox image.
